@@ -1,0 +1,1 @@
+//! DLPack export (placeholder: being written).

@@ -1,0 +1,337 @@
+//! Checkpoint formats: detection, and the one model every format parses into.
+//!
+//! A parsed checkpoint is a table of storages (byte ranges of the file), a table of tensors
+//! (views on those storages) and an object graph (the containers and plain values that
+//! hold the tensors, as `torch.load` would return them). Parsers work on borrowed bytes and
+//! never touch the file or Python, so they can be fuzzed directly.
+#![forbid(unsafe_code)]
+
+pub mod pickle;
+pub mod safetensors;
+pub mod torchzip;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::mapping::Mapping;
+
+/// The on-disk format of a checkpoint file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Safetensors,
+    /// `torch.save` zip archive (`.pt`, `.pth`, `.bin`), torch >= 1.6.
+    TorchZip,
+}
+
+impl Format {
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Safetensors => "safetensors",
+            Format::TorchZip => "torch zip",
+        }
+    }
+}
+
+/// One stored byte range: a torch storage (a zip record) or the data of one safetensors
+/// tensor. Always inside the file (checked by the parser).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Storage {
+    /// The record key (`data/<key>` in a torch zip; the tensor name in safetensors).
+    pub key: String,
+    /// Where torch saved it from ("cpu", "cuda:0"); informational.
+    pub location: String,
+    /// Absolute offset of the first byte in the file.
+    pub offset: u64,
+    /// Length in bytes.
+    pub nbytes: u64,
+}
+
+/// A tensor: a strided view on a storage. Shape, strides and offset are in elements of
+/// `dtype`, as torch counts them; every element it can reach lies inside its storage
+/// (checked by `validate`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tensor {
+    /// Index into `Parsed::storages`.
+    pub storage: usize,
+    pub dtype: DType,
+    pub shape: Vec<u64>,
+    pub strides: Vec<i64>,
+    pub storage_offset: u64,
+    pub requires_grad: bool,
+}
+
+impl Tensor {
+    pub fn numel(&self) -> Option<u64> {
+        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+    }
+
+    /// The byte range `[start, end)` of its storage that the tensor can reach; `None` when
+    /// the arithmetic overflows or a stride is negative. Empty tensors reach nothing.
+    pub fn byte_span(&self) -> Option<(u64, u64)> {
+        let size = self.dtype.size() as u64;
+        let start = self.storage_offset.checked_mul(size)?;
+        if self.shape.contains(&0) {
+            return Some((start, start));
+        }
+        let mut last = self.storage_offset;
+        for (&dim, &stride) in self.shape.iter().zip(&self.strides) {
+            let stride = u64::try_from(stride).ok()?;
+            last = last.checked_add((dim - 1).checked_mul(stride)?)?;
+        }
+        let end = last.checked_add(1)?.checked_mul(size)?;
+        Some((start, end))
+    }
+
+    /// Whether the tensor is C-contiguous (row-major, no gaps).
+    pub fn is_contiguous(&self) -> bool {
+        let mut expected = 1i64;
+        for (&dim, &stride) in self.shape.iter().zip(&self.strides).rev() {
+            if dim != 1 && stride != expected {
+                return false;
+            }
+            expected = expected.saturating_mul(dim as i64);
+        }
+        true
+    }
+}
+
+/// Index of an object in `ObjectGraph::nodes`.
+pub type ObjId = usize;
+
+/// A node of the object graph that a checkpoint unpickles to. Containers refer to their
+/// children by id, so an object referenced twice (pickle's memo) stays one object, and no
+/// input can make the graph larger than the number of opcodes that built it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    None,
+    Bool(bool),
+    Int(i64),
+    /// An int too large for i64: little-endian two's complement bytes (pickle's LONG1).
+    BigInt(Vec<u8>),
+    Float(f64),
+    Complex(f64, f64),
+    Str(String),
+    Bytes(Vec<u8>),
+    ByteArray(Vec<u8>),
+    Tuple(Vec<ObjId>),
+    List(Vec<ObjId>),
+    Set(Vec<ObjId>),
+    FrozenSet(Vec<ObjId>),
+    Dict(Vec<(ObjId, ObjId)>),
+    /// `collections.OrderedDict`; `attrs` holds instance attributes set by BUILD
+    /// (a module state dict's `_metadata`).
+    OrderedDict {
+        items: Vec<(ObjId, ObjId)>,
+        attrs: Vec<(String, ObjId)>,
+    },
+    /// `collections.Counter`.
+    Counter(Vec<(ObjId, ObjId)>),
+    /// `torch.Size`.
+    Size(Vec<i64>),
+    /// `torch.device`, as torch prints it ("cpu", "cuda:0").
+    Device(String),
+    /// `torch.float32` and friends.
+    DType(DType),
+    /// A storage object by itself (rare: saved `UntypedStorage`s); index into storages.
+    Storage(usize),
+    /// A tensor; index into `Parsed::tensors`.
+    Tensor(usize),
+    /// `torch.nn.Parameter` wrapping a tensor node.
+    Parameter { tensor: ObjId, requires_grad: bool },
+}
+
+/// The containers and values of a checkpoint.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ObjectGraph {
+    pub nodes: Vec<Value>,
+    pub root: ObjId,
+}
+
+impl ObjectGraph {
+    pub fn push(&mut self, v: Value) -> ObjId {
+        self.nodes.push(v);
+        self.nodes.len() - 1
+    }
+}
+
+/// What a parser returns: everything about the checkpoint except the open file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Parsed {
+    pub format: Format,
+    pub storages: Vec<Storage>,
+    pub tensors: Vec<Tensor>,
+    pub objects: ObjectGraph,
+    /// safetensors `__metadata__` (string to string), in header order.
+    pub metadata: Option<Vec<(String, String)>>,
+}
+
+/// Detects the format of `bytes` and parses it. `path` only names the file in errors.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
+    let parsed = match detect(path, bytes)? {
+        Format::Safetensors => safetensors::parse(path, bytes)?,
+        Format::TorchZip => torchzip::parse(path, bytes)?,
+    };
+    validate(path, bytes.len() as u64, &parsed)?;
+    Ok(parsed)
+}
+
+/// Tells the format from the first bytes (never from the file name).
+pub fn detect(path: &Path, bytes: &[u8]) -> Result<Format> {
+    if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
+        return Ok(Format::TorchZip);
+    }
+    // Legacy torch.save (< 1.6): a bare pickle stream starting with the magic number
+    // 0x1950a86a20f9469cfc6c as a LONG1 (protocol 2: 0x80 0x02 0x8a 0x0a ...).
+    if bytes.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            entry: "file".into(),
+            what: "this is a legacy (pre-1.6, non-zip) torch.save file, which zeroload does \
+                   not read; re-save it with a current torch: \
+                   `torch.save(torch.load(path, weights_only=True), new_path)`"
+                .into(),
+        });
+    }
+    if bytes.len() >= 262 && &bytes[257..262] == b"ustar" {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            entry: "file".into(),
+            what: "this is a legacy tar-format torch.save file, which zeroload does not read; \
+                   re-save it with a current torch"
+                .into(),
+        });
+    }
+    if bytes.len() >= 9 {
+        let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        if bytes[8] == b'{' && n >= 2 {
+            return Ok(Format::Safetensors);
+        }
+    }
+    let what = if bytes.is_empty() {
+        "the file is empty".to_string()
+    } else if bytes.len() < 9 {
+        format!("the file is only {} bytes long", bytes.len())
+    } else {
+        "not a checkpoint: expected a safetensors header (8-byte length then '{') or a torch \
+         zip archive ('PK')"
+            .to_string()
+    };
+    Err(Error::Malformed {
+        path: path.to_path_buf(),
+        entry: "file".into(),
+        offset: Some(0),
+        message: what,
+    })
+}
+
+/// Checks what every format must guarantee: storages inside the file, tensors inside their
+/// storages, object ids in range.
+pub fn validate(path: &Path, file_len: u64, p: &Parsed) -> Result<()> {
+    let bad = |entry: String, message: String| Error::Malformed {
+        path: path.to_path_buf(),
+        entry,
+        offset: None,
+        message,
+    };
+    for s in &p.storages {
+        let end = s.offset.checked_add(s.nbytes);
+        if end.is_none_or(|e| e > file_len) {
+            return Err(bad(
+                format!("storage {:?}", s.key),
+                format!(
+                    "bytes {}..+{} lie outside the file ({} bytes)",
+                    s.offset, s.nbytes, file_len
+                ),
+            ));
+        }
+    }
+    for (i, t) in p.tensors.iter().enumerate() {
+        let Some(storage) = p.storages.get(t.storage) else {
+            return Err(bad(format!("tensor #{i}"), "refers to a missing storage".into()));
+        };
+        if t.shape.len() != t.strides.len() {
+            return Err(bad(
+                format!("tensor #{i}"),
+                format!("{} sizes but {} strides", t.shape.len(), t.strides.len()),
+            ));
+        }
+        match t.byte_span() {
+            Some((_, end)) if end <= storage.nbytes => {}
+            Some((_, end)) => {
+                return Err(bad(
+                    format!("tensor #{i} (storage {:?})", storage.key),
+                    format!(
+                        "reaches byte {end} of a storage of {} bytes (shape {:?}, stride {:?}, \
+                         offset {})",
+                        storage.nbytes, t.shape, t.strides, t.storage_offset
+                    ),
+                ))
+            }
+            None => {
+                return Err(bad(
+                    format!("tensor #{i} (storage {:?})", storage.key),
+                    format!(
+                        "shape {:?}, stride {:?}, offset {} overflow or use negative strides",
+                        t.shape, t.strides, t.storage_offset
+                    ),
+                ))
+            }
+        }
+    }
+    let n = p.objects.nodes.len();
+    if p.objects.root >= n && n > 0 || n == 0 {
+        return Err(bad("object graph".into(), "has no root object".into()));
+    }
+    Ok(())
+}
+
+/// An open checkpoint: the parsed model plus the mapping its tensors point into.
+#[derive(Debug)]
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub mapping: Arc<Mapping>,
+    pub parsed: Parsed,
+}
+
+impl Checkpoint {
+    /// Opens, maps and parses a checkpoint file.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let mapping = Mapping::open(path)?;
+        let parsed = parse(path, mapping.bytes())?;
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            mapping,
+            parsed,
+        })
+    }
+
+    /// The `(name, tensor index)` pairs when the root is a flat dict of str to tensor (a
+    /// state dict or a safetensors file), in the dict's order; `None` otherwise.
+    pub fn flat_tensors(&self) -> Option<Vec<(String, usize)>> {
+        flat_tensors(&self.parsed.objects)
+    }
+}
+
+/// See `Checkpoint::flat_tensors`. A `Parameter` counts as its tensor.
+pub fn flat_tensors(g: &ObjectGraph) -> Option<Vec<(String, usize)>> {
+    let items = match g.nodes.get(g.root)? {
+        Value::Dict(items) | Value::OrderedDict { items, .. } => items,
+        _ => return None,
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for &(k, v) in items {
+        let Value::Str(name) = g.nodes.get(k)? else { return None };
+        let tensor = match g.nodes.get(v)? {
+            Value::Tensor(t) => *t,
+            Value::Parameter { tensor, .. } => match g.nodes.get(*tensor)? {
+                Value::Tensor(t) => *t,
+                _ => return None,
+            },
+            _ => return None,
+        };
+        out.push((name.clone(), tensor));
+    }
+    Some(out)
+}
