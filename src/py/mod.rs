@@ -1,7 +1,17 @@
-//! PyO3 layer (placeholder: being written).
+//! The PyO3 layer: thin wrappers that turn core results into Python objects and core
+//! errors into exceptions. Split by concern: errors, checkpoint (open/parse/objects),
+//! transfer (copies, GIL released).
+
+mod checkpoint;
+mod errors;
+mod transfer;
+
 use pyo3::prelude::*;
 
 #[pymodule]
-fn _core(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    checkpoint::register(m)?;
+    transfer::register(m)?;
     Ok(())
 }

@@ -1,0 +1,2 @@
+"""zeroload (skeleton)."""
+from zeroload import _core  # noqa: F401

@@ -1,0 +1,6 @@
+//! Copy-engine bindings (placeholder: being written).
+use pyo3::prelude::*;
+
+pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+    Ok(())
+}
