@@ -1,0 +1,710 @@
+//! CUDA sink: file -> pinned staging ring -> GPU.
+//!
+//! - The driver is loaded at run time (cudarc `dynamic-loading`). cudarc panics when
+//!   `libcuda` or a symbol is missing, so every entry point first checks that the library
+//!   loads and runs the CUDA path inside `catch_unwind`: no panic reaches the caller, every
+//!   driver failure becomes `Error::Cuda { call, .. }` (or `Error::CudaUnavailable`).
+//! - We retain the device's *primary* context, the one PyTorch uses, so `data_ptr()`s of
+//!   torch tensors are valid destinations. Contexts are retained once and kept for the
+//!   life of the process; the calling thread's current context is restored on return so
+//!   PyTorch's idea of the current device is left alone.
+//! - A process-wide ring of pinned (page-locked, portable) host slabs is allocated once and
+//!   reused; it is reallocated only when the budget changes. Its size is the whole host
+//!   memory the copy uses, whatever the checkpoint size. Copies hold the ring's lock, so
+//!   concurrent copies run one after the other.
+//! - Reader threads `pread` chunks of the file into free slabs (never DMA from the mmap:
+//!   page faults would serialise the transfer). The calling thread issues one async
+//!   host-to-device copy per destination piece on a non-blocking stream, records the
+//!   slab's event, and recycles slabs whose event completed. One stream synchronisation at
+//!   the end. Progress counts bytes whose copy completed.
+//! - Optional `O_DIRECT` reads for cold files (no page-cache pollution): chunks are read
+//!   from 4 KiB-aligned offsets; if the filesystem refuses `O_DIRECT`, buffered reads are
+//!   used.
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::fs::File;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
+
+use cudarc::driver::result::{self, DriverError};
+use cudarc::driver::{sys, CudaContext};
+
+use super::{
+    pread_exact, staging_budget, truncated, CopyRequest, Outcome, Plan, PlanOptions, ProgressFn,
+    Reporter,
+};
+use crate::error::{Error, Result};
+use crate::mapping::Mapping;
+
+/// Alignment of `O_DIRECT` reads (and of slab sizes).
+const ALIGN: u64 = 4096;
+/// Smallest staging budget: two slabs of 1 MiB.
+pub const MIN_STAGING_BYTES: u64 = 2 << 20;
+/// Environment variable overriding the number of reader threads.
+pub const READERS_ENV: &str = "ZEROLOAD_READERS";
+
+/// Options of one CUDA copy.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CudaOptions {
+    /// CUDA device ordinal of every destination.
+    pub device: usize,
+    /// Pinned staging budget in bytes; `None`: `ZEROLOAD_STAGING_BYTES` or 256 MiB.
+    pub budget: Option<u64>,
+    /// Read with `O_DIRECT` (bypass the page cache) where the filesystem allows it.
+    pub direct: bool,
+    /// Reader threads; `None`: `ZEROLOAD_READERS` or up to 8.
+    pub readers: Option<usize>,
+}
+
+/// Whether a CUDA driver can be loaded and sees at least one device. Never panics.
+pub fn is_available() -> bool {
+    matches!(device_count(), Ok(n) if n > 0)
+}
+
+/// Number of visible CUDA devices; 0 when there is no driver or no device.
+pub fn device_count() -> Result<usize> {
+    guarded(|| match init() {
+        Ok(()) => {
+            let n = result::device::get_count().map_err(cu("cuDeviceGetCount"))?;
+            Ok(usize::try_from(n).unwrap_or(0))
+        }
+        Err(Error::CudaUnavailable(_)) => Ok(0),
+        Err(e) => Err(e),
+    })
+}
+
+/// The ring's current geometry `(slab_bytes, slabs)`, if it was allocated.
+pub fn staging_allocated() -> Option<(u64, usize)> {
+    let ring = RING.lock().unwrap_or_else(|e| e.into_inner());
+    ring.as_ref().map(|r| (r.slab_bytes as u64, r.slabs.len()))
+}
+
+/// Copies each request's file bytes to its destination device address on `opts.device`.
+///
+/// Requests are checked first: ranges inside the file, destinations pairwise disjoint, and
+/// each destination's first and last byte device memory of `opts.device` (a best-effort
+/// check of the pointers, through `cuPointerGetAttributes`). `progress` runs on the calling
+/// thread; returning `false` stops the copy (`Outcome::Cancelled`). Whatever happens, all
+/// copies issued have completed when this returns.
+///
+/// # Safety
+/// For every request, `dest .. dest + nbytes` must be device memory of `opts.device` in its
+/// primary context, valid for writes for the whole call (for example the storage of a live
+/// torch tensor), that no other work reads or writes until this returns (in particular no
+/// kernel still pending on another stream).
+pub unsafe fn copy_to_cuda(
+    mapping: &Mapping,
+    requests: &[CopyRequest],
+    opts: CudaOptions,
+    progress: ProgressFn<'_>,
+) -> Result<Outcome> {
+    // SAFETY: forwarded contract.
+    guarded(|| unsafe { copy_inner(mapping, requests, opts, progress) })
+}
+
+/// Runs `f`, turning a panic (cudarc's reaction to a missing library or symbol) into an
+/// error.
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(Error::Cuda {
+                call: "the CUDA driver library".into(),
+                message: msg.to_string(),
+            })
+        }
+    }
+}
+
+/// Turns a driver error into `Error::Cuda` naming the call.
+fn cu(call: &'static str) -> impl Fn(DriverError) -> Error {
+    move |e: DriverError| {
+        let name = e
+            .error_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let text = e
+            .error_string()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Error::Cuda {
+            call: call.into(),
+            message: format!("{name} ({}): {text}", e.0 as u32),
+        }
+    }
+}
+
+fn culib_present() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(|| {
+        // SAFETY: only tries to dlopen the driver library by its usual names (and closes
+        // it again); loading libcuda runs no code of ours.
+        catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
+    })
+}
+
+/// Loads the driver and runs `cuInit`.
+fn init() -> Result<()> {
+    if !culib_present() {
+        return Err(Error::CudaUnavailable(
+            "no CUDA driver library (libcuda.so) could be loaded; is an NVIDIA driver \
+             installed?"
+                .into(),
+        ));
+    }
+    match result::init() {
+        Ok(()) => Ok(()),
+        Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => {
+            Err(Error::CudaUnavailable(format!(
+                "the CUDA driver sees no device (CUDA_VISIBLE_DEVICES={:?})",
+                std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
+            )))
+        }
+        Err(e) => Err(cu("cuInit")(e)),
+    }
+}
+
+/// The primary context of `ordinal`, retained once per process.
+fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+    init()?;
+    let n = result::device::get_count().map_err(cu("cuDeviceGetCount"))?;
+    let n = usize::try_from(n).unwrap_or(0);
+    if ordinal >= n {
+        return Err(Error::InvalidArgument(format!(
+            "CUDA device {ordinal} does not exist: {n} device(s) visible{}",
+            if n > 0 {
+                format!(" (cuda:0 to cuda:{})", n - 1)
+            } else {
+                String::new()
+            }
+        )));
+    }
+    static CONTEXTS: Mutex<Vec<(usize, Arc<CudaContext>)>> = Mutex::new(Vec::new());
+    let mut ctxs = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, c)) = ctxs.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(c.clone());
+    }
+    // Restore whatever context the thread had: `CudaContext::new` makes its own current.
+    let _restore = CurrentContext::save()?;
+    let ctx = CudaContext::new(ordinal).map_err(cu("cuDevicePrimaryCtxRetain"))?;
+    ctxs.push((ordinal, ctx.clone()));
+    Ok(ctx)
+}
+
+/// Saves the calling thread's current context and restores it when dropped.
+struct CurrentContext(sys::CUcontext);
+
+impl CurrentContext {
+    fn save() -> Result<CurrentContext> {
+        let prev = result::ctx::get_current().map_err(cu("cuCtxGetCurrent"))?;
+        Ok(CurrentContext(prev.unwrap_or(std::ptr::null_mut())))
+    }
+
+    fn bind(ctx: &CudaContext) -> Result<CurrentContext> {
+        let saved = CurrentContext::save()?;
+        // SAFETY: `ctx` is a retained primary context, alive for the process.
+        unsafe { result::ctx::set_current(ctx.cu_ctx()) }.map_err(cu("cuCtxSetCurrent"))?;
+        Ok(saved)
+    }
+}
+
+impl Drop for CurrentContext {
+    fn drop(&mut self) {
+        // SAFETY: the saved context was current on this thread when we started (or null,
+        // which unbinds); we never destroy contexts, so it is still valid unless its owner
+        // destroyed it during our call, in which case the driver reports an error that we
+        // have no way to surface from Drop and ignore.
+        let _ = unsafe { result::ctx::set_current(self.0) };
+    }
+}
+
+/// A pinned host allocation (`cuMemHostAlloc`, portable across contexts).
+struct Slab(*mut u8);
+
+/// The process-wide staging ring.
+struct Ring {
+    slabs: Vec<Slab>,
+    slab_bytes: usize,
+}
+
+// SAFETY: the ring only holds addresses of pinned allocations; who may touch their bytes
+// is governed by the RING mutex (one copy at a time) and, within a copy, by slab ownership
+// passed over channels.
+unsafe impl Send for Ring {}
+
+static RING: Mutex<Option<Ring>> = Mutex::new(None);
+
+/// `(slab_bytes, slabs)` for a budget: 16 slabs of budget/16, slabs between 1 and 64 MiB
+/// (multiples of 4 KiB), at least 2 slabs. The ring never exceeds
+/// `max(budget, MIN_STAGING_BYTES)`.
+pub fn ring_geometry(budget: u64) -> (usize, usize) {
+    let b = budget.max(MIN_STAGING_BYTES);
+    let slab = ((b / 16).clamp(1 << 20, 64 << 20)) / ALIGN * ALIGN;
+    let n = (b / slab).clamp(2, 4096);
+    (slab as usize, n as usize)
+}
+
+impl Ring {
+    /// Allocates `n` slabs of `slab_bytes` in the current context.
+    fn alloc(slab_bytes: usize, n: usize) -> Result<Ring> {
+        let mut ring = Ring {
+            slabs: Vec::with_capacity(n),
+            slab_bytes,
+        };
+        for _ in 0..n {
+            // SAFETY: a context is current (the caller bound one); the memory returned is
+            // uninitialised, which is fine: we only ever write it (pread) before reading
+            // it (DMA).
+            let p = unsafe { result::malloc_host(slab_bytes, sys::CU_MEMHOSTALLOC_PORTABLE) }
+                .map_err(cu("cuMemHostAlloc"))?;
+            ring.slabs.push(Slab(p.cast()));
+        }
+        Ok(ring)
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        for s in self.slabs.drain(..) {
+            // SAFETY: allocated by `cuMemHostAlloc` and freed once; a ring is only dropped
+            // while its lock is held and no copy uses it (all copies synchronise their
+            // stream before releasing the lock).
+            let _ = unsafe { result::free_host(s.0.cast()) };
+        }
+    }
+}
+
+/// What a reader hands the coordinator: chunk `chunk` now sits in slab `slab`, starting
+/// `skew` bytes into it (non-zero for `O_DIRECT` reads from an aligned offset).
+struct Filled {
+    chunk: usize,
+    slab: usize,
+    skew: usize,
+}
+
+/// A stream and one event per slab, synchronised and destroyed on drop (so no DMA can
+/// outlive a copy, even on error or panic).
+struct Streams {
+    stream: sys::CUstream,
+    events: Vec<sys::CUevent>,
+}
+
+impl Streams {
+    fn new(n_events: usize) -> Result<Streams> {
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(cu("cuStreamCreate"))?;
+        let mut s = Streams {
+            stream,
+            events: Vec::with_capacity(n_events),
+        };
+        for _ in 0..n_events {
+            let e = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(cu("cuEventCreate"))?;
+            s.events.push(e);
+        }
+        Ok(s)
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        // SAFETY: the stream was created by us and is not destroyed before drop.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(cu("cuStreamSynchronize"))
+    }
+}
+
+impl Drop for Streams {
+    fn drop(&mut self) {
+        // SAFETY: stream and events were created by us, in the context still current on
+        // this thread, and are destroyed exactly once, after all work on the stream ended.
+        unsafe {
+            let _ = result::stream::synchronize(self.stream);
+            for e in self.events.drain(..) {
+                let _ = result::event::destroy(e);
+            }
+            let _ = result::stream::destroy(self.stream);
+        }
+    }
+}
+
+/// Checks that `dest` and `dest + nbytes - 1` are device memory of `ordinal`.
+fn check_destination(r: &CopyRequest, ordinal: usize) -> Result<()> {
+    for addr in [r.dest, r.dest + (r.nbytes - 1)] {
+        let mut mem_type: u32 = 0;
+        let mut dev: i32 = -1;
+        let mut attrs = [
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+        ];
+        let mut data: [*mut c_void; 2] = [
+            (&mut mem_type as *mut u32).cast(),
+            (&mut dev as *mut i32).cast(),
+        ];
+        // SAFETY: two attributes, each with a pointer to storage of the documented type
+        // (`CUmemorytype` is an unsigned int, the ordinal an int); unknown pointers get
+        // zeroed attributes instead of an error.
+        unsafe { sys::cuPointerGetAttributes(2, attrs.as_mut_ptr(), data.as_mut_ptr(), addr) }
+            .result()
+            .map_err(cu("cuPointerGetAttributes"))?;
+        if mem_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 || dev != ordinal as i32 {
+            return Err(Error::InvalidArgument(format!(
+                "destination {:#x}..+{} of the copy of file bytes {}..+{} is not memory of \
+                 CUDA device {ordinal} (memory type {mem_type}, device {dev})",
+                r.dest, r.nbytes, r.file_offset, r.nbytes
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The reader's file: `O_DIRECT` when asked and allowed, else the mapping's file.
+enum Source<'a> {
+    Buffered(&'a File),
+    Direct(File),
+}
+
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+/// Reads `[off, off + len)` of the file into `slab` (capacity `cap`); returns the skew of
+/// the first wanted byte inside the slab.
+///
+/// # Safety
+/// `slab` must be valid for writes of `cap` bytes and owned by the calling reader.
+unsafe fn read_chunk(
+    src: &Source<'_>,
+    path: &Path,
+    slab: *mut u8,
+    cap: usize,
+    off: u64,
+    len: u64,
+) -> Result<usize> {
+    match src {
+        Source::Buffered(f) => {
+            debug_assert!(len as usize <= cap);
+            // SAFETY: `len <= cap` (chunks are planned no longer than a slab); the slab is
+            // ours while we hold it.
+            unsafe { pread_exact(f, path, slab, len as usize, off) }?;
+            Ok(0)
+        }
+        Source::Direct(f) => {
+            use std::os::unix::io::AsRawFd;
+            let start = off / ALIGN * ALIGN;
+            let end = (off + len).div_ceil(ALIGN) * ALIGN;
+            let want_end = off + len;
+            let total = (end - start) as usize;
+            debug_assert!(total <= cap);
+            let mut done = 0usize;
+            while start + (done as u64) < want_end {
+                // SAFETY: `done < total <= cap`, so the write stays in the slab; offset and
+                // buffer address (slab base is page-aligned, `done` a multiple of ALIGN
+                // until the final short read at end of file) meet O_DIRECT's alignment.
+                let n = unsafe {
+                    libc::pread(
+                        f.as_raw_fd(),
+                        slab.add(done).cast(),
+                        total - done,
+                        (start + done as u64) as libc::off_t,
+                    )
+                };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(Error::io(path, e));
+                }
+                if n == 0 {
+                    return Err(truncated(path, want_end));
+                }
+                done += n as usize;
+            }
+            Ok((off - start) as usize)
+        }
+    }
+}
+
+fn reader_count(explicit: Option<usize>, slabs: usize, chunks: usize) -> usize {
+    let n = explicit
+        .or_else(|| {
+            std::env::var(READERS_ENV)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+                .min(8)
+        });
+    // Leave at least two slabs for copies in flight.
+    n.clamp(1, 64)
+        .min(slabs.saturating_sub(2).max(1))
+        .min(chunks.max(1))
+}
+
+/// # Safety
+/// See `copy_to_cuda`.
+unsafe fn copy_inner(
+    mapping: &Mapping,
+    requests: &[CopyRequest],
+    opts: CudaOptions,
+    progress: ProgressFn<'_>,
+) -> Result<Outcome> {
+    let path = mapping.path();
+    let budget = staging_budget(opts.budget)?;
+    let (slab_bytes, n_slabs) = ring_geometry(budget);
+    // O_DIRECT reads start up to ALIGN-1 bytes early and end up to ALIGN-1 bytes late.
+    let direct = if opts.direct { open_direct(path) } else { None };
+    let max_chunk = if direct.is_some() {
+        slab_bytes as u64 - 2 * ALIGN
+    } else {
+        slab_bytes as u64
+    };
+    let plan = Plan::new(
+        requests,
+        mapping.len(),
+        PlanOptions {
+            max_chunk,
+            max_gap: 256 << 10,
+        },
+        &path.display().to_string(),
+    )?;
+
+    let ctx = context(opts.device)?;
+    let _restore = CurrentContext::bind(&ctx)?;
+    for r in requests.iter().filter(|r| r.nbytes > 0) {
+        check_destination(r, opts.device)?;
+    }
+    let Some(mut reporter) = Reporter::start(progress, plan.total_bytes) else {
+        return Ok(Outcome::Cancelled);
+    };
+    if plan.chunks.is_empty() {
+        return Ok(Outcome::Done);
+    }
+
+    let mut ring_guard = RING.lock().unwrap_or_else(|e| e.into_inner());
+    if ring_guard
+        .as_ref()
+        .is_none_or(|r| r.slab_bytes != slab_bytes || r.slabs.len() != n_slabs)
+    {
+        *ring_guard = None; // free the old ring first: budgets are about peak memory
+        *ring_guard = Some(Ring::alloc(slab_bytes, n_slabs)?);
+    }
+    let ring = ring_guard.as_ref().expect("ring allocated");
+    let slab_ptrs: Vec<usize> = ring.slabs.iter().map(|s| s.0 as usize).collect();
+    let streams = Streams::new(n_slabs)?;
+
+    let source = match direct {
+        Some(f) => Source::Direct(f),
+        None => Source::Buffered(mapping.file()),
+    };
+    let readers = reader_count(opts.readers, n_slabs, plan.chunks.len());
+    let next = AtomicUsize::new(0);
+    let abort = AtomicBool::new(false);
+    let (free_tx, free_rx) = mpsc::channel::<usize>();
+    for i in 0..n_slabs {
+        free_tx.send(i).expect("receiver alive");
+    }
+    let free_rx = Mutex::new(free_rx);
+    let (filled_tx, filled_rx) = mpsc::channel::<Result<Filled>>();
+
+    let outcome = std::thread::scope(|s| -> Result<Outcome> {
+        for _ in 0..readers {
+            let filled_tx = filled_tx.clone();
+            let (next, abort, free_rx, plan, source, slab_ptrs) =
+                (&next, &abort, &free_rx, &plan, &source, &slab_ptrs);
+            s.spawn(move || {
+                while !abort.load(Ordering::Relaxed) {
+                    let chunk = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(c) = plan.chunks.get(chunk) else {
+                        break;
+                    };
+                    let slab = match free_rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+                        Ok(slab) => slab,
+                        Err(_) => break, // the coordinator stopped
+                    };
+                    // SAFETY: slab `slab` was handed to this reader alone through the free
+                    // channel (its previous copy completed: the coordinator waited for its
+                    // event), and it is `slab_bytes` long.
+                    let r = unsafe {
+                        read_chunk(
+                            source,
+                            path,
+                            slab_ptrs[slab] as *mut u8,
+                            slab_bytes,
+                            c.file_offset,
+                            c.len,
+                        )
+                    };
+                    let failed = r.is_err();
+                    let msg = r.map(|skew| Filled { chunk, slab, skew });
+                    if filled_tx.send(msg).is_err() || failed {
+                        break;
+                    }
+                }
+            });
+        }
+        drop(filled_tx);
+        let mut free_tx = Some(free_tx);
+        // However this closure ends, stop the readers: set the flag and close the free
+        // channel (a reader waiting for a slab then wakes up and leaves).
+        let stop = |free_tx: &mut Option<mpsc::Sender<usize>>| {
+            abort.store(true, Ordering::Relaxed);
+            free_tx.take();
+        };
+
+        let mut inflight: VecDeque<(usize, u64)> = VecDeque::new();
+        let mut completed = 0usize;
+        let n_chunks = plan.chunks.len();
+        let mut run = || -> Result<Outcome> {
+            while completed < n_chunks {
+                // Recycle slabs whose copies are done, without waiting.
+                while let Some(&(slab, bytes)) = inflight.front() {
+                    // SAFETY: the event was created by us and recorded on our stream.
+                    match unsafe { result::event::query(streams.events[slab]) } {
+                        Ok(()) => {}
+                        Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => break,
+                        Err(e) => return Err(cu("cuEventQuery")(e)),
+                    }
+                    inflight.pop_front();
+                    completed += 1;
+                    if let Some(tx) = &free_tx {
+                        let _ = tx.send(slab);
+                    }
+                    if !reporter.add(bytes) {
+                        return Ok(Outcome::Cancelled);
+                    }
+                }
+                if completed == n_chunks {
+                    break;
+                }
+                let msg = if inflight.is_empty() {
+                    Some(filled_rx.recv().map_err(|_| Error::Cuda {
+                        call: "reader thread".into(),
+                        message: "readers stopped before reading every chunk".into(),
+                    })?)
+                } else {
+                    filled_rx.try_recv().ok()
+                };
+                match msg {
+                    Some(filled) => {
+                        let f = filled?;
+                        let c = &plan.chunks[f.chunk];
+                        let base = slab_ptrs[f.slab] + f.skew;
+                        for p in &c.pieces {
+                            // SAFETY: the source lies in the slab (piece inside the chunk,
+                            // chunk read at `skew` in a slab of `slab_bytes`); the slab is
+                            // not touched by readers until its event completes; the
+                            // destination range was checked (plan + pointer attributes)
+                            // and is valid device memory per the caller's contract.
+                            unsafe {
+                                sys::cuMemcpyHtoDAsync_v2(
+                                    p.dest,
+                                    (base + p.offset as usize) as *const c_void,
+                                    p.len as usize,
+                                    streams.stream,
+                                )
+                            }
+                            .result()
+                            .map_err(cu("cuMemcpyHtoDAsync"))?;
+                        }
+                        // SAFETY: our event and stream, both alive.
+                        unsafe { result::event::record(streams.events[f.slab], streams.stream) }
+                            .map_err(cu("cuEventRecord"))?;
+                        inflight.push_back((f.slab, c.delivered()));
+                    }
+                    None => {
+                        // Nothing new to send: wait for the oldest copy in flight.
+                        let &(slab, _) = inflight.front().expect("copies in flight");
+                        // SAFETY: our event, recorded on our stream.
+                        unsafe { result::event::synchronize(streams.events[slab]) }
+                            .map_err(cu("cuEventSynchronize"))?;
+                    }
+                }
+            }
+            Ok(Outcome::Done)
+        };
+        let r = run();
+        stop(&mut free_tx);
+        // Wait for every issued copy before the slabs can be reused and the destinations
+        // handed back, whatever happened.
+        let synced = streams.synchronize();
+        let out = r?;
+        synced?;
+        Ok(out)
+    });
+    drop(streams);
+    drop(ring_guard);
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_geometry_respects_the_budget() {
+        for budget in [
+            0u64,
+            1,
+            1 << 20,
+            2 << 20,
+            3 << 20,
+            100 << 20,
+            256 << 20,
+            1 << 30,
+            64 << 30,
+        ] {
+            let (slab, n) = ring_geometry(budget);
+            assert!(n >= 2);
+            assert_eq!(slab as u64 % ALIGN, 0);
+            assert!((1 << 20..=64 << 20).contains(&(slab as u64)));
+            assert!(
+                slab as u64 * n as u64 <= budget.max(MIN_STAGING_BYTES),
+                "{budget}"
+            );
+        }
+        assert_eq!(ring_geometry(256 << 20), (16 << 20, 16));
+    }
+
+    #[test]
+    fn no_driver_means_unavailable_not_panic() {
+        // On machines without a driver this exercises the guard; with one it must agree
+        // with the device count.
+        let n = device_count().unwrap_or(0);
+        assert_eq!(is_available(), n > 0);
+    }
+
+    #[test]
+    fn copy_without_cuda_is_a_clean_error() {
+        if is_available() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.bin");
+        std::fs::write(&p, [1u8; 64]).unwrap();
+        let m = Mapping::open(&p).unwrap();
+        let mut cb = |_: u64, _: u64| true;
+        let reqs = [CopyRequest {
+            file_offset: 0,
+            nbytes: 8,
+            dest: 0x1000,
+        }];
+        // SAFETY: fails before any copy is issued (no CUDA here).
+        let e = unsafe { copy_to_cuda(&m, &reqs, CudaOptions::default(), &mut cb) }.unwrap_err();
+        assert!(matches!(e, Error::CudaUnavailable(_)), "{e}");
+    }
+}
