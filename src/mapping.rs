@@ -46,7 +46,8 @@ impl Mapping {
             // while mapped (SIGBUS on access); that is memmap2's documented contract, stated
             // in this module's docs and the README, and copies to devices avoid it by
             // reading with pread instead of through the map.
-            let map = unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?;
+            let map =
+                unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?;
             Some(map)
         };
         Ok(Arc::new(Mapping {
@@ -110,7 +111,9 @@ impl Mapping {
     /// only changes speed.
     pub fn advise(&self, advice: Advice, offset: u64, len: u64) {
         let Some(map) = &self.map else { return };
-        let Some(end) = offset.checked_add(len) else { return };
+        let Some(end) = offset.checked_add(len) else {
+            return;
+        };
         if end > map.len() as u64 || len == 0 {
             return;
         }

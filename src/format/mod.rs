@@ -64,7 +64,9 @@ pub struct Tensor {
 
 impl Tensor {
     pub fn numel(&self) -> Option<u64> {
-        self.shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d))
+        self.shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
     }
 
     /// The byte range `[start, end)` of its storage that the tensor can reach; `None` when
@@ -139,7 +141,10 @@ pub enum Value {
     /// A tensor; index into `Parsed::tensors`.
     Tensor(usize),
     /// `torch.nn.Parameter` wrapping a tensor node.
-    Parameter { tensor: ObjId, requires_grad: bool },
+    Parameter {
+        tensor: ObjId,
+        requires_grad: bool,
+    },
 }
 
 /// The containers and values of a checkpoint.
@@ -249,7 +254,10 @@ pub fn validate(path: &Path, file_len: u64, p: &Parsed) -> Result<()> {
     }
     for (i, t) in p.tensors.iter().enumerate() {
         let Some(storage) = p.storages.get(t.storage) else {
-            return Err(bad(format!("tensor #{i}"), "refers to a missing storage".into()));
+            return Err(bad(
+                format!("tensor #{i}"),
+                "refers to a missing storage".into(),
+            ));
         };
         if t.shape.len() != t.strides.len() {
             return Err(bad(
@@ -322,7 +330,9 @@ pub fn flat_tensors(g: &ObjectGraph) -> Option<Vec<(String, usize)>> {
     };
     let mut out = Vec::with_capacity(items.len());
     for &(k, v) in items {
-        let Value::Str(name) = g.nodes.get(k)? else { return None };
+        let Value::Str(name) = g.nodes.get(k)? else {
+            return None;
+        };
         let tensor = match g.nodes.get(v)? {
             Value::Tensor(t) => *t,
             Value::Parameter { tensor, .. } => match g.nodes.get(*tensor)? {

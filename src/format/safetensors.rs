@@ -33,7 +33,10 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| Error::Unsupported {
             path: path.to_path_buf(),
             entry: format!("tensor {name:?}"),
-            what: format!("dtype {:?} has no torch equivalent zeroload supports", info.dtype),
+            what: format!(
+                "dtype {:?} has no torch equivalent zeroload supports",
+                info.dtype
+            ),
         })?;
         let (start, end) = info.data_offsets;
         storages.push(Storage {

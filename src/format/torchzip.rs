@@ -1,8 +1,230 @@
-//! torch.save zip archives (placeholder: being written).
+//! torch.save zip archives (torch >= 1.6): `<archive>/data.pkl` describes the objects,
+//! `<archive>/data/<key>` holds one storage each, stored uncompressed, so storages are
+//! sliced straight out of the mapping at the entry's `data_start`.
 #![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+use std::io::Cursor;
 use std::path::Path;
-use super::Parsed;
+
+use zip::{CompressionMethod, ZipArchive};
+
+use super::pickle::{self, PickleError};
+use super::{Format, Parsed, Storage};
 use crate::error::{Error, Result};
-pub fn parse(path: &Path, _bytes: &[u8]) -> Result<Parsed> {
-    Err(Error::malformed(path, "zip", "not written yet"))
+
+/// Where an entry's bytes are in the file.
+#[derive(Clone, Copy, Debug)]
+struct EntrySpan {
+    offset: u64,
+    len: u64,
+}
+
+/// Parses a torch zip checkpoint held in `bytes`.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
+    let malformed = |entry: &str, message: String| Error::Malformed {
+        path: path.to_path_buf(),
+        entry: entry.to_string(),
+        offset: None,
+        message,
+    };
+    let mut zip = ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| malformed("zip directory", format!("not a readable zip archive: {e}")))?;
+
+    // The archive name is the folder every record lives in (torch uses the file stem).
+    let pkl_names: Vec<String> = zip
+        .file_names()
+        .filter_map(|n| n.ok())
+        .filter(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
+        .map(|n| n.to_string())
+        .collect();
+    let pkl_name = match pkl_names.as_slice() {
+        [one] => one.clone(),
+        [] => {
+            return Err(malformed(
+                "zip directory",
+                "no `<archive>/data.pkl` entry: this zip was not written by torch.save".into(),
+            ))
+        }
+        _ => {
+            return Err(malformed(
+                "zip directory",
+                format!(
+                    "several data.pkl entries ({}); expected one",
+                    pkl_names.join(", ")
+                ),
+            ))
+        }
+    };
+    let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
+
+    if let Some(order) = read_small_entry(path, &mut zip, bytes, &format!("{prefix}byteorder"))? {
+        if order.trim_ascii() != b"little" {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                entry: format!("{prefix}byteorder"),
+                what: format!(
+                    "byte order {:?}: only little-endian checkpoints are supported",
+                    String::from_utf8_lossy(&order)
+                ),
+            });
+        }
+    }
+
+    let pkl_span = entry_span(path, &mut zip, bytes, &pkl_name)?
+        .ok_or_else(|| malformed(&pkl_name, "missing".into()))?;
+    let pkl = &bytes[pkl_span.offset as usize..(pkl_span.offset + pkl_span.len) as usize];
+    let unpickled =
+        pickle::unpickle(pkl).map_err(|e| pickle_error(path, &pkl_name, pkl_span, e))?;
+
+    let mut storages = Vec::with_capacity(unpickled.storages.len());
+    let mut seen: HashMap<&str, ()> = HashMap::with_capacity(unpickled.storages.len());
+    for s in &unpickled.storages {
+        if seen.insert(&s.key, ()).is_some() {
+            return Err(malformed(
+                &pkl_name,
+                format!("storage key {:?} listed twice", s.key),
+            ));
+        }
+        let entry = format!("{prefix}data/{}", s.key);
+        let span = entry_span(path, &mut zip, bytes, &entry)?.ok_or_else(|| {
+            malformed(
+                &entry,
+                "missing: data.pkl refers to a storage record the archive does not hold".into(),
+            )
+        })?;
+        let nbytes = s.nbytes().ok_or_else(|| {
+            malformed(
+                &entry,
+                format!("storage size {} elements overflows", s.numel),
+            )
+        })?;
+        if nbytes > span.len {
+            return Err(malformed(
+                &entry,
+                format!(
+                    "record holds {} bytes but data.pkl needs {nbytes}",
+                    span.len
+                ),
+            ));
+        }
+        storages.push(Storage {
+            key: s.key.clone(),
+            location: s.location.clone(),
+            offset: span.offset,
+            nbytes,
+        });
+    }
+
+    Ok(Parsed {
+        format: Format::TorchZip,
+        storages,
+        tensors: unpickled.tensors,
+        objects: unpickled.objects,
+        metadata: None,
+    })
+}
+
+/// The byte range of a stored (uncompressed, unencrypted) entry, checked to lie inside
+/// the file; `None` if the archive has no such entry.
+fn entry_span(
+    path: &Path,
+    zip: &mut ZipArchive<Cursor<&[u8]>>,
+    bytes: &[u8],
+    name: &str,
+) -> Result<Option<EntrySpan>> {
+    let Some(index) = zip.index_for_name(name) else {
+        return Ok(None);
+    };
+    let malformed = |message: String| Error::Malformed {
+        path: path.to_path_buf(),
+        entry: name.to_string(),
+        offset: None,
+        message,
+    };
+    let entry = zip
+        .by_index_raw(index)
+        .map_err(|e| malformed(format!("unreadable zip entry: {e}")))?;
+    if entry.encrypted() {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            entry: name.to_string(),
+            what: "the entry is encrypted; torch.save never encrypts".into(),
+        });
+    }
+    if entry.compression() != CompressionMethod::Stored {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            entry: name.to_string(),
+            what: format!(
+                "the entry is compressed ({}); torch.save stores entries uncompressed, and \
+                 zeroload maps them in place",
+                entry.compression()
+            ),
+        });
+    }
+    let offset = entry
+        .data_start()
+        .ok_or_else(|| malformed("no data offset for the entry".into()))?;
+    let len = entry.size();
+    if entry.compressed_size() != len {
+        return Err(malformed(format!(
+            "stored entry with compressed size {} != size {len}",
+            entry.compressed_size()
+        )));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= bytes.len() as u64 => Ok(Some(EntrySpan { offset, len })),
+        _ => Err(Error::Malformed {
+            path: path.to_path_buf(),
+            entry: name.to_string(),
+            offset: Some(offset),
+            message: format!(
+                "{len} bytes from byte {offset} run past the end of the file ({} bytes)",
+                bytes.len()
+            ),
+        }),
+    }
+}
+
+/// A short metadata entry (`byteorder`, `version`), at most 64 bytes.
+fn read_small_entry(
+    path: &Path,
+    zip: &mut ZipArchive<Cursor<&[u8]>>,
+    bytes: &[u8],
+    name: &str,
+) -> Result<Option<Vec<u8>>> {
+    let Some(span) = entry_span(path, zip, bytes, name)? else {
+        return Ok(None);
+    };
+    if span.len > 64 {
+        return Err(Error::malformed(
+            path,
+            name,
+            format!("{} bytes; expected a short word", span.len),
+        ));
+    }
+    Ok(Some(
+        bytes[span.offset as usize..(span.offset + span.len) as usize].to_vec(),
+    ))
+}
+
+fn pickle_error(path: &Path, entry: &str, span: EntrySpan, e: PickleError) -> Error {
+    let path = path.to_path_buf();
+    let entry = entry.to_string();
+    match e {
+        PickleError::Malformed { offset, message } => Error::Malformed {
+            path,
+            entry,
+            offset: Some(span.offset + offset),
+            message,
+        },
+        PickleError::Forbidden { module, name, .. } => Error::ForbiddenGlobal {
+            path,
+            entry,
+            module,
+            name,
+        },
+        PickleError::Unsupported { what, .. } => Error::Unsupported { path, entry, what },
+    }
 }

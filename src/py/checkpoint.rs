@@ -1,9 +1,20 @@
-//! `zeroload._core.Checkpoint`: an open, parsed checkpoint (placeholder: being written).
+//! `zeroload._core.Checkpoint`: an open, parsed checkpoint, and the conversion of its
+//! object graph into Python objects.
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
+use pyo3::types::{PyByteArray, PyBytes, PyDict, PyFrozenSet, PyList, PySet, PyTuple};
+use pyo3::IntoPyObjectExt;
 
-use crate::format::Checkpoint;
+use super::dlpack::{check_dims, DLPackView};
+use super::errors::CheckpointError;
+use crate::format::{Checkpoint, ObjId, Value};
+
+/// How deep containers may nest before the conversion refuses (a legitimate checkpoint
+/// nests a handful of levels; the graph itself is bounded by the pickle's size).
+const MAX_NESTING: usize = 1000;
 
 /// An open checkpoint. Holds the mapping alive for as long as Python refers to it or to
 /// any tensor exported from it.
@@ -12,7 +23,341 @@ pub struct PyCheckpoint {
     pub(crate) inner: Arc<Checkpoint>,
 }
 
+impl PyCheckpoint {
+    fn storage_at(&self, i: usize) -> PyResult<&crate::format::Storage> {
+        self.inner
+            .parsed
+            .storages
+            .get(i)
+            .ok_or_else(|| PyIndexError::new_err(format!("no storage #{i}")))
+    }
+
+    /// The address of byte `offset` of the mapping. Exports point `data` at their first
+    /// byte with a zero `byte_offset`: torch turns a non-zero byte_offset into a storage
+    /// offset, which would give every tensor a storage spanning the file from its start.
+    fn data_ptr(&self, offset: u64) -> *mut u8 {
+        // Offsets come from validated storages, inside the mapping; wrapping_add keeps
+        // the arithmetic itself free of undefined behaviour regardless.
+        self.inner.mapping.base_ptr().wrapping_add(offset as usize)
+    }
+
+    fn tensor_at(&self, i: usize) -> PyResult<&crate::format::Tensor> {
+        self.inner
+            .parsed
+            .tensors
+            .get(i)
+            .ok_or_else(|| PyIndexError::new_err(format!("no tensor #{i}")))
+    }
+}
+
+type TensorTuple = (usize, &'static str, Vec<u64>, Vec<i64>, u64, bool);
+
+#[pymethods]
+impl PyCheckpoint {
+    /// Opens, maps and parses a checkpoint file (GIL released while parsing).
+    #[staticmethod]
+    fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let inner = py.detach(|| Checkpoint::open(&path))?;
+        Ok(PyCheckpoint {
+            inner: Arc::new(inner),
+        })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path.clone()
+    }
+
+    /// "safetensors" or "torch zip".
+    #[getter]
+    fn format(&self) -> &'static str {
+        self.inner.parsed.format.name()
+    }
+
+    #[getter]
+    fn file_size(&self) -> u64 {
+        self.inner.mapping.len()
+    }
+
+    /// safetensors `__metadata__`, or None.
+    #[getter]
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(pairs) = &self.inner.parsed.metadata else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        for (k, v) in pairs {
+            d.set_item(k, v)?;
+        }
+        Ok(Some(d))
+    }
+
+    #[getter]
+    fn num_storages(&self) -> usize {
+        self.inner.parsed.storages.len()
+    }
+
+    #[getter]
+    fn num_tensors(&self) -> usize {
+        self.inner.parsed.tensors.len()
+    }
+
+    /// `(key, file offset, nbytes, saved location)` of storage `i`.
+    fn storage(&self, i: usize) -> PyResult<(String, u64, u64, String)> {
+        let s = self.storage_at(i)?;
+        Ok((s.key.clone(), s.offset, s.nbytes, s.location.clone()))
+    }
+
+    /// `(storage, dtype name, shape, stride, storage_offset, requires_grad)` of tensor `i`;
+    /// the dtype is the attribute name in `torch`.
+    fn tensor(&self, i: usize) -> PyResult<TensorTuple> {
+        let t = self.tensor_at(i)?;
+        Ok(tensor_tuple(t))
+    }
+
+    /// `tensor(i)` for every tensor, in one call.
+    fn tensors(&self) -> Vec<TensorTuple> {
+        self.inner.parsed.tensors.iter().map(tensor_tuple).collect()
+    }
+
+    /// `[(name, tensor index)]` when the checkpoint is a flat dict of tensors, else None.
+    fn flat_tensors(&self) -> Option<Vec<(String, usize)>> {
+        self.inner.flat_tensors()
+    }
+
+    /// Storage `i` as a 1-D uint8 DLPack view over the copy-on-write mapping.
+    fn storage_view(&self, i: usize) -> PyResult<DLPackView> {
+        let s = self.storage_at(i)?;
+        let nbytes = i64::try_from(s.nbytes)
+            .map_err(|_| CheckpointError::new_err(format!("storage {:?} is too large", s.key)))?;
+        Ok(DLPackView::new(
+            self.inner.mapping.clone(),
+            self.data_ptr(s.offset),
+            crate::dtype::DType::U8,
+            vec![nbytes],
+            vec![1],
+        ))
+    }
+
+    /// Tensor `i` as a DLPack view with its own dtype, shape and strides (for numpy).
+    fn tensor_view(&self, i: usize) -> PyResult<DLPackView> {
+        let t = self.tensor_at(i)?;
+        let s = self.storage_at(t.storage)?;
+        let (shape, strides) = check_dims(&t.shape, &t.strides)?;
+        // validate() proved the tensor's span lies inside the storage, so this cannot
+        // overflow.
+        let offset = s.offset + t.storage_offset * t.dtype.size() as u64;
+        Ok(DLPackView::new(
+            self.inner.mapping.clone(),
+            self.data_ptr(offset),
+            t.dtype,
+            shape,
+            strides,
+        ))
+    }
+
+    /// Converts the object graph into Python objects. `builder` supplies what the core
+    /// does not know about: `builder.tensors` (a sequence indexed like the tensor table),
+    /// and callables `storage(i)`, `parameter(tensor, requires_grad)`, `size(tuple)`,
+    /// `device(str)`, `dtype(name)`, `ordered_dict()`, `counter(dict)`.
+    fn build(&self, py: Python<'_>, builder: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let graph = &self.inner.parsed.objects;
+        let mut conv = Converter {
+            py,
+            nodes: &graph.nodes,
+            builder,
+            tensors: builder.getattr("tensors")?,
+            done: (0..graph.nodes.len()).map(|_| None).collect(),
+            in_progress: vec![false; graph.nodes.len()],
+            path: self.inner.path.display().to_string(),
+        };
+        conv.convert(graph.root, 0)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Checkpoint({:?}, format={:?}, tensors={}, storages={})",
+            self.inner.path,
+            self.format(),
+            self.num_tensors(),
+            self.num_storages()
+        )
+    }
+}
+
+fn tensor_tuple(t: &crate::format::Tensor) -> TensorTuple {
+    (
+        t.storage,
+        t.dtype.torch_name(),
+        t.shape.clone(),
+        t.strides.clone(),
+        t.storage_offset,
+        t.requires_grad,
+    )
+}
+
+/// Walks the graph depth-first, converting each node once (shared nodes stay shared).
+/// Mutable containers are registered before their children are converted, so cycles
+/// through lists and dicts come out as cycles, as pickle would make them.
+struct Converter<'a, 'py> {
+    py: Python<'py>,
+    nodes: &'a [Value],
+    builder: &'a Bound<'py, PyAny>,
+    tensors: Bound<'py, PyAny>,
+    done: Vec<Option<Py<PyAny>>>,
+    in_progress: Vec<bool>,
+    path: String,
+}
+
+impl<'py> Converter<'_, 'py> {
+    fn error(&self, message: String) -> PyErr {
+        CheckpointError::new_err(format!("{}: data.pkl: {message}", self.path))
+    }
+
+    fn convert(&mut self, id: ObjId, depth: usize) -> PyResult<Py<PyAny>> {
+        if let Some(Some(obj)) = self.done.get(id) {
+            return Ok(obj.clone_ref(self.py));
+        }
+        let Some(node) = self.nodes.get(id) else {
+            return Err(self.error(format!("object #{id} does not exist")));
+        };
+        if depth > MAX_NESTING {
+            return Err(self.error(format!("containers nest deeper than {MAX_NESTING} levels")));
+        }
+        if self.in_progress[id] {
+            return Err(self.error("an immutable container contains itself".into()));
+        }
+        self.in_progress[id] = true;
+        let py = self.py;
+        let d = depth + 1;
+        let obj: Py<PyAny> = match node {
+            Value::None => py.None(),
+            Value::Bool(b) => b.into_py_any(py)?,
+            Value::Int(i) => i.into_py_any(py)?,
+            Value::BigInt(bytes) => py
+                .get_type::<pyo3::types::PyInt>()
+                .call_method(
+                    "from_bytes",
+                    (PyBytes::new(py, bytes), "little"),
+                    Some(&[("signed", true)].into_py_dict(py)?),
+                )?
+                .unbind(),
+            Value::Float(f) => f.into_py_any(py)?,
+            Value::Complex(re, im) => pyo3::types::PyComplex::from_doubles(py, *re, *im)
+                .into_any()
+                .unbind(),
+            Value::Str(s) => s.into_py_any(py)?,
+            Value::Bytes(b) => PyBytes::new(py, b).into_any().unbind(),
+            Value::ByteArray(b) => PyByteArray::new(py, b).into_any().unbind(),
+            Value::Tuple(items) => {
+                let items = self.convert_all(items, d)?;
+                PyTuple::new(py, items)?.into_any().unbind()
+            }
+            Value::List(items) => {
+                let list = PyList::empty(py);
+                self.done[id] = Some(list.clone().into_any().unbind());
+                for &item in items {
+                    list.append(self.convert(item, d)?)?;
+                }
+                list.into_any().unbind()
+            }
+            Value::Set(items) => {
+                let items = self.convert_all(items, d)?;
+                PySet::new(py, items)
+                    .map_err(|e| self.error(format!("set holds an unhashable item: {e}")))?
+                    .into_any()
+                    .unbind()
+            }
+            Value::FrozenSet(items) => {
+                let items = self.convert_all(items, d)?;
+                PyFrozenSet::new(py, items)
+                    .map_err(|e| self.error(format!("frozenset holds an unhashable item: {e}")))?
+                    .into_any()
+                    .unbind()
+            }
+            Value::Dict(items) => {
+                let dict = PyDict::new(py);
+                self.done[id] = Some(dict.clone().into_any().unbind());
+                self.fill_mapping(dict.as_any(), items, d)?;
+                dict.into_any().unbind()
+            }
+            Value::OrderedDict { items, attrs } => {
+                let od = self.builder.call_method0("ordered_dict")?;
+                self.done[id] = Some(od.clone().unbind());
+                self.fill_mapping(&od, items, d)?;
+                for (name, value) in attrs {
+                    let value = self.convert(*value, d)?;
+                    od.setattr(name.as_str(), value)?;
+                }
+                od.unbind()
+            }
+            Value::Counter(items) => {
+                let dict = PyDict::new(py);
+                self.fill_mapping(dict.as_any(), items, d)?;
+                self.builder.call_method1("counter", (dict,))?.unbind()
+            }
+            Value::Size(dims) => self
+                .builder
+                .call_method1("size", (PyTuple::new(py, dims)?,))?
+                .unbind(),
+            Value::Device(s) => self.builder.call_method1("device", (s,))?.unbind(),
+            Value::DType(dt) => self
+                .builder
+                .call_method1("dtype", (dt.torch_name(),))?
+                .unbind(),
+            Value::Storage(i) => self.builder.call_method1("storage", (*i,))?.unbind(),
+            Value::Tensor(i) => self.tensors.get_item(*i)?.unbind(),
+            Value::Parameter {
+                tensor,
+                requires_grad,
+            } => {
+                let t = self.convert(*tensor, d)?;
+                self.builder
+                    .call_method1("parameter", (t, *requires_grad))?
+                    .unbind()
+            }
+        };
+        self.in_progress[id] = false;
+        self.done[id] = Some(obj.clone_ref(py));
+        Ok(obj)
+    }
+
+    fn convert_all(&mut self, ids: &[ObjId], depth: usize) -> PyResult<Vec<Py<PyAny>>> {
+        ids.iter().map(|&i| self.convert(i, depth)).collect()
+    }
+
+    fn fill_mapping(
+        &mut self,
+        target: &Bound<'py, PyAny>,
+        items: &[(ObjId, ObjId)],
+        depth: usize,
+    ) -> PyResult<()> {
+        for &(k, v) in items {
+            let key = self.convert(k, depth)?;
+            let value = self.convert(v, depth)?;
+            target
+                .set_item(key, value)
+                .map_err(|e| self.error(format!("bad dict key: {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+use pyo3::types::IntoPyDict;
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyCheckpoint>()?;
+    m.add_class::<DLPackView>()?;
+    m.add_function(pyo3::wrap_pyfunction!(safetensors_dtype_name, m)?)?;
     Ok(())
+}
+
+/// The safetensors header name of a torch dtype name ("float32" -> "F32").
+#[pyfunction]
+pub fn safetensors_dtype_name(torch_name: &str) -> PyResult<&'static str> {
+    crate::dtype::DType::from_torch_name(torch_name)
+        .map(|d| d.safetensors_name())
+        .ok_or_else(|| {
+            pyo3::exceptions::PyValueError::new_err(format!("unknown dtype {torch_name:?}"))
+        })
 }

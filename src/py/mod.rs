@@ -3,6 +3,7 @@
 //! transfer (copies, GIL released).
 
 mod checkpoint;
+mod dlpack;
 mod errors;
 mod transfer;
 

@@ -1,0 +1,79 @@
+"""Hugging Face layouts: a model directory or a shard index resolves to its files."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zeroload._core import CheckpointError
+
+# What a directory may hold, best first (safetensors preferred, as transformers does).
+_DIRECTORY_CANDIDATES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+@dataclass
+class ShardSet:
+    """The files of one checkpoint, in load order, and the index's key -> file map."""
+
+    files: list[Path]
+    weight_map: dict[str, str] | None = None
+    index: Path | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+def resolve(path: str | os.PathLike) -> ShardSet:
+    """Finds the checkpoint files behind `path` (a file, a shard index or a directory)."""
+    p = Path(os.fspath(path))
+    if p.is_dir():
+        for name in _DIRECTORY_CANDIDATES:
+            if (p / name).is_file():
+                return resolve(p / name)
+        found = sorted(x.name for x in p.iterdir() if x.suffix in (".safetensors", ".bin", ".pt"))
+        hint = f" (it holds {', '.join(found[:5])})" if found else ""
+        raise FileNotFoundError(
+            f"{p}: no checkpoint in this directory: expected one of "
+            f"{', '.join(_DIRECTORY_CANDIDATES)}{hint}"
+        )
+    if p.name.endswith(".index.json"):
+        return _read_index(p)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file")
+    return ShardSet(files=[p])
+
+
+def _read_index(index: Path) -> ShardSet:
+    try:
+        doc = json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{index}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: not a valid shard index (bad JSON: {e})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(f"{index}: not a valid shard index: no 'weight_map' of names to files")
+    files: list[Path] = []
+    seen: set[str] = set()
+    for shard in weight_map.values():
+        if shard in seen:
+            continue
+        seen.add(shard)
+        shard_path = Path(shard)
+        if shard_path.is_absolute() or ".." in shard_path.parts:
+            raise CheckpointError(
+                f"{index}: shard {shard!r} is outside the index's directory; refusing to read it"
+            )
+        full = index.parent / shard_path
+        if not full.is_file():
+            raise FileNotFoundError(f"{index}: shard {shard!r} is missing ({full})")
+        files.append(full)
+    metadata = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
+    return ShardSet(files=files, weight_map=weight_map, index=index, metadata=metadata)

@@ -1,0 +1,128 @@
+"""Checkpoints written by torch.save and safetensors, shared across the suite."""
+
+from __future__ import annotations
+
+import collections
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+# Every dtype torch.save writes. Values are made from random bytes so that every bit
+# pattern class shows up (NaNs included), and comparisons are bitwise.
+ALL_DTYPES = [
+    torch.bool,
+    torch.uint8,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint16,
+    torch.uint32,
+    torch.uint64,
+    torch.float16,
+    torch.bfloat16,
+    torch.float32,
+    torch.float64,
+    torch.complex32,
+    torch.complex64,
+    torch.complex128,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
+    torch.float8_e4m3fnuz,
+    torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu,
+]
+
+
+def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    numel = 1
+    for d in shape:
+        numel *= d
+    size = torch.empty((), dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (numel * size,), dtype=torch.uint8, generator=g)
+    if dtype == torch.bool:
+        raw = raw % 2
+    return raw.view(dtype).reshape(shape)
+
+
+@pytest.fixture(scope="session")
+def ckpt_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+class TinyNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(50, 16)
+        self.block = torch.nn.Sequential(
+            torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.LayerNorm(32)
+        )
+        self.norm = torch.nn.BatchNorm1d(32)
+        self.head = torch.nn.Linear(32, 50, bias=False)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.block(self.embed(idx))))
+
+
+class TiedNet(torch.nn.Module):
+    """Input and output embeddings share one weight (GPT-2 style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(40, 8)
+        self.proj = torch.nn.Linear(8, 8)
+        self.lm_head = torch.nn.Linear(8, 40, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.proj(self.wte(idx))))
+
+
+@pytest.fixture(scope="session")
+def model_file(ckpt_dir: Path) -> Path:
+    torch.manual_seed(0)
+    model = TinyNet().eval()
+    model.norm.running_mean.uniform_()
+    path = ckpt_dir / "tiny.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def training_checkpoint() -> dict:
+    torch.manual_seed(1)
+    model = TiedNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    loss = model(torch.randint(0, 40, (4, 5))).sum()
+    loss.backward()
+    opt.step()
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": 7,
+        "step": 2**70,
+        "lr": 3e-4,
+        "best": float("inf"),
+        "name": "run-ü",
+        "blob": b"\x00\x01binary\xff",
+        "shape": torch.Size([3, 4]),
+        "device": torch.device("cpu"),
+        "dtype": torch.bfloat16,
+        "nested": {"a": (1, 2.5, None, True, False), "b": [{"c": "d"}, ()], 3: "int key"},
+        "seen": {1, 2, 3},
+        "frozen": frozenset({"x"}),
+        "z": complex(1.5, -2),
+        "counts": collections.Counter({"a": 2}),
+        "ba": bytearray(b"abc"),
+    }
