@@ -1,0 +1,653 @@
+"""Side-by-side comparison of loading methods, each in a fresh Python process.
+
+This backs ``zeroload demo``, ``zeroload bench``, ``benchmarks/gpu_load.py`` and the
+notebook. Every method runs in its own ``python -c``-style subprocess (a fresh interpreter,
+so one method's caches, allocator pools and page-table state cannot flatter the next). In
+the child, after imports (and CUDA initialisation when the device is a GPU), the timed and
+memory-tracked block is exactly what a user would write to get a usable model (or state
+dict): building the model (``GPTModel(cfg)`` or on the meta device) plus loading the
+weights, as the seed notebook's ``memory_usage_in_gb`` measured it. The correctness check
+(the model's output on a fixed input compared with the original model's, or a digest of
+every tensor in state-dict mode) runs after the measurement, so touching mmap-backed pages
+for the check is not counted as loading.
+
+Model mode methods (the seed notebook's, plus zeroload):
+    baseline     ``GPTModel(cfg).to(dev); load_state_dict(torch.load(p, map_location=dev))``
+    sequential   model on ``dev``; ``torch.load`` on CPU; copy tensor by tensor
+    meta         meta-device model; ``load_state_dict(torch.load(p, map_location=dev,
+                 weights_only=True), assign=True)``
+    mmap_assign  as ``meta`` with ``torch.load(..., mmap=True)``
+    per_tensor   model on ``dev``; one ``torch.load`` per tensor file (the seed's
+                 "save and load each weight tensor separately")
+    zeroload     meta-device model; ``load_state_dict(zeroload.load(p, device=dev),
+                 assign=True)``
+
+State-dict mode methods (a checkpoint without a model class):
+    torch_load, torch_load_mmap, safetensors (``.safetensors`` files), zeroload
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Sequence, Union
+
+__all__ = [
+    "MODEL_METHODS",
+    "STATE_DICT_METHODS",
+    "Row",
+    "compare_model",
+    "compare_state_dict",
+    "format_table",
+    "plot",
+    "save_per_tensor_files",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+MODEL_METHODS: Dict[str, str] = {
+    "baseline": "model.to(dev) + load_state_dict(torch.load(map_location=dev))",
+    "sequential": "model.to(dev) + torch.load(cpu) + copy tensor by tensor",
+    "meta": "meta model + torch.load(map_location=dev) + assign",
+    "mmap_assign": "meta model + torch.load(mmap=True) + assign",
+    "per_tensor": "model.to(dev) + one torch.load per tensor file",
+    "zeroload": "meta model + zeroload.load(dev) + assign",
+}
+
+STATE_DICT_METHODS: Dict[str, str] = {
+    "torch_load": "torch.load(weights_only=True)",
+    "torch_load_mmap": "torch.load(mmap=True, weights_only=True)",
+    "safetensors": "safetensors.torch.load_file",
+    "zeroload": "zeroload.load",
+}
+
+_RESULT_TAG = "ZEROLOAD_COMPARE_RESULT "
+
+
+@dataclass
+class Row:
+    """One method's result. Memory in bytes (increases over the child's baseline)."""
+
+    method: str
+    description: str = ""
+    ok: bool = False
+    cpu_peak: int | None = None
+    cpu_sampled_peak: int | None = None
+    cpu_hwm_peak: int | None = None
+    gpu_peak_allocated: int | None = None
+    gpu_peak_used: int | None = None
+    wall_s: float | None = None
+    check: str = ""  # "equal", "differs (...)", "" when not checked
+    error: str | None = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Child side
+# --------------------------------------------------------------------------------------
+
+
+def _init_device(device: str) -> Any:
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA is not available in this process")
+        torch.cuda.set_device(dev)
+        torch.zeros(1, device=dev)  # create the context before the baseline
+        torch.cuda.synchronize()
+    return dev
+
+
+def _load_model(method: str, spec: Dict[str, Any], dev: Any) -> Any:
+    import torch
+
+    from zeroload._gptmodel import GPTModel
+
+    cfg = spec["config"]
+    path = spec["checkpoint"]
+    if method == "baseline":
+        model = GPTModel(cfg)
+        model.to(dev)
+        model.load_state_dict(torch.load(path, map_location=dev, weights_only=True))
+    elif method == "sequential":
+        model = GPTModel(cfg).to(dev)
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            for name, t in model.state_dict().items():
+                t.copy_(state_dict[name].to(dev))
+        del state_dict
+    elif method == "meta":
+        with torch.device("meta"):
+            model = GPTModel(cfg)
+        model.load_state_dict(torch.load(path, map_location=dev, weights_only=True), assign=True)
+    elif method == "mmap_assign":
+        with torch.device("meta"):
+            model = GPTModel(cfg)
+        model.load_state_dict(
+            torch.load(path, map_location=dev, weights_only=True, mmap=True), assign=True
+        )
+    elif method == "per_tensor":
+        model = GPTModel(cfg).to(dev)
+        folder = Path(spec["per_tensor_dir"])
+        with torch.no_grad():
+            for name, t in model.state_dict().items():
+                t.copy_(torch.load(folder / f"{name}.pt", map_location=dev, weights_only=True))
+    elif method == "zeroload":
+        import zeroload
+
+        with torch.device("meta"):
+            model = GPTModel(cfg)
+        model.load_state_dict(zeroload.load(path, device=dev), assign=True)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(MODEL_METHODS)}")
+    return model.eval()
+
+
+def _load_state_dict(method: str, spec: Dict[str, Any], dev: Any) -> Any:
+    import torch
+
+    files: List[str] = spec["files"]
+    if method == "zeroload":
+        import zeroload
+
+        return zeroload.load(spec["checkpoint"], device=dev)
+    out: Dict[str, Any] = {}
+    for f in files:
+        if method == "torch_load":
+            part = torch.load(f, map_location=dev, weights_only=True)
+        elif method == "torch_load_mmap":
+            part = torch.load(f, map_location=dev, weights_only=True, mmap=True)
+        elif method == "safetensors":
+            from safetensors.torch import load_file
+
+            part = load_file(f, device=str(dev))
+        else:
+            raise ValueError(
+                f"unknown method {method!r}; choose from {', '.join(STATE_DICT_METHODS)}"
+            )
+        if len(files) == 1:
+            return part
+        out.update(part)
+    return out
+
+
+def _flatten(obj: Any, prefix: str = "") -> Iterable[tuple]:
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _flatten(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def digest(obj: Any) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes (in sorted name order)."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(_flatten(obj), key=lambda kv: kv[0]):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            flat = t.cpu().contiguous().reshape(-1).view(torch.uint8)
+            h.update(memoryview(flat.numpy()))
+    return h.hexdigest()
+
+
+def _warm_up(method: str, spec: Dict[str, Any]) -> None:
+    """Pay one-time costs (lazy imports, first use of the meta device and of each loader)
+    on a tiny file before the baseline, so the measurement is of loading, not of them."""
+    import io
+
+    import torch
+
+    small = {"w": torch.zeros(2, 2)}
+    buf = io.BytesIO()
+    torch.save(small, buf)
+    if spec.get("mode") == "model":
+        from zeroload._gptmodel import GPTModel, config
+
+        tiny = config("tiny")
+        with torch.device("meta"):
+            meta_model = GPTModel(tiny)
+        meta_model.load_state_dict(GPTModel(tiny).state_dict(), assign=True)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+    warm = spec.get("warmup_file")
+    if warm and method in ("zeroload", "torch_load_mmap", "mmap_assign", "safetensors"):
+        if method == "zeroload":
+            import zeroload
+
+            zeroload.load(warm)
+        elif method == "safetensors":
+            from safetensors.torch import load_file
+
+            load_file(warm)
+        else:
+            torch.load(warm, weights_only=True, mmap=True)
+    if method == "zeroload":
+        import zeroload
+
+
+def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
+    import gc
+
+    import torch
+
+    from zeroload._track import track
+
+    torch.set_grad_enabled(False)
+    method = spec["method"]
+    dev = _init_device(spec["device"])
+    ref = None
+    if spec.get("reference"):
+        ref = torch.load(spec["reference"], map_location="cpu", weights_only=True)
+    _warm_up(method, spec)
+    gc.collect()
+    with track(method, gpu=dev.type == "cuda") as t:
+        if spec["mode"] == "model":
+            obj = _load_model(method, spec, dev)
+        else:
+            obj = _load_state_dict(method, spec, dev)
+    result: Dict[str, Any] = {k: v for k, v in t.as_dict().items() if k != "label"}
+    if spec["mode"] == "model":
+        out = obj(ref["input"].to(dev)).cpu()
+        if ref.get("output_device") == dev.type or dev.type == "cpu":
+            expected = ref["output"]
+        else:
+            expected = None
+        if expected is not None:
+            if torch.equal(out, expected):
+                result["check"] = "equal"
+            else:
+                diff = (out.double() - expected.double()).abs().max().item()
+                result["check"] = f"differs (max |diff| {diff:.3g})"
+        if spec.get("save_output"):
+            torch.save(out, spec["save_output"])
+    else:
+        result["digest"] = digest(obj)
+    return result
+
+
+def _child_main(argv: Sequence[str]) -> int:
+    spec = json.loads(argv[0])
+    result = _child(spec)
+    sys.stdout.write(_RESULT_TAG + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# Parent side
+# --------------------------------------------------------------------------------------
+
+
+def _child_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    pkg_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONHASHSEED", "0")
+    return env
+
+
+def run_child(spec: Dict[str, Any], timeout: float | None = None) -> Dict[str, Any]:
+    """Run one method in a fresh interpreter; return its result dict or ``{"error": ...}``."""
+    cmd = [sys.executable, "-m", "zeroload._compare", json.dumps(spec)]
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith(_RESULT_TAG):
+            return json.loads(line[len(_RESULT_TAG) :])
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    if proc.returncode < 0:
+        return {"error": f"killed by signal {-proc.returncode} (out of memory?)"}
+    return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
+
+
+def _row(method: str, description: str, result: Dict[str, Any]) -> Row:
+    row = Row(method=method, description=description)
+    if "error" in result:
+        row.error = result["error"]
+        return row
+    row.ok = True
+    for name in (
+        "cpu_peak",
+        "cpu_sampled_peak",
+        "cpu_hwm_peak",
+        "gpu_peak_allocated",
+        "gpu_peak_used",
+        "wall_s",
+    ):
+        setattr(row, name, result.get(name))
+    row.check = result.get("check", "")
+    if "digest" in result:
+        row.extra["digest"] = result["digest"]
+    return row
+
+
+def _write_warmup(folder: Path, like: Path | None = None) -> Path:
+    """A tiny checkpoint in the same format as ``like`` for the children's warm-up."""
+    import torch
+
+    small = {"w": torch.zeros(4, 4)}
+    if like is not None and like.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        path = folder / "warmup.safetensors"
+        save_file(small, path)
+        return path
+    path = folder / "warmup.pth"
+    torch.save(small, path)
+    return path
+
+
+def save_per_tensor_files(state_dict: Dict[str, Any], folder: PathLike) -> Path:
+    """Save every tensor of ``state_dict`` as ``folder/<name>.pt`` (the seed's layout)."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, t in state_dict.items():
+        torch.save(t.detach().clone(), folder / f"{name}.pt")
+    return folder
+
+
+def make_reference(
+    model: Any, path: PathLike, *, tokens: int = 16, seed: int = 0, device: str = "cpu"
+) -> Path:
+    """Save a fixed input and the model's output on it (the parent's reference)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    vocab = model.tok_emb.num_embeddings
+    ctx = model.pos_emb.num_embeddings
+    idx = torch.randint(0, vocab, (1, min(tokens, ctx)), generator=gen)
+    with torch.no_grad():
+        out = model.eval()(idx.to(device)).cpu()
+    torch.save({"input": idx, "output": out, "output_device": torch.device(device).type}, path)
+    return Path(path)
+
+
+def compare_model(
+    checkpoint: PathLike,
+    config: Union[str, Dict[str, Any]],
+    *,
+    device: str = "cpu",
+    methods: Sequence[str] | None = None,
+    reference: PathLike | None = None,
+    workdir: PathLike | None = None,
+    timeout: float | None = None,
+    verbose: bool = True,
+) -> List[Row]:
+    """Load a ``GPTModel`` checkpoint with each method in a fresh process; return the rows.
+
+    Args:
+        checkpoint: a ``torch.save(model.state_dict())`` file of the seed's GPTModel.
+        config: the model configuration (a name from ``zeroload._gptmodel.CONFIGS`` or dict).
+        device: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        methods: names from :data:`MODEL_METHODS` (all by default).
+        reference: a file from :func:`make_reference`; the original model's output on CPU.
+            On a GPU, the output of a plain ``torch.load`` run on the device becomes the
+            reference for the others, after checking it against the CPU's within rounding.
+        workdir: where per-tensor files go (a temporary directory by default).
+        timeout: seconds allowed per method.
+        verbose: print progress lines to stderr.
+    """
+    import torch
+
+    from zeroload import _gptmodel
+
+    cfg = _gptmodel.config(config) if isinstance(config, str) else dict(config)
+    methods = list(methods or MODEL_METHODS)
+    for m in methods:
+        if m not in MODEL_METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(MODEL_METHODS)}")
+    checkpoint = Path(checkpoint)
+    dev_type = torch.device(device).type
+    with tempfile.TemporaryDirectory(prefix="zeroload-compare-", dir=workdir) as tmp:
+        tmpdir = Path(tmp)
+        if reference is None:
+            if verbose:
+                print("  building the reference output (torch.load, CPU)", file=sys.stderr)
+            with torch.device("meta"):
+                ref_model = _gptmodel.GPTModel(cfg)
+            sd = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            ref_model.load_state_dict(sd, assign=True)
+            reference = make_reference(ref_model, tmpdir / "reference.pt")
+            del ref_model, sd
+        ref_path = Path(reference)
+        warm = _write_warmup(tmpdir)
+        per_tensor_dir = tmpdir / "per_tensor"
+        if "per_tensor" in methods:
+            sd = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+            save_per_tensor_files(sd, per_tensor_dir)
+            del sd
+        if dev_type != "cpu":
+            # The GPU's output can differ from the CPU's in the last bits: take the output
+            # of a plain torch.load on the device as the reference, after checking it.
+            if verbose:
+                print(f"  building the reference output on {device}", file=sys.stderr)
+            dev_out = tmpdir / "device_output.pt"
+            spec = _spec("model", "sequential", checkpoint, device, cfg, ref_path, per_tensor_dir)
+            spec["save_output"] = str(dev_out)
+            res = run_child(spec, timeout)
+            if "error" in res:
+                raise RuntimeError(f"reference run on {device} failed: {res['error']}")
+            ref = torch.load(ref_path, weights_only=True)
+            out = torch.load(dev_out, weights_only=True)
+            if not torch.allclose(out, ref["output"], rtol=1e-3, atol=1e-3):
+                raise RuntimeError(f"the model's output on {device} does not match the CPU's")
+            ref["output"], ref["output_device"] = out, dev_type
+            ref_path = tmpdir / "reference_device.pt"
+            torch.save(ref, ref_path)
+        rows = []
+        for m in methods:
+            if verbose:
+                print(f"  running {m} in a fresh process ...", file=sys.stderr, flush=True)
+            spec = _spec("model", m, checkpoint, device, cfg, ref_path, per_tensor_dir)
+            spec["warmup_file"] = str(warm)
+            rows.append(_row(m, MODEL_METHODS[m], run_child(spec, timeout)))
+    return rows
+
+
+def _spec(
+    mode: str,
+    method: str,
+    checkpoint: Path,
+    device: str,
+    cfg: Dict[str, Any] | None = None,
+    reference: Path | None = None,
+    per_tensor_dir: Path | None = None,
+    files: List[str] | None = None,
+    warmup_file: Path | None = None,
+) -> Dict[str, Any]:
+    return {
+        "warmup_file": str(warmup_file) if warmup_file else None,
+        "mode": mode,
+        "method": method,
+        "checkpoint": str(checkpoint),
+        "device": device,
+        "config": cfg,
+        "reference": str(reference) if reference else None,
+        "per_tensor_dir": str(per_tensor_dir) if per_tensor_dir else None,
+        "files": files or [str(checkpoint)],
+    }
+
+
+def _checkpoint_files(path: Path) -> List[str]:
+    if path.is_dir() or path.name.endswith(".index.json"):
+        from zeroload import _shards
+
+        resolved = _shards.resolve(path)
+        return [str(p) for p in getattr(resolved, "files", resolved)]
+    return [str(path)]
+
+
+def default_state_dict_methods(path: PathLike) -> List[str]:
+    """The methods that apply to ``path`` (safetensors or torch files)."""
+    files = _checkpoint_files(Path(path))
+    if all(f.endswith(".safetensors") for f in files):
+        return ["safetensors", "zeroload"]
+    if any(f.endswith(".safetensors") for f in files):
+        return ["zeroload"]
+    return ["torch_load", "torch_load_mmap", "zeroload"]
+
+
+def compare_state_dict(
+    checkpoint: PathLike,
+    *,
+    device: str = "cpu",
+    methods: Sequence[str] | None = None,
+    timeout: float | None = None,
+    verbose: bool = True,
+) -> List[Row]:
+    """Load a checkpoint as a state dict with each method in a fresh process.
+
+    The check column compares a SHA-256 digest of every tensor (name, dtype, shape, bytes)
+    with the first method's (``torch.load`` or ``safetensors``): ``equal`` means bit-identical.
+    """
+    checkpoint = Path(checkpoint)
+    files = _checkpoint_files(checkpoint)
+    methods = list(methods or default_state_dict_methods(checkpoint))
+    for m in methods:
+        if m not in STATE_DICT_METHODS:
+            raise ValueError(f"unknown method {m!r}; choose from {', '.join(STATE_DICT_METHODS)}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="zeroload-compare-") as tmp:
+        warm = _write_warmup(Path(tmp), Path(files[0]))
+        for m in methods:
+            if verbose:
+                print(f"  running {m} in a fresh process ...", file=sys.stderr, flush=True)
+            spec = _spec("state_dict", m, checkpoint, device, files=files, warmup_file=warm)
+            rows.append(_row(m, STATE_DICT_METHODS[m], run_child(spec, timeout)))
+    ref = next((r.extra.get("digest") for r in rows if r.ok and r.method != "zeroload"), None)
+    for r in rows:
+        if r.ok and ref is not None:
+            r.check = "equal" if r.extra.get("digest") == ref else "differs"
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------
+
+
+def _gib(n: int | None) -> str:
+    if n is None:
+        return "-"
+    if abs(n) < (1 << 30) // 10:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def _ratio(value: float | None, base: float | None, floor: float) -> str:
+    if value is None or base is None:
+        return "-"
+    return f"{max(value, floor) / max(base, floor):.1f}x"
+
+
+def format_table(rows: Sequence[Row], *, title: str = "", against: str = "zeroload") -> str:
+    """One aligned text table of the rows, then ratios against ``against``."""
+    show_gpu = any(r.gpu_peak_allocated is not None for r in rows)
+    headers = ["method", "peak CPU RSS", "time"]
+    if show_gpu:
+        headers[2:2] = ["peak GPU alloc", "peak GPU used"]
+    headers += ["check", "what it does"]
+    table = []
+    for r in rows:
+        if not r.ok:
+            cells = [r.method, "-", "-"] + (["-", "-"] if show_gpu else [])
+            cells += ["FAILED", (r.error or "")[:90]]
+        else:
+            cells = [r.method, _gib(r.cpu_peak), f"{r.wall_s:.2f} s"]
+            if show_gpu:
+                cells[2:2] = [_gib(r.gpu_peak_allocated), _gib(r.gpu_peak_used)]
+            cells += [r.check or "-", r.description]
+        table.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *table)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    out = []
+    if title:
+        out.append(title)
+    out.append(line(headers))
+    out.append(line(["-" * w for w in widths]))
+    out.extend(line(c) for c in table)
+    base = next((r for r in rows if r.method == against and r.ok), None)
+    others = [r for r in rows if r.ok and r is not base]
+    if base is not None and others:
+        out.append("")
+        out.append(f"ratios (method / {against}; peaks floored at 1 MiB, times at 1 ms):")
+        mib = float(1 << 20)
+        for r in others:
+            parts = [f"CPU {_ratio(r.cpu_peak, base.cpu_peak, mib)}"]
+            if show_gpu:
+                parts.append(f"GPU {_ratio(r.gpu_peak_allocated, base.gpu_peak_allocated, mib)}")
+            parts.append(f"time {_ratio(r.wall_s, base.wall_s, 1e-3)}")
+            out.append(f"  {r.method:<{widths[0]}}  " + ", ".join(parts))
+    return "\n".join(out)
+
+
+def plot(rows: Sequence[Row], path: PathLike, *, title: str = "") -> Path:
+    """Write a bar chart (peak CPU RSS, peak GPU memory when measured, time) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.ok]
+    names = [r.method for r in ok]
+    panels = [("peak CPU RSS increase (GiB)", [(r.cpu_peak or 0) / (1 << 30) for r in ok])]
+    if any(r.gpu_peak_allocated is not None for r in ok):
+        panels.append(
+            ("peak GPU allocated (GiB)", [(r.gpu_peak_allocated or 0) / (1 << 30) for r in ok])
+        )
+    panels.append(("time (s)", [r.wall_s or 0.0 for r in ok]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    colors = ["#d62728" if n == "zeroload" else "#7f7f7f" for n in names]
+    for ax, (label, values) in zip(axes[0], panels):
+        bars = ax.bar(range(len(names)), values, color=colors)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        for b, v in zip(bars, values):
+            ax.annotate(
+                f"{v:.2f}",
+                (b.get_x() + b.get_width() / 2, b.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+            )
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))
