@@ -1,0 +1,369 @@
+"""The GPU path: file -> pinned staging ring -> device. Skipped without CUDA.
+
+Every case is compared with `torch.load(map_location="cuda")`: same objects, dtypes,
+shapes, strides, offsets, values and storage sharing. Memory claims are checked with
+PyTorch's allocator statistics and the process RSS; no test asserts a timing.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+import zeroload
+from conftest import ALL_DTYPES, TiedNet, TinyNet, random_tensor, training_checkpoint
+from reference import assert_same, assert_sharing_same
+from zeroload import _core, _device
+from zeroload._load_into import load_into
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def save(tmp_path: Path, obj: object, name: str = "ckpt.pth") -> Path:
+    path = tmp_path / name
+    torch.save(obj, path)
+    return path
+
+
+def check_against_torch(path: Path, device: str = "cuda") -> object:
+    ours = zeroload.load(path, device=device)
+    ref = torch.load(path, map_location=device, weights_only=True)
+    torch.cuda.synchronize()
+    assert_same(ours, ref)
+    assert_sharing_same(ours, ref)
+    for t in _tensors(ours):
+        assert t.device == torch.device(device if ":" in device else "cuda:0")
+    return ours
+
+
+def _tensors(obj: object) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_cuda_is_seen_by_the_core() -> None:
+    assert _core.cuda_available()
+    assert _core.cuda_device_count() == torch.cuda.device_count()
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_every_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
+    sd = {
+        "t": random_tensor((7, 13), dtype),
+        "scalar": random_tensor((), dtype, seed=1),
+        "empty": random_tensor((0, 4), dtype, seed=2),
+    }
+    check_against_torch(save(tmp_path, sd))
+
+
+def test_views_keep_stride_offset_and_sharing(tmp_path: Path) -> None:
+    base = torch.arange(600, dtype=torch.float32).reshape(20, 30)
+    sd = {
+        "base": base,
+        "t": base.t(),
+        "slice": base[3:9, 5:],
+        "step": base[::3, ::2],
+        "row": base[7],
+        "expanded": torch.arange(4.0).reshape(4, 1).expand(4, 5),
+        "narrow_storage_tail": base.reshape(-1)[590:],
+        "other": torch.ones(3, dtype=torch.int64),
+    }
+    ours = check_against_torch(save(tmp_path, sd))
+    assert isinstance(ours, dict)
+    assert ours["t"].untyped_storage().data_ptr() == ours["base"].untyped_storage().data_ptr()
+
+
+def test_training_checkpoint_and_tied_weights(tmp_path: Path) -> None:
+    ours = check_against_torch(save(tmp_path, training_checkpoint()))
+    assert isinstance(ours, dict)
+    model = ours["model"]
+    assert model["wte.weight"].data_ptr() == model["lm_head.weight"].data_ptr()
+
+
+def test_tied_model_state_dict_shares_memory(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = save(tmp_path, TiedNet().state_dict())
+    sd = zeroload.load(path, device="cuda")
+    assert sd["wte.weight"].untyped_storage().data_ptr() == (
+        sd["lm_head.weight"].untyped_storage().data_ptr()
+    )
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda", 0), 0])
+def test_device_spellings(tmp_path: Path, device: object) -> None:
+    path = save(tmp_path, {"x": torch.arange(10)})
+    out = zeroload.load(path, device=device)  # type: ignore[arg-type]
+    assert out["x"].device == torch.device("cuda", 0)
+    assert torch.equal(out["x"].cpu(), torch.arange(10))
+
+
+def test_safetensors_file(tmp_path: Path) -> None:
+    sd = {f"w{i}": random_tensor((17, i + 1), dt, seed=i) for i, dt in enumerate(ALL_DTYPES[:12])}
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(sd, path)
+    ours = zeroload.load(path, device="cuda")
+    ref = safetensors.torch.load_file(path, device="cuda")
+    assert list(ours) == list(ref)
+    for k in ref:
+        assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape
+        assert torch.equal(ours[k].view(torch.uint8), ref[k].view(torch.uint8)), k
+
+
+def test_dtype_cast_on_gpu_matches_torch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = save(tmp_path, TinyNet().state_dict())
+    ours = zeroload.load(path, device="cuda", dtype=torch.bfloat16)
+    ref = torch.load(path, map_location="cuda", weights_only=True)
+    for k, v in ref.items():
+        want = v.to(torch.bfloat16) if v.is_floating_point() else v
+        assert ours[k].dtype == want.dtype and torch.equal(ours[k], want), k
+
+
+def test_gpu_peak_is_the_sum_of_storages(tmp_path: Path) -> None:
+    # Sizes are multiples of 512 bytes, the caching allocator's rounding, so "allocated"
+    # is exactly the sum of the storages.
+    sd = {f"w{i}": torch.randn(256, 512 + 128 * i) for i in range(8)}
+    sd["tied"] = sd["w0"][:10]  # shares w0's storage: must not be allocated again
+    path = save(tmp_path, sd)
+    want = sum(v.untyped_storage().nbytes() for k, v in sd.items() if k != "tied")
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = zeroload.load(path, device="cuda")
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - base == want
+    assert torch.cuda.memory_allocated() - base == want
+    del out
+    gc.collect()
+    assert torch.cuda.memory_allocated() == base  # every storage owns its memory
+
+
+def test_progress_callback_totals(tmp_path: Path) -> None:
+    sd = {f"w{i}": torch.randn(1 << 20) for i in range(20)}  # 80 MiB
+    path = save(tmp_path, sd)
+    ckpt = _core.Checkpoint.open(str(path))
+    calls: list[tuple[int, int]] = []
+    threads: set[int] = set()
+
+    def progress(done: int, total: int) -> None:
+        calls.append((done, total))
+        threads.add(threading.get_ident())
+
+    ids = list(range(ckpt.num_storages))
+    tensors = _device.materialize_storages(
+        ckpt, ids, torch.device("cuda"), progress=progress, budget=8 << 20
+    )
+    total = sum(ckpt.storage(i)[2] for i in ids)
+    assert calls[0] == (0, total) and calls[-1] == (total, total)
+    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+    assert threads == {threading.get_ident()}
+    raw = path.read_bytes()
+    for i, t in zip(ids, tensors):
+        _, off, n, _ = ckpt.storage(i)
+        assert t.dtype == torch.uint8 and t.numel() == n
+        assert bytes(t.cpu().numpy()) == raw[off : off + n]
+
+
+def test_exception_in_progress_aborts_and_the_ring_is_reusable(tmp_path: Path) -> None:
+    sd = {f"w{i}": torch.randn(1 << 20) for i in range(20)}
+    path = save(tmp_path, sd)
+    ckpt = _core.Checkpoint.open(str(path))
+
+    class Stop(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        if done:
+            raise Stop
+
+    with pytest.raises(Stop):
+        _device.materialize_storages(
+            ckpt,
+            list(range(ckpt.num_storages)),
+            torch.device("cuda"),
+            progress=progress,
+            budget=4 << 20,
+        )
+    check_against_torch(path)
+
+
+@pytest.mark.parametrize("budget", [1, 2 << 20, 5 << 20, 64 << 20])
+def test_small_budgets_and_many_chunks(tmp_path: Path, budget: int) -> None:
+    sd = {f"w{i}": torch.randn(3 << 18) for i in range(6)}  # 3 MiB each
+    sd.update({f"small{i}": torch.arange(i + 1) for i in range(200)})
+    path = save(tmp_path, sd)
+    ours = zeroload.load(path, device="cuda", staging_bytes=budget)
+    ref = torch.load(path, map_location="cuda", weights_only=True)
+    assert_same(ours, ref)
+    slab, n = _core.cuda_staging_allocated()
+    assert n >= 2 and slab * n <= max(budget, 2 << 20)
+
+
+def test_staging_env_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = save(tmp_path, {"x": torch.randn(1 << 20)})
+    monkeypatch.setenv("ZEROLOAD_STAGING_BYTES", "8M")
+    zeroload.load(path, device="cuda")
+    slab, n = _core.cuda_staging_allocated()
+    assert slab * n <= 8 << 20
+
+
+def test_o_direct_reads(tmp_path: Path) -> None:
+    sd = {f"w{i}": torch.randn(1000 + 777 * i) for i in range(10)}
+    path = save(tmp_path, sd)
+    ckpt = _core.Checkpoint.open(str(path))
+    raw = path.read_bytes()
+    outs = []
+    reqs = []
+    for i in range(ckpt.num_storages):
+        _, off, n, _ = ckpt.storage(i)
+        t = torch.empty(n, dtype=torch.uint8, device="cuda")
+        outs.append((off, n, t))
+        reqs.append((off, n, t.data_ptr()))
+    _core.copy_to_cuda(ckpt, reqs, 0, 2 << 20, None, direct=True)
+    for off, n, t in outs:
+        assert bytes(t.cpu().numpy()) == raw[off : off + n]
+
+
+def test_bad_device_index(tmp_path: Path) -> None:
+    path = save(tmp_path, {"x": torch.ones(2)})
+    n = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"cuda:{n}"):
+        zeroload.load(path, device=f"cuda:{n}")
+    ckpt = _core.Checkpoint.open(str(path))
+    t = torch.empty(8, dtype=torch.uint8, device="cuda")
+    with pytest.raises(ValueError, match="does not exist"):
+        _core.copy_to_cuda(ckpt, [(0, 8, t.data_ptr())], n, None, None)
+
+
+def test_destination_pointers_are_checked(tmp_path: Path) -> None:
+    path = save(tmp_path, {"x": torch.ones(64)})
+    ckpt = _core.Checkpoint.open(str(path))
+    host = torch.zeros(64, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="not memory of CUDA device"):
+        _core.copy_to_cuda(ckpt, [(0, 64, host.data_ptr())], 0, None, None)
+    assert torch.count_nonzero(host) == 0
+
+
+def test_current_device_is_left_alone(tmp_path: Path) -> None:
+    path = save(tmp_path, {"x": torch.ones(4)})
+    before = torch.cuda.current_device()
+    last = torch.cuda.device_count() - 1
+    zeroload.load(path, device=f"cuda:{last}")
+    assert torch.cuda.current_device() == before
+    # torch still works normally on its own stream afterwards.
+    assert torch.ones(3, device="cuda").sum().item() == 3
+
+
+def test_load_into_live_cuda_module_in_place(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = TinyNet().eval()
+    path = save(tmp_path, src.state_dict())
+    model = TinyNet().cuda().eval()
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    load_into(model, path)
+    assert torch.cuda.max_memory_allocated() == base  # no intermediate tensor on the GPU
+    assert {k: v.data_ptr() for k, v in model.state_dict().items()} == ptrs
+    ref = TinyNet().cuda().eval()
+    ref.load_state_dict(torch.load(path, map_location="cuda"))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    idx = torch.arange(10, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(model(idx), ref(idx))
+
+
+def test_load_into_meta_module_on_cuda(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    src = TinyNet().eval()
+    path = save(tmp_path, src.state_dict())
+    with torch.device("meta"):
+        model = TinyNet().eval()
+    load_into(model, path, device="cuda")
+    for k, v in src.state_dict().items():
+        got = model.state_dict()[k]
+        assert got.device.type == "cuda"
+        assert torch.equal(got.cpu(), v), k
+
+
+def _write_big_safetensors(path: Path, nbytes: int, tensor_bytes: int = 256 << 20) -> None:
+    """A multi-GB safetensors file written block by block (never held in memory)."""
+    n = nbytes // tensor_bytes
+    header = {
+        f"w{i}": {
+            "dtype": "U8",
+            "shape": [tensor_bytes],
+            "data_offsets": [i * tensor_bytes, (i + 1) * tensor_bytes],
+        }
+        for i in range(n)
+    }
+    hb = json.dumps(header).encode()
+    hb += b" " * (-len(hb) % 8)
+    block = torch.randint(0, 256, (16 << 20,), dtype=torch.uint8).numpy().tobytes()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for _ in range(n * tensor_bytes // len(block)):
+            f.write(block)
+
+
+@pytest.mark.slow
+def test_host_memory_stays_within_the_staging_budget(tmp_path: Path) -> None:
+    psutil = pytest.importorskip("psutil")
+    path = tmp_path / "big.safetensors"
+    size = 3 << 30
+    free, _total = torch.cuda.mem_get_info()
+    if free < size + (1 << 30):
+        pytest.skip("not enough free GPU memory for a 3 GiB load")
+    _write_big_safetensors(path, size)
+    budget = 256 << 20
+    torch.zeros(1, device="cuda")  # CUDA context up before the baseline
+    proc = psutil.Process()
+    gc.collect()
+    baseline = proc.memory_info().rss
+    peak = baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            done.wait(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        out = zeroload.load(path, device="cuda", staging_bytes=budget)
+        torch.cuda.synchronize()
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, proc.memory_info().rss)
+    assert peak - baseline <= budget + (64 << 20), (peak - baseline) / 2**20
+    assert len(out) == size // (256 << 20)
+    # Spot-check contents against the file.
+    with open(path, "rb") as f:
+        (hlen,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + hlen + (1 << 30) + 12345)
+        want = f.read(4096)
+    t = out[f"w{(1 << 30) // (256 << 20)}"]
+    assert bytes(t[12345 : 12345 + 4096].cpu().numpy()) == want
