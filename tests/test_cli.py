@@ -1,0 +1,299 @@
+"""The command line, through `zeroload.cli.main([...])` and `python -m zeroload`, checked
+against torch.load / safetensors references."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import zeroload
+from zeroload import cli
+from zeroload._gptmodel import GPTModel, config
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    pkg = str(Path(zeroload.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg, env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "zeroload", *args], capture_output=True, text=True, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    model = GPTModel(config("tiny")).eval()
+    out = {"dir": d, "model": model}
+    out["gpt"] = d / "gpt.pth"
+    torch.save(model.state_dict(), out["gpt"])
+    emb = torch.nn.Embedding(10, 4)
+    base = torch.arange(20, dtype=torch.float32)
+    out["weird"] = d / "weird.pth"
+    torch.save(
+        {
+            "transposed": torch.randn(3, 5).t(),
+            "emb": emb.weight.detach(),
+            "tied": emb.weight.detach(),
+            "half": torch.randn(4, dtype=torch.bfloat16),
+            "slice": base[5:9],
+            "whole": base,
+            "scalar": torch.tensor(3),
+            "empty": torch.zeros(0, 3),
+            "flag": torch.tensor([True, False]),
+        },
+        out["weird"],
+    )
+    out["train"] = d / "train.pth"
+    torch.save({"epoch": 3, "state_dict": model.state_dict(), "opt": {"lr": 0.1}}, out["train"])
+    out["st"] = d / "a.safetensors"
+    safetensors_torch.save_file(
+        {"a": torch.randn(3, 5), "h": torch.randn(4, dtype=torch.bfloat16)},
+        out["st"],
+        metadata={"format": "pt", "note": "hi"},
+    )
+    # a two-shard safetensors directory with an index
+    shard_dir = d / "sharded"
+    shard_dir.mkdir()
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    names = list(sd)
+    halves = {
+        "s-1.safetensors": names[: len(names) // 2],
+        "s-2.safetensors": names[len(names) // 2 :],
+    }
+    for fname, keys in halves.items():
+        safetensors_torch.save_file({k: sd[k] for k in keys}, shard_dir / fname)
+    index = {
+        "metadata": {"total_size": 123},
+        "weight_map": {k: f for f, ks in halves.items() for k in ks},
+    }
+    (shard_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+    out["sharded"] = shard_dir
+    return out
+
+
+def _inspect_json(capsys: pytest.CaptureFixture, path: Path) -> dict:
+    assert cli.main(["inspect", "--json", str(path)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+# -- help -----------------------------------------------------------------------------
+
+
+def test_help_everywhere() -> None:
+    r = _run("--help")
+    assert r.returncode == 0
+    for cmd in ("demo", "bench", "inspect", "convert"):
+        assert cmd in r.stdout
+        sub = _run(cmd, "--help")
+        assert sub.returncode == 0, sub.stderr
+        assert f"zeroload {cmd}" in sub.stdout
+
+
+def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main([])
+    assert e.value.code == 2
+
+
+# -- inspect --------------------------------------------------------------------------
+
+
+def test_inspect_matches_torch_load(files: dict, capsys: pytest.CaptureFixture) -> None:
+    info = _inspect_json(capsys, files["weird"])
+    ref = torch.load(files["weird"], weights_only=True)
+    assert [t["name"] for t in info["tensors"]] == list(ref)
+    for t in info["tensors"]:
+        r = ref[t["name"]]
+        assert t["dtype"] == str(r.dtype).split(".")[-1]
+        assert t["shape"] == list(r.shape)
+        assert t["bytes"] == r.numel() * r.element_size()
+    assert info["files"][0]["format"] == "torch zip"
+    tot = info["totals"]
+    assert tot["tensors"] == len(ref)
+    assert tot["bytes"] == sum(r.numel() * r.element_size() for r in ref.values())
+    assert tot["by_dtype"]["bfloat16"] == {"tensors": 1, "elements": 4, "bytes": 8}
+    assert tot["file_bytes"] == files["weird"].stat().st_size
+
+
+def test_inspect_table(files: dict, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["inspect", str(files["gpt"])]) == 0
+    out = capsys.readouterr().out
+    sd = files["model"].state_dict()
+    for name, t in sd.items():
+        line = next(ln for ln in out.splitlines() if ln.split()[:1] == [name])
+        assert "[" + ", ".join(map(str, t.shape)) + "]" in line
+    n = sum(t.numel() for t in sd.values())
+    assert f"{n:,} elements" in out
+
+
+def test_inspect_safetensors_metadata(files: dict, capsys: pytest.CaptureFixture) -> None:
+    info = _inspect_json(capsys, files["st"])
+    assert info["files"][0]["format"] == "safetensors"
+    assert info["files"][0]["metadata"] == {"format": "pt", "note": "hi"}
+    with safetensors_torch.safe_open(files["st"], "pt") as f:
+        assert [t["name"] for t in info["tensors"]] == list(f.keys())
+
+
+@pytest.mark.parametrize("which", ["dir", "index"])
+def test_inspect_shards(files: dict, capsys: pytest.CaptureFixture, which: str) -> None:
+    d = files["sharded"]
+    path = d if which == "dir" else d / "model.safetensors.index.json"
+    info = _inspect_json(capsys, path)
+    assert len(info["files"]) == 2
+    assert info["metadata"] == {"total_size": 123}
+    sd = files["model"].state_dict()
+    got = {t["name"]: t["shape"] for t in info["tensors"]}
+    assert got == {k: list(v.shape) for k, v in sd.items()}
+
+
+def test_inspect_nested_checkpoint(files: dict, capsys: pytest.CaptureFixture) -> None:
+    info = _inspect_json(capsys, files["train"])
+    names = {t["name"] for t in info["tensors"]}
+    assert names == {f"state_dict.{k}" for k in files["model"].state_dict()}
+
+
+def test_inspect_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["inspect", str(tmp_path / "nope.pth")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "FileNotFoundError" in err and "nope.pth" in err
+
+
+def test_inspect_corrupt_file_subprocess(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    r = _run("inspect", str(bad))
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert "CheckpointError" in r.stderr and "bad.pth" in r.stderr
+
+
+# -- convert --------------------------------------------------------------------------
+
+
+def test_convert_model_roundtrip(files: dict, tmp_path: Path) -> None:
+    dst = tmp_path / "gpt.safetensors"
+    assert cli.main(["convert", str(files["gpt"]), str(dst)]) == 0
+    got = safetensors_torch.load_file(dst)
+    ref = torch.load(files["gpt"], weights_only=True)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert torch.equal(got[k], ref[k]), k
+    with safetensors_torch.safe_open(dst, "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    with torch.device("meta"):
+        model = GPTModel(config("tiny"))
+    model.load_state_dict(got, assign=True)
+    idx = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(idx), files["model"](idx))
+
+
+def test_convert_shared_noncontiguous_and_dtypes(
+    files: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    dst = tmp_path / "weird.safetensors"
+    assert cli.main(["convert", str(files["weird"]), str(dst)]) == 0
+    err = capsys.readouterr().err
+    assert "share storage" in err and "separate copies" in err
+    got = safetensors_torch.load_file(dst)
+    ref = torch.load(files["weird"], weights_only=True)
+    assert list(sorted(got)) == sorted(ref)
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+        assert torch.equal(got[k], v), k
+
+
+def test_convert_dedupe_drops_aliases(files: dict, tmp_path: Path, capsys) -> None:
+    dst = tmp_path / "dedup.safetensors"
+    assert cli.main(["convert", "--dedupe", str(files["weird"]), str(dst)]) == 0
+    assert "tied" in capsys.readouterr().err
+    got = safetensors_torch.load_file(dst)
+    ref = torch.load(files["weird"], weights_only=True)
+    assert "tied" not in got and torch.equal(got["emb"], ref["tied"])
+    # a slice of a larger storage is not an alias: both are kept
+    assert torch.equal(got["slice"], ref["slice"]) and torch.equal(got["whole"], ref["whole"])
+
+
+def test_convert_refuses_to_overwrite(files: dict, tmp_path: Path, capsys) -> None:
+    dst = tmp_path / "exists.safetensors"
+    dst.write_bytes(b"keep me")
+    assert cli.main(["convert", str(files["gpt"]), str(dst)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert dst.read_bytes() == b"keep me"
+    assert cli.main(["convert", "--force", str(files["gpt"]), str(dst)]) == 0
+    assert set(safetensors_torch.load_file(dst)) == set(files["model"].state_dict())
+
+
+def test_convert_nested_needs_key(files: dict, tmp_path: Path, capsys) -> None:
+    dst = tmp_path / "train.safetensors"
+    assert cli.main(["convert", str(files["train"]), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "--key state_dict" in err
+    assert not dst.exists()
+    assert cli.main(["convert", "--key", "state_dict", str(files["train"]), str(dst)]) == 0
+    got = safetensors_torch.load_file(dst)
+    for k, v in files["model"].state_dict().items():
+        assert torch.equal(got[k], v)
+    assert cli.main(["convert", "--force", "--key", "nope", str(files["train"]), str(dst)]) == 2
+
+
+def test_convert_subprocess(files: dict, tmp_path: Path) -> None:
+    dst = tmp_path / "sub.safetensors"
+    r = _run("convert", str(files["gpt"]), str(dst))
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout
+    assert set(safetensors_torch.load_file(dst)) == set(files["model"].state_dict())
+
+
+# -- demo and bench (fresh processes: the slowest tests here) ---------------------------
+
+
+def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert cli.main(["demo", "--size", "tiny", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for method in ("baseline", "sequential", "meta", "mmap_assign", "per_tensor", "zeroload"):
+        assert method in out
+    assert "ratios" in out
+    rows = json.loads((tmp_path / "zeroload-demo-tiny-cpu.json").read_text())
+    assert [r["method"] for r in rows] == [
+        "baseline",
+        "sequential",
+        "meta",
+        "mmap_assign",
+        "per_tensor",
+        "zeroload",
+    ]
+    for r in rows:
+        assert r["ok"], r
+        assert r["check"] == "equal", r
+        assert r["cpu_peak"] is not None and r["wall_s"] > 0
+    png = tmp_path / "zeroload-demo-tiny-cpu.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_state_dict(files: dict, capsys: pytest.CaptureFixture) -> None:
+    rc = cli.main(["bench", str(files["weird"]), "--methods", "torch_load", "zeroload"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    table = out.split("ratios")[0]
+    lines = {ln.split()[0]: ln for ln in table.splitlines() if ln.split()[:1]}
+    assert "equal" in lines["torch_load"] and "equal" in lines["zeroload"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+@pytest.mark.parametrize("cmd", ["demo", "bench"])
+def test_cuda_without_cuda_is_a_clear_error(files: dict, capsys, cmd: str) -> None:
+    args = ["demo", "--size", "tiny"] if cmd == "demo" else ["bench", str(files["gpt"])]
+    assert cli.main([*args, "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
