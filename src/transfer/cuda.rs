@@ -284,7 +284,7 @@ impl Drop for Ring {
 
 /// What a reader hands the coordinator: chunk `chunk` now sits in slab `slab`, starting
 /// `skew` bytes into it (non-zero for `O_DIRECT` reads from an aligned offset).
-struct Filled {
+pub(crate) struct Filled {
     chunk: usize,
     slab: usize,
     skew: usize,
@@ -364,7 +364,7 @@ fn check_destination(r: &CopyRequest, ordinal: usize) -> Result<()> {
 }
 
 /// The reader's file: `O_DIRECT` when asked and allowed, else the mapping's file.
-enum Source<'a> {
+pub(crate) enum Source<'a> {
     Buffered(&'a File),
     Direct(File),
 }
@@ -505,27 +505,122 @@ unsafe fn copy_inner(
     }
     let ring = ring_guard.as_ref().expect("ring allocated");
     let slab_ptrs: Vec<usize> = ring.slabs.iter().map(|s| s.0 as usize).collect();
-    let streams = Streams::new(n_slabs)?;
 
+    let mut streams = Streams::new(n_slabs)?;
     let source = match direct {
         Some(f) => Source::Direct(f),
         None => Source::Buffered(mapping.file()),
     };
     let readers = reader_count(opts.readers, n_slabs, plan.chunks.len());
+    // SAFETY: the slabs are pinned allocations of `slab_bytes` that only this copy uses
+    // (we hold the ring's lock); destinations per our caller's contract.
+    let outcome = unsafe {
+        pipeline(
+            &mut streams,
+            &plan,
+            &source,
+            path,
+            &slab_ptrs,
+            slab_bytes,
+            readers,
+            &mut reporter,
+        )
+    };
+    drop(streams);
+    drop(ring_guard);
+    outcome
+}
+
+/// Where staged chunks go: an in-order queue of copies with one completion marker per
+/// slab (a CUDA stream with an event per slab; a fake in tests).
+pub(crate) trait Stage {
+    /// Queues a copy of `len` bytes from host `src` to destination `dest`.
+    ///
+    /// # Safety
+    /// `src .. src + len` must stay valid and unchanged until the slab's next marker has
+    /// completed; `dest .. dest + len` must be a valid destination.
+    unsafe fn copy(&mut self, dest: u64, src: *const u8, len: usize) -> Result<()>;
+    /// Marks the end of slab `slab`'s copies queued so far.
+    fn record(&mut self, slab: usize) -> Result<()>;
+    /// Whether slab `slab`'s last marker has completed (without waiting).
+    fn is_done(&mut self, slab: usize) -> Result<bool>;
+    /// Waits until slab `slab`'s last marker has completed.
+    fn wait(&mut self, slab: usize) -> Result<()>;
+    /// Waits until every queued copy has completed.
+    fn synchronize(&mut self) -> Result<()>;
+}
+
+impl Stage for Streams {
+    unsafe fn copy(&mut self, dest: u64, src: *const u8, len: usize) -> Result<()> {
+        // SAFETY: forwarded contract; the stream is ours and alive.
+        unsafe { sys::cuMemcpyHtoDAsync_v2(dest, src.cast(), len, self.stream) }
+            .result()
+            .map_err(cu("cuMemcpyHtoDAsync"))
+    }
+
+    fn record(&mut self, slab: usize) -> Result<()> {
+        // SAFETY: our event and stream, both alive.
+        unsafe { result::event::record(self.events[slab], self.stream) }
+            .map_err(cu("cuEventRecord"))
+    }
+
+    fn is_done(&mut self, slab: usize) -> Result<bool> {
+        // SAFETY: our event, alive.
+        match unsafe { result::event::query(self.events[slab]) } {
+            Ok(()) => Ok(true),
+            Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => Ok(false),
+            Err(e) => Err(cu("cuEventQuery")(e)),
+        }
+    }
+
+    fn wait(&mut self, slab: usize) -> Result<()> {
+        // SAFETY: our event, alive.
+        unsafe { result::event::synchronize(self.events[slab]) }.map_err(cu("cuEventSynchronize"))
+    }
+
+    fn synchronize(&mut self) -> Result<()> {
+        Streams::synchronize(self)
+    }
+}
+
+/// The copy loop. Reader threads take chunks in file order, wait for a free slab, `pread`
+/// the chunk into it and hand it over; this thread queues the chunk's pieces on `stage`,
+/// marks the slab, and returns slabs to the readers once their marker completed. Progress
+/// counts completed bytes. However it ends, the readers are stopped and every queued copy
+/// has completed on return.
+///
+/// # Safety
+/// Each `slab_ptrs[i]` must be valid for writes of `slab_bytes` bytes and used by nothing
+/// else during the call; every piece's destination must be valid for `stage`; chunks must
+/// fit a slab (`len <= slab_bytes`, or `slab_bytes - 2 * ALIGN` for `O_DIRECT`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pipeline<S: Stage>(
+    stage: &mut S,
+    plan: &Plan,
+    source: &Source<'_>,
+    path: &Path,
+    slab_ptrs: &[usize],
+    slab_bytes: usize,
+    readers: usize,
+    reporter: &mut Reporter<'_>,
+) -> Result<Outcome> {
+    let n_chunks = plan.chunks.len();
+    if n_chunks == 0 {
+        return Ok(Outcome::Done);
+    }
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
     let (free_tx, free_rx) = mpsc::channel::<usize>();
-    for i in 0..n_slabs {
+    for i in 0..slab_ptrs.len() {
         free_tx.send(i).expect("receiver alive");
     }
     let free_rx = Mutex::new(free_rx);
     let (filled_tx, filled_rx) = mpsc::channel::<Result<Filled>>();
 
-    let outcome = std::thread::scope(|s| -> Result<Outcome> {
-        for _ in 0..readers {
+    std::thread::scope(|s| -> Result<Outcome> {
+        for _ in 0..readers.max(1) {
             let filled_tx = filled_tx.clone();
-            let (next, abort, free_rx, plan, source, slab_ptrs) =
-                (&next, &abort, &free_rx, &plan, &source, &slab_ptrs);
+            let (next, abort, free_rx) = (&next, &abort, &free_rx);
             s.spawn(move || {
                 while !abort.load(Ordering::Relaxed) {
                     let chunk = next.fetch_add(1, Ordering::Relaxed);
@@ -537,8 +632,8 @@ unsafe fn copy_inner(
                         Err(_) => break, // the coordinator stopped
                     };
                     // SAFETY: slab `slab` was handed to this reader alone through the free
-                    // channel (its previous copy completed: the coordinator waited for its
-                    // event), and it is `slab_bytes` long.
+                    // channel (its previous copies completed: the coordinator saw its
+                    // marker complete), and it is `slab_bytes` long.
                     let r = unsafe {
                         read_chunk(
                             source,
@@ -559,25 +654,15 @@ unsafe fn copy_inner(
         }
         drop(filled_tx);
         let mut free_tx = Some(free_tx);
-        // However this closure ends, stop the readers: set the flag and close the free
-        // channel (a reader waiting for a slab then wakes up and leaves).
-        let stop = |free_tx: &mut Option<mpsc::Sender<usize>>| {
-            abort.store(true, Ordering::Relaxed);
-            free_tx.take();
-        };
 
         let mut inflight: VecDeque<(usize, u64)> = VecDeque::new();
         let mut completed = 0usize;
-        let n_chunks = plan.chunks.len();
-        let mut run = || -> Result<Outcome> {
+        let mut run = |stage: &mut S| -> Result<Outcome> {
             while completed < n_chunks {
                 // Recycle slabs whose copies are done, without waiting.
                 while let Some(&(slab, bytes)) = inflight.front() {
-                    // SAFETY: the event was created by us and recorded on our stream.
-                    match unsafe { result::event::query(streams.events[slab]) } {
-                        Ok(()) => {}
-                        Err(DriverError(sys::CUresult::CUDA_ERROR_NOT_READY)) => break,
-                        Err(e) => return Err(cu("cuEventQuery")(e)),
+                    if !stage.is_done(slab)? {
+                        break;
                     }
                     inflight.pop_front();
                     completed += 1;
@@ -606,54 +691,253 @@ unsafe fn copy_inner(
                         let base = slab_ptrs[f.slab] + f.skew;
                         for p in &c.pieces {
                             // SAFETY: the source lies in the slab (piece inside the chunk,
-                            // chunk read at `skew` in a slab of `slab_bytes`); the slab is
-                            // not touched by readers until its event completes; the
-                            // destination range was checked (plan + pointer attributes)
-                            // and is valid device memory per the caller's contract.
+                            // chunk read at `skew` in a slab of `slab_bytes`); readers do
+                            // not touch the slab until its marker completes; destinations
+                            // per this function's contract.
                             unsafe {
-                                sys::cuMemcpyHtoDAsync_v2(
+                                stage.copy(
                                     p.dest,
-                                    (base + p.offset as usize) as *const c_void,
+                                    (base + p.offset as usize) as *const u8,
                                     p.len as usize,
-                                    streams.stream,
                                 )
-                            }
-                            .result()
-                            .map_err(cu("cuMemcpyHtoDAsync"))?;
+                            }?;
                         }
-                        // SAFETY: our event and stream, both alive.
-                        unsafe { result::event::record(streams.events[f.slab], streams.stream) }
-                            .map_err(cu("cuEventRecord"))?;
+                        stage.record(f.slab)?;
                         inflight.push_back((f.slab, c.delivered()));
                     }
                     None => {
                         // Nothing new to send: wait for the oldest copy in flight.
                         let &(slab, _) = inflight.front().expect("copies in flight");
-                        // SAFETY: our event, recorded on our stream.
-                        unsafe { result::event::synchronize(streams.events[slab]) }
-                            .map_err(cu("cuEventSynchronize"))?;
+                        stage.wait(slab)?;
                     }
                 }
             }
             Ok(Outcome::Done)
         };
-        let r = run();
-        stop(&mut free_tx);
-        // Wait for every issued copy before the slabs can be reused and the destinations
-        // handed back, whatever happened.
-        let synced = streams.synchronize();
+        let r = run(stage);
+        // Stop the readers: set the flag and close the free channel (a reader waiting for
+        // a slab then wakes up and leaves). Then wait for every queued copy, whatever
+        // happened, before the slabs and destinations are handed back.
+        abort.store(true, Ordering::Relaxed);
+        free_tx.take();
+        let synced = stage.synchronize();
         let out = r?;
         synced?;
         Ok(out)
-    });
-    drop(streams);
-    drop(ring_guard);
-    outcome
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transfer::PROGRESS_STEP;
+
+    /// A stand-in for a CUDA stream: copies queue up and run only when a marker is
+    /// waited for (or, now and then, when one is polled), in order. If the pipeline ever
+    /// handed a slab back to the readers before its copies ran, a reader would overwrite
+    /// it first and the destination would get the wrong bytes.
+    struct FakeStage {
+        ops: VecDeque<(u64, usize, usize, u64)>, // (dest, src, len, mark; 0 = a copy)
+        seq: u64,
+        done: u64,
+        last: Vec<u64>,
+        polls: u64,
+    }
+
+    impl FakeStage {
+        fn new(slabs: usize) -> FakeStage {
+            FakeStage {
+                ops: VecDeque::new(),
+                seq: 0,
+                done: 0,
+                last: vec![0; slabs],
+                polls: 0,
+            }
+        }
+
+        fn run_through(&mut self, seq: u64) {
+            while self.done < seq {
+                let (dest, src, len, mark) = self.ops.pop_front().expect("queued");
+                if mark > 0 {
+                    self.done = mark;
+                } else {
+                    // SAFETY: test buffers: `src` is in a live slab, `dest` in a live
+                    // destination Vec of at least `len` bytes; they never overlap.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(src as *const u8, dest as *mut u8, len)
+                    };
+                }
+            }
+        }
+    }
+
+    impl Stage for FakeStage {
+        unsafe fn copy(&mut self, dest: u64, src: *const u8, len: usize) -> Result<()> {
+            self.ops.push_back((dest, src as usize, len, 0));
+            Ok(())
+        }
+        fn record(&mut self, slab: usize) -> Result<()> {
+            self.seq += 1;
+            self.ops.push_back((0, 0, 0, self.seq));
+            self.last[slab] = self.seq;
+            Ok(())
+        }
+        fn is_done(&mut self, slab: usize) -> Result<bool> {
+            self.polls += 1;
+            if self.polls % 3 == 0 {
+                let target = self.last[slab];
+                self.run_through(target);
+            }
+            Ok(self.done >= self.last[slab])
+        }
+        fn wait(&mut self, slab: usize) -> Result<()> {
+            let target = self.last[slab];
+            self.run_through(target);
+            Ok(())
+        }
+        fn synchronize(&mut self) -> Result<()> {
+            let target = self.seq;
+            self.run_through(target);
+            Ok(())
+        }
+    }
+
+    fn test_file(len: usize) -> (tempfile::TempDir, Arc<Mapping>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.bin");
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        std::fs::write(&p, &data).unwrap();
+        let m = Mapping::open(&p).unwrap();
+        (dir, m, data)
+    }
+
+    /// Runs the pipeline with the fake stage; returns the destinations and progress calls.
+    fn run_fake(
+        m: &Mapping,
+        ranges: &[(u64, u64)],
+        slab_bytes: usize,
+        n_slabs: usize,
+        readers: usize,
+        direct: bool,
+        cancel_after: Option<usize>,
+    ) -> (Result<Outcome>, Vec<Vec<u8>>, Vec<(u64, u64)>) {
+        let mut dests: Vec<Vec<u8>> = ranges.iter().map(|&(_, n)| vec![0u8; n as usize]).collect();
+        let reqs: Vec<CopyRequest> = ranges
+            .iter()
+            .zip(dests.iter_mut())
+            .filter(|((_, n), _)| *n > 0)
+            .map(|(&(file_offset, nbytes), d)| CopyRequest {
+                file_offset,
+                nbytes,
+                dest: d.as_mut_ptr() as u64,
+            })
+            .collect();
+        let source = if direct {
+            match open_direct(m.path()) {
+                Some(f) => Source::Direct(f),
+                None => Source::Buffered(m.file()),
+            }
+        } else {
+            Source::Buffered(m.file())
+        };
+        let max_chunk = match source {
+            Source::Direct(_) => slab_bytes as u64 - 2 * ALIGN,
+            Source::Buffered(_) => slab_bytes as u64,
+        };
+        let plan = Plan::new(
+            &reqs,
+            m.len(),
+            PlanOptions {
+                max_chunk,
+                max_gap: 1000,
+            },
+            "t",
+        )
+        .unwrap();
+        // Slabs as u64 vectors so that they are 8-byte aligned; O_DIRECT wants 4 KiB, so
+        // over-allocate and align by hand.
+        let mut backing: Vec<Vec<u8>> =
+            (0..n_slabs).map(|_| vec![0u8; slab_bytes + 4096]).collect();
+        let slab_ptrs: Vec<usize> = backing
+            .iter_mut()
+            .map(|b| {
+                let p = b.as_mut_ptr() as usize;
+                p.div_ceil(4096) * 4096
+            })
+            .collect();
+        let mut calls = Vec::new();
+        let mut cb = |d: u64, t: u64| {
+            calls.push((d, t));
+            cancel_after.is_none_or(|n| calls.len() <= n)
+        };
+        let mut reporter = Reporter::start(&mut cb, plan.total_bytes).unwrap();
+        let mut stage = FakeStage::new(n_slabs);
+        // SAFETY: slabs are live, aligned, `slab_bytes` long and private to this call;
+        // destinations are live Vecs sized to their requests.
+        let r = unsafe {
+            pipeline(
+                &mut stage,
+                &plan,
+                &source,
+                m.path(),
+                &slab_ptrs,
+                slab_bytes,
+                readers,
+                &mut reporter,
+            )
+        };
+        assert!(stage.ops.is_empty(), "copies left queued after return");
+        drop(backing);
+        (r, dests, calls)
+    }
+
+    #[test]
+    fn pipeline_delivers_every_byte_and_never_recycles_a_busy_slab() {
+        let (_d, m, data) = test_file(3 * 1024 * 1024 + 999);
+        let ranges: Vec<(u64, u64)> = vec![
+            (0, 100),
+            (100, 70_000),
+            (70_100, 1),
+            (70_200, 1_000_000),
+            (5, 300_000), // overlaps others: same bytes, another destination
+            (2 * 1024 * 1024, 1024 * 1024 + 999),
+            (1_500_000, 0),
+        ];
+        for &(slab, n_slabs, readers) in &[(64 << 10, 3, 1), (64 << 10, 4, 2), (256 << 10, 8, 5)] {
+            for direct in [false, true] {
+                let (r, dests, calls) = run_fake(&m, &ranges, slab, n_slabs, readers, direct, None);
+                assert_eq!(r.unwrap(), Outcome::Done);
+                for (&(off, n), d) in ranges.iter().zip(&dests) {
+                    assert!(
+                        d[..] == data[off as usize..(off + n) as usize],
+                        "range {off}+{n}"
+                    );
+                }
+                let total: u64 = ranges.iter().map(|r| r.1).sum();
+                assert_eq!(calls.first(), Some(&(0, total)));
+                assert_eq!(calls.last(), Some(&(total, total)));
+            }
+        }
+    }
+
+    #[test]
+    fn pipeline_cancels_and_reports_read_errors_without_hanging() {
+        let (_d, m, _data) = test_file(4 * PROGRESS_STEP as usize);
+        let ranges = [(0u64, 4 * PROGRESS_STEP)];
+        let (r, _, _) = run_fake(&m, &ranges, 1 << 20, 4, 2, false, Some(2));
+        assert_eq!(r.unwrap(), Outcome::Cancelled);
+
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(m.path())
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let (r, _, _) = run_fake(&m, &ranges, 1 << 20, 4, 3, false, None);
+        assert!(r.unwrap_err().to_string().contains("truncated"));
+    }
 
     #[test]
     fn ring_geometry_respects_the_budget() {
