@@ -784,7 +784,7 @@ mod tests {
         }
         fn is_done(&mut self, slab: usize) -> Result<bool> {
             self.polls += 1;
-            if self.polls % 3 == 0 {
+            if self.polls.is_multiple_of(3) {
                 let target = self.last[slab];
                 self.run_through(target);
             }
@@ -813,6 +813,9 @@ mod tests {
         (dir, m, data)
     }
 
+    /// What `run_fake` returns: the outcome, the destinations, the progress calls.
+    type FakeRun = (Result<Outcome>, Vec<Vec<u8>>, Vec<(u64, u64)>);
+
     /// Runs the pipeline with the fake stage; returns the destinations and progress calls.
     fn run_fake(
         m: &Mapping,
@@ -822,7 +825,7 @@ mod tests {
         readers: usize,
         direct: bool,
         cancel_after: Option<usize>,
-    ) -> (Result<Outcome>, Vec<Vec<u8>>, Vec<(u64, u64)>) {
+    ) -> FakeRun {
         let mut dests: Vec<Vec<u8>> = ranges.iter().map(|&(_, n)| vec![0u8; n as usize]).collect();
         let reqs: Vec<CopyRequest> = ranges
             .iter()
