@@ -36,7 +36,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Sequence, Union
 
 __all__ = [
     "MODEL_METHODS",
@@ -397,6 +397,7 @@ def compare_model(
     workdir: PathLike | None = None,
     timeout: float | None = None,
     verbose: bool = True,
+    before_each: Callable[[str], None] | None = None,
 ) -> List[Row]:
     """Load a ``GPTModel`` checkpoint with each method in a fresh process; return the rows.
 
@@ -411,6 +412,8 @@ def compare_model(
         workdir: where per-tensor files go (a temporary directory by default).
         timeout: seconds allowed per method.
         verbose: print progress lines to stderr.
+        before_each: called with the method name before each child starts (e.g. to drop
+            the page cache for a cold-cache run).
     """
     import torch
 
@@ -465,6 +468,8 @@ def compare_model(
                 print(f"  running {m} in a fresh process ...", file=sys.stderr, flush=True)
             spec = _spec("model", m, checkpoint, device, cfg, ref_path, per_tensor_dir)
             spec["warmup_file"] = str(warm)
+            if before_each is not None:
+                before_each(m)
             rows.append(_row(m, MODEL_METHODS[m], run_child(spec, timeout)))
     return rows
 
@@ -519,6 +524,7 @@ def compare_state_dict(
     methods: Sequence[str] | None = None,
     timeout: float | None = None,
     verbose: bool = True,
+    before_each: Callable[[str], None] | None = None,
 ) -> List[Row]:
     """Load a checkpoint as a state dict with each method in a fresh process.
 
@@ -538,6 +544,8 @@ def compare_state_dict(
             if verbose:
                 print(f"  running {m} in a fresh process ...", file=sys.stderr, flush=True)
             spec = _spec("state_dict", m, checkpoint, device, files=files, warmup_file=warm)
+            if before_each is not None:
+                before_each(m)
             rows.append(_row(m, STATE_DICT_METHODS[m], run_child(spec, timeout)))
     ref = next((r.extra.get("digest") for r in rows if r.ok and r.method != "zeroload"), None)
     for r in rows:
