@@ -121,7 +121,6 @@ def training_checkpoint() -> dict:
         "dtype": torch.bfloat16,
         "nested": {"a": (1, 2.5, None, True, False), "b": [{"c": "d"}, ()], 3: "int key"},
         "seen": {1, 2, 3},
-        "frozen": frozenset({"x"}),
         "z": complex(1.5, -2),
         "counts": collections.Counter({"a": 2}),
         "ba": bytearray(b"abc"),
