@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import zeroload
 from conftest import ALL_DTYPES, TiedNet, TinyNet, random_tensor, training_checkpoint
 from reference import assert_same, assert_sharing_same
-
-import zeroload
 
 
 def save(tmp_path: Path, obj: object, name: str = "ckpt.pth") -> Path:
@@ -181,7 +180,7 @@ def test_map_location_callable_is_refused(model_file: Path) -> None:
 
 
 def test_missing_file_raises_file_not_found(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.pth"):
         zeroload.load(tmp_path / "nope.pth")
 
 
@@ -193,6 +192,6 @@ def test_many_tensor_checkpoint(tmp_path: Path) -> None:
 
 def test_module_saved_whole_is_refused_naming_the_class(tmp_path: Path) -> None:
     path = save(tmp_path, TiedNet())
-    with pytest.raises(zeroload.CheckpointError, match="TiedNet|allow-list") as e:
+    with pytest.raises(zeroload.CheckpointError, match=r"TiedNet|allow-list") as e:
         zeroload.load(path)
     assert str(path) in str(e.value)

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zeroload
 from conftest import random_tensor
 from reference import assert_same
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-import zeroload
 
 # Every dtype both torch and safetensors can hold.
 ST_DTYPES = [
@@ -42,7 +41,9 @@ ST_DTYPES = [
 @pytest.fixture(scope="module")
 def st_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("st") / "all.safetensors"
-    tensors = {f"t.{str(d).split('.')[1]}": random_tensor((3, 4), d, i) for i, d in enumerate(ST_DTYPES)}
+    tensors = {
+        f"t.{str(d).split('.')[1]}": random_tensor((3, 4), d, i) for i, d in enumerate(ST_DTYPES)
+    }
     tensors["zero_dim"] = torch.tensor(2.5)
     tensors["empty"] = torch.empty(0, 3)
     tensors["b_first_in_file_last_by_name"] = torch.arange(6, dtype=torch.int32)
@@ -76,7 +77,9 @@ def test_open_is_safe_open_compatible(st_file: Path) -> None:
             assert ours_slice.get_dtype() == ref_slice.get_dtype()
 
 
-@pytest.mark.parametrize("index", [np.s_[1:], np.s_[:, :2], np.s_[0], np.s_[::2, 1:3], np.s_[..., -1]])
+@pytest.mark.parametrize(
+    "index", [np.s_[1:], np.s_[:, :2], np.s_[0], np.s_[::2, 1:3], np.s_[..., -1]]
+)
 def test_get_slice_matches_safetensors(st_file: Path, index: object) -> None:
     name = "t.float32"
     with safe_open(st_file, "pt") as ref, zeroload.open(st_file) as f:
@@ -96,12 +99,15 @@ def test_numpy_framework_is_zero_copy_and_correct(st_file: Path) -> None:
 
 
 def test_numpy_framework_refuses_dtypes_numpy_lacks(st_file: Path) -> None:
-    with zeroload.open(st_file, framework="np") as f, pytest.raises(TypeError, match="t.bfloat16"):
+    with (
+        zeroload.open(st_file, framework="np") as f,
+        pytest.raises(TypeError, match=r"t\.bfloat16"),
+    ):
         f.get_tensor("t.bfloat16")
 
 
 def test_get_tensor_unknown_name_suggests(st_file: Path) -> None:
-    with zeroload.open(st_file) as f, pytest.raises(KeyError, match="did you mean 't.float32'"):
+    with zeroload.open(st_file) as f, pytest.raises(KeyError, match=r"did you mean 't\.float32'"):
         f.get_tensor("t.float23")
 
 
@@ -127,7 +133,10 @@ def test_copy_on_write_never_touches_the_file(st_file: Path, tmp_path: Path) -> 
 def test_misaligned_tensors_load_correctly(tmp_path: Path) -> None:
     # A hand-written header can place float32 data at an odd offset.
     data = b"\x00" + np.arange(4, dtype=np.float32).tobytes()
-    header = {"odd": {"dtype": "F32", "shape": [4], "data_offsets": [1, 17]}, "pad": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}
+    header = {
+        "odd": {"dtype": "F32", "shape": [4], "data_offsets": [1, 17]},
+        "pad": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+    }
     raw = json.dumps(header).encode()
     path = tmp_path / "misaligned.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)

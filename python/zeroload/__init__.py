@@ -265,7 +265,7 @@ def _numpy_view(ckpt: _core.Checkpoint, i: int, name: str) -> Any:
         ) from None
 
 
-def open(path: str | os.PathLike, device: DeviceLike = "cpu", framework: str = "pt") -> SafeOpen:  # noqa: A001
+def open(path: str | os.PathLike, device: DeviceLike = "cpu", framework: str = "pt") -> SafeOpen:
     """Open a checkpoint lazily, like `safetensors.safe_open` (see `SafeOpen`)."""
     return SafeOpen(path, device=device, framework=framework)
 

@@ -2,7 +2,20 @@
 
 from collections.abc import Callable, Sequence
 from os import PathLike
-from typing import Any, Optional
+from typing import Any, final
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CudaError",
+    "DLPackView",
+    "copy_to_cuda",
+    "copy_to_host",
+    "cuda_available",
+    "cuda_device_count",
+    "cuda_staging_allocated",
+    "safetensors_dtype_name",
+]
 
 class CheckpointError(ValueError):
     """A checkpoint file is malformed, truncated, hostile or unsupported."""
@@ -12,6 +25,7 @@ class CudaError(RuntimeError):
 
 _TensorTuple = tuple[int, str, tuple[int, ...], tuple[int, ...], int, bool]
 
+@final
 class DLPackView:
     """A zero-copy CPU view of mapped memory implementing the DLPack protocol."""
 
@@ -23,12 +37,13 @@ class DLPackView:
         self,
         *,
         stream: Any = None,
-        max_version: Optional[tuple[int, int]] = None,
-        dl_device: Optional[tuple[int, int]] = None,
-        copy: Optional[bool] = None,
+        max_version: tuple[int, int] | None = None,
+        dl_device: tuple[int, int] | None = None,
+        copy: bool | None = None,
     ) -> Any: ...
     def __dlpack_device__(self) -> tuple[int, int]: ...
 
+@final
 class Checkpoint:
     """An open, parsed checkpoint file (the mapping lives while any view of it does)."""
 
@@ -41,7 +56,7 @@ class Checkpoint:
     @property
     def file_size(self) -> int: ...
     @property
-    def metadata(self) -> Optional[dict[str, str]]: ...
+    def metadata(self) -> dict[str, str] | None: ...
     @property
     def num_storages(self) -> int: ...
     @property
@@ -49,7 +64,7 @@ class Checkpoint:
     def storage(self, i: int) -> tuple[str, int, int, str]: ...
     def tensor(self, i: int) -> _TensorTuple: ...
     def tensors(self) -> list[_TensorTuple]: ...
-    def flat_tensors(self) -> Optional[list[tuple[str, int]]]: ...
+    def flat_tensors(self) -> list[tuple[str, int]] | None: ...
     def storage_view(self, i: int) -> DLPackView: ...
     def tensor_view(self, i: int) -> DLPackView: ...
     def build(self, builder: Any) -> Any: ...
@@ -57,16 +72,20 @@ class Checkpoint:
 def safetensors_dtype_name(torch_name: str) -> str: ...
 def cuda_available() -> bool: ...
 def cuda_device_count() -> int: ...
+def cuda_staging_allocated() -> tuple[int, int] | None: ...
 def copy_to_cuda(
     ckpt: Checkpoint,
     requests: Sequence[tuple[int, int, int]],
     device_index: int,
-    budget: Optional[int] = None,
-    progress: Optional[Callable[[int, int], None]] = None,
+    budget: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    direct: bool = False,
+    readers: int | None = None,
 ) -> None: ...
 def copy_to_host(
     ckpt: Checkpoint,
     requests: Sequence[tuple[int, int, int]],
-    threads: Optional[int] = None,
-    progress: Optional[Callable[[int, int], None]] = None,
+    threads: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> None: ...

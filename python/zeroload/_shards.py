@@ -59,7 +59,9 @@ def _read_index(index: Path) -> ShardSet:
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
-        raise CheckpointError(f"{index}: not a valid shard index: no 'weight_map' of names to files")
+        raise CheckpointError(
+            f"{index}: not a valid shard index: no 'weight_map' of names to files"
+        )
     files: list[Path] = []
     seen: set[str] = set()
     for shard in weight_map.values():

@@ -13,7 +13,6 @@ from typing import Any, Union
 import torch
 
 from zeroload import _core
-from zeroload._core import CheckpointError
 
 DeviceLike = Union[str, int, torch.device]
 MapLocation = Union[DeviceLike, Mapping[str, DeviceLike], None]
@@ -123,7 +122,11 @@ def materialize_storages(
             from zeroload import _device
 
             total = sum(ckpt.storage(i)[2] for i in ids)
-            bar = ProgressBar(total, f"zeroload {device}") if wants_progress(progress, total) else None
+            bar = (
+                ProgressBar(total, f"zeroload {device}")
+                if wants_progress(progress, total)
+                else None
+            )
             try:
                 tensors = _device.materialize_storages(
                     ckpt, ids, device, progress=bar, budget=staging_bytes

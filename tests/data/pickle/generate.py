@@ -3,6 +3,7 @@
 Each vector is the `*/data.pkl` entry of a torch.save zip, pulled out of the archive.
 torch.load(weights_only=True) must accept every protocol-2 vector (checked here).
 """
+
 import collections
 import io
 import os
