@@ -46,9 +46,9 @@ impl From<Error> for PyErr {
                     },
                 }
             }
-            Error::Malformed { .. }
-            | Error::ForbiddenGlobal { .. }
-            | Error::Unsupported { .. } => CheckpointError::new_err(msg),
+            Error::Malformed { .. } | Error::ForbiddenGlobal { .. } | Error::Unsupported { .. } => {
+                CheckpointError::new_err(msg)
+            }
             Error::Cuda { .. } | Error::CudaUnavailable(_) => CudaError::new_err(msg),
             Error::InvalidArgument(_) => PyValueError::new_err(msg),
             Error::KeyNotFound { .. } => pyo3::exceptions::PyKeyError::new_err(msg),
