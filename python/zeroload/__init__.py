@@ -19,7 +19,8 @@ import torch
 
 from zeroload import _core, _shards, _torch
 from zeroload._core import CheckpointError, CudaError
-from zeroload._torch import DeviceLike, KeysFilter, MapLocation
+from zeroload._device import DeviceLike, parse_device
+from zeroload._torch import KeysFilter, MapLocation
 
 if TYPE_CHECKING:
     from zeroload._load_into import load_into
@@ -142,7 +143,7 @@ class SafeOpen:
         if framework not in ("pt", "pytorch", "torch", "np", "numpy"):
             raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}")
         self._numpy = framework in ("np", "numpy")
-        self._device = _torch._as_device(device)
+        self._device = parse_device(device)
         if self._numpy and self._device.type != "cpu":
             raise ValueError("framework='np' gives CPU arrays; use device='cpu'")
         shard_set = _shards.resolve(path)

@@ -17,15 +17,14 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
 from zeroload import _core, _shards
 from zeroload._core import CheckpointError
-
-DeviceLike = Union[str, int, torch.device]
+from zeroload._device import DeviceLike
 
 
 class _Entry(NamedTuple):

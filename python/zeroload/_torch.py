@@ -12,9 +12,9 @@ from typing import Any, Union
 
 import torch
 
-from zeroload import _core
+from zeroload import _core, _device
+from zeroload._device import DeviceLike, parse_device
 
-DeviceLike = Union[str, int, torch.device]
 MapLocation = Union[DeviceLike, Mapping[str, DeviceLike], None]
 KeysFilter = Union[Iterable[str], Callable[[str], bool], None]
 
@@ -25,7 +25,7 @@ AUTO_PROGRESS_BYTES = 1 << 30
 def resolve_target(device: DeviceLike | None, map_location: MapLocation) -> MapLocation:
     """One target from `device` and its torch.load alias `map_location`."""
     if map_location is not None and device is not None:
-        if _as_device(device) != _as_device_or_none(map_location):
+        if parse_device(device) != _as_device_or_none(map_location):
             raise ValueError(
                 "pass either device= or map_location= (an alias of device), not both "
                 f"(got device={device!r}, map_location={map_location!r})"
@@ -39,23 +39,14 @@ def resolve_target(device: DeviceLike | None, map_location: MapLocation) -> MapL
             "dict mapping saved locations to devices"
         )
     if isinstance(target, Mapping):
-        return {str(k): _as_device(v) for k, v in target.items()}
-    return _as_device(target)
-
-
-def _as_device(d: DeviceLike) -> torch.device:
-    if isinstance(d, int):
-        return torch.device("cuda", d)
-    try:
-        return torch.device(d)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"not a device: {d!r} ({e})") from None
+        return {str(k): parse_device(v) for k, v in target.items()}
+    return parse_device(target)
 
 
 def _as_device_or_none(d: Any) -> torch.device | None:
     try:
-        return _as_device(d)
-    except ValueError:
+        return parse_device(d)
+    except (TypeError, ValueError):
         return None
 
 
@@ -67,7 +58,7 @@ def storage_devices(ckpt: _core.Checkpoint, target: MapLocation) -> list[torch.d
     out = []
     for i in range(ckpt.num_storages):
         saved = ckpt.storage(i)[3]
-        out.append(_as_device(target.get(saved, saved)))
+        out.append(parse_device(target.get(saved, saved)))
     return out
 
 
@@ -119,8 +110,6 @@ def materialize_storages(
             for i in ids:
                 out[i] = torch.from_dlpack(ckpt.storage_view(i)).untyped_storage()
         elif device.type == "cuda":
-            from zeroload import _device
-
             total = sum(ckpt.storage(i)[2] for i in ids)
             bar = (
                 ProgressBar(total, f"zeroload {device}")
