@@ -102,6 +102,20 @@ impl Mapping {
         })
     }
 
+    /// A `Read + Seek` view of the file that reads with `pread`, never through the map.
+    ///
+    /// Parsers use it for structures scattered through the file (a torch zip has a local
+    /// header before every storage): reading those through the map would fault in each
+    /// header's page and, by the kernel's fault-around, tens of KiB of tensor data beside
+    /// it, so the loader's RSS would grow with the number of tensors before any is touched.
+    pub fn reader(&self) -> FileReader<'_> {
+        FileReader {
+            file: &self.file,
+            pos: 0,
+            len: self.len(),
+        }
+    }
+
     /// The open file, for readers that want their own `pread` loop.
     pub fn file(&self) -> &File {
         &self.file
@@ -123,6 +137,41 @@ impl Mapping {
             Advice::Random => memmap2::Advice::Random,
         };
         let _ = map.advise_range(a, offset as usize, len as usize);
+    }
+}
+
+/// See `Mapping::reader`. Reads stop at the length the file had when it was mapped.
+pub struct FileReader<'a> {
+    file: &'a File,
+    pos: u64,
+    len: u64,
+}
+
+impl std::io::Read for FileReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl std::io::Seek for FileReader<'_> {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            std::io::SeekFrom::Start(n) => Some(n),
+            std::io::SeekFrom::End(d) => self.len.checked_add_signed(d),
+            std::io::SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        let target = target.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek before the start")
+        })?;
+        self.pos = target;
+        Ok(target)
     }
 }
 

@@ -176,9 +176,25 @@ pub struct Parsed {
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let parsed = match detect(path, bytes)? {
         Format::Safetensors => safetensors::parse(path, bytes)?,
-        Format::TorchZip => torchzip::parse(path, bytes)?,
+        Format::TorchZip => torchzip::parse(path, std::io::Cursor::new(bytes), bytes.len() as u64)?,
     };
     validate(path, bytes.len() as u64, &parsed)?;
+    Ok(parsed)
+}
+
+/// `parse` for an open file. A torch zip is read with `pread` rather than through the map
+/// (see `Mapping::reader`), so parsing leaves the mapping untouched but for the first
+/// page; a safetensors header is one contiguous range at the start and is read in place.
+pub fn parse_mapped(path: &Path, mapping: &Mapping) -> Result<Parsed> {
+    let bytes = mapping.bytes();
+    let parsed = match detect(path, bytes)? {
+        Format::Safetensors => safetensors::parse(path, bytes)?,
+        Format::TorchZip => {
+            let reader = std::io::BufReader::with_capacity(4096, mapping.reader());
+            torchzip::parse(path, reader, mapping.len())?
+        }
+    };
+    validate(path, mapping.len(), &parsed)?;
     Ok(parsed)
 }
 
@@ -307,7 +323,7 @@ impl Checkpoint {
     /// Opens, maps and parses a checkpoint file.
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let mapping = Mapping::open(path)?;
-        let parsed = parse(path, mapping.bytes())?;
+        let parsed = parse_mapped(path, &mapping)?;
         Ok(Checkpoint {
             path: path.to_path_buf(),
             mapping,

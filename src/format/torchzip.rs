@@ -1,10 +1,14 @@
 //! torch.save zip archives (torch >= 1.6): `<archive>/data.pkl` describes the objects,
 //! `<archive>/data/<key>` holds one storage each, stored uncompressed, so storages are
 //! sliced straight out of the mapping at the entry's `data_start`.
+//!
+//! The archive is read through any `Read + Seek` source: `Checkpoint::open` passes a
+//! `pread` reader so that parsing never faults pages of the mapping in (see
+//! `Mapping::reader`); the fuzzers pass the bytes.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
-use std::io::Cursor;
+use std::io::{Read, Seek};
 use std::path::Path;
 
 use zip::{CompressionMethod, ZipArchive};
@@ -20,15 +24,15 @@ struct EntrySpan {
     len: u64,
 }
 
-/// Parses a torch zip checkpoint held in `bytes`.
-pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
+/// Parses a torch zip checkpoint of `file_len` bytes read from `source`.
+pub fn parse<R: Read + Seek>(path: &Path, source: R, file_len: u64) -> Result<Parsed> {
     let malformed = |entry: &str, message: String| Error::Malformed {
         path: path.to_path_buf(),
         entry: entry.to_string(),
         offset: None,
         message,
     };
-    let mut zip = ZipArchive::new(Cursor::new(bytes))
+    let mut zip = ZipArchive::new(source)
         .map_err(|e| malformed("zip directory", format!("not a readable zip archive: {e}")))?;
 
     // The archive name is the folder every record lives in (torch uses the file stem).
@@ -58,7 +62,8 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     };
     let prefix = &pkl_name[..pkl_name.len() - "data.pkl".len()];
 
-    if let Some(order) = read_small_entry(path, &mut zip, bytes, &format!("{prefix}byteorder"))? {
+    if let Some(order) = read_small_entry(path, &mut zip, file_len, &format!("{prefix}byteorder"))?
+    {
         if order.trim_ascii() != b"little" {
             return Err(Error::Unsupported {
                 path: path.to_path_buf(),
@@ -71,11 +76,11 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         }
     }
 
-    let pkl_span = entry_span(path, &mut zip, bytes, &pkl_name)?
+    let pkl_span = entry_span(path, &mut zip, file_len, &pkl_name)?
         .ok_or_else(|| malformed(&pkl_name, "missing".into()))?;
-    let pkl = &bytes[pkl_span.offset as usize..(pkl_span.offset + pkl_span.len) as usize];
+    let pkl = read_span(path, &mut zip, &pkl_name, pkl_span)?;
     let unpickled =
-        pickle::unpickle(pkl).map_err(|e| pickle_error(path, &pkl_name, pkl_span, e))?;
+        pickle::unpickle(&pkl).map_err(|e| pickle_error(path, &pkl_name, pkl_span, e))?;
 
     let mut storages = Vec::with_capacity(unpickled.storages.len());
     let mut seen: HashMap<&str, ()> = HashMap::with_capacity(unpickled.storages.len());
@@ -87,7 +92,7 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
             ));
         }
         let entry = format!("{prefix}data/{}", s.key);
-        let span = entry_span(path, &mut zip, bytes, &entry)?.ok_or_else(|| {
+        let span = entry_span(path, &mut zip, file_len, &entry)?.ok_or_else(|| {
             malformed(
                 &entry,
                 "missing: data.pkl refers to a storage record the archive does not hold".into(),
@@ -127,10 +132,10 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
 
 /// The byte range of a stored (uncompressed, unencrypted) entry, checked to lie inside
 /// the file; `None` if the archive has no such entry.
-fn entry_span(
+fn entry_span<R: Read + Seek>(
     path: &Path,
-    zip: &mut ZipArchive<Cursor<&[u8]>>,
-    bytes: &[u8],
+    zip: &mut ZipArchive<R>,
+    file_len: u64,
     name: &str,
 ) -> Result<Option<EntrySpan>> {
     let Some(index) = zip.index_for_name(name) else {
@@ -174,27 +179,26 @@ fn entry_span(
         )));
     }
     match offset.checked_add(len) {
-        Some(end) if end <= bytes.len() as u64 => Ok(Some(EntrySpan { offset, len })),
+        Some(end) if end <= file_len => Ok(Some(EntrySpan { offset, len })),
         _ => Err(Error::Malformed {
             path: path.to_path_buf(),
             entry: name.to_string(),
             offset: Some(offset),
             message: format!(
-                "{len} bytes from byte {offset} run past the end of the file ({} bytes)",
-                bytes.len()
+                "{len} bytes from byte {offset} run past the end of the file ({file_len} bytes)"
             ),
         }),
     }
 }
 
 /// A short metadata entry (`byteorder`, `version`), at most 64 bytes.
-fn read_small_entry(
+fn read_small_entry<R: Read + Seek>(
     path: &Path,
-    zip: &mut ZipArchive<Cursor<&[u8]>>,
-    bytes: &[u8],
+    zip: &mut ZipArchive<R>,
+    file_len: u64,
     name: &str,
 ) -> Result<Option<Vec<u8>>> {
-    let Some(span) = entry_span(path, zip, bytes, name)? else {
+    let Some(span) = entry_span(path, zip, file_len, name)? else {
         return Ok(None);
     };
     if span.len > 64 {
@@ -204,9 +208,28 @@ fn read_small_entry(
             format!("{} bytes; expected a short word", span.len),
         ));
     }
-    Ok(Some(
-        bytes[span.offset as usize..(span.offset + span.len) as usize].to_vec(),
-    ))
+    read_span(path, zip, name, span).map(Some)
+}
+
+/// The bytes of an entry already checked to lie inside the file.
+fn read_span<R: Read + Seek>(
+    path: &Path,
+    zip: &mut ZipArchive<R>,
+    name: &str,
+    span: EntrySpan,
+) -> Result<Vec<u8>> {
+    let len = usize::try_from(span.len)
+        .map_err(|_| Error::malformed(path, name, format!("{} bytes is too large", span.len)))?;
+    let mut buf = vec![0u8; len];
+    let index = zip
+        .index_for_name(name)
+        .ok_or_else(|| Error::malformed(path, name, "missing"))?;
+    // entry_span checked the entry is stored (uncompressed, unencrypted): the raw bytes
+    // are the contents.
+    zip.by_index_raw(index)
+        .and_then(|mut entry| entry.read_exact(&mut buf).map_err(Into::into))
+        .map_err(|e| Error::malformed(path, name, format!("unreadable entry: {e}")))?;
+    Ok(buf)
 }
 
 fn pickle_error(path: &Path, entry: &str, span: EntrySpan, e: PickleError) -> Error {
