@@ -230,23 +230,10 @@ def test_non_contiguous_targets_and_sources(tmp_path: Path) -> None:
     assert model.c.data_ptr() == c_ptr
 
 
-def test_every_integer_and_float_dtype_bitwise(tmp_path: Path) -> None:
-    from conftest import random_tensor
+def test_every_dtype_bitwise(tmp_path: Path) -> None:
+    from conftest import ALL_DTYPES, random_tensor
 
-    dtypes = [
-        torch.bool,
-        torch.uint8,
-        torch.int8,
-        torch.int16,
-        torch.int32,
-        torch.int64,
-        torch.float16,
-        torch.bfloat16,
-        torch.float32,
-        torch.float64,
-        torch.complex64,
-        torch.float8_e4m3fn,
-    ]
+    dtypes = ALL_DTYPES
     sd = {f"t{i}": random_tensor((3, 5), dt, seed=i) for i, dt in enumerate(dtypes)}
     path = tmp_path / "dtypes.pth"
     torch.save(sd, path)
