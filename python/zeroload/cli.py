@@ -55,10 +55,8 @@ def _files(path: Path) -> Tuple[List[Path], Dict[str, Any] | None]:
     """The checkpoint files behind ``path`` and the shard index's metadata, if any."""
     from zeroload import _shards
 
-    resolved = _shards.resolve(path)
-    files = list(getattr(resolved, "files", resolved))
-    meta = getattr(resolved, "metadata", None) if getattr(resolved, "index", None) else None
-    return [Path(f) for f in files], meta
+    shard_set = _shards.resolve(path)
+    return shard_set.files, (shard_set.metadata if shard_set.index is not None else None)
 
 
 def _walk_tensors(obj: Any, prefix: str = "") -> Iterable[Tuple[str, Any]]:
@@ -103,7 +101,8 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
                 "format": ck.format,
                 "file_size": ck.file_size,
                 "metadata": ck.metadata,
-                "num_tensors": ck.num_tensors,
+                # Names, as listed below (a tied tensor saved under two names counts twice).
+                "num_tensors": len(flat) if flat is not None else ck.num_tensors,
                 "num_storages": ck.num_storages,
                 "storage_bytes": storage_bytes,
                 "flat": flat is not None,
@@ -112,7 +111,6 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
         if flat is not None:
             for name, ti in flat:
                 _storage, dtype, shape, _stride, _off, _rg = ck.tensor(ti)
-                dtype = dtype.rsplit(".", 1)[-1]
                 numel = 1
                 for d in shape:
                     numel *= int(d)
