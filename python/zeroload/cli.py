@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 __all__ = ["main"]
 
@@ -57,19 +57,6 @@ def _files(path: Path) -> Tuple[List[Path], Dict[str, Any] | None]:
 
     shard_set = _shards.resolve(path)
     return shard_set.files, (shard_set.metadata if shard_set.index is not None else None)
-
-
-def _walk_tensors(obj: Any, prefix: str = "") -> Iterable[Tuple[str, Any]]:
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _walk_tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _walk_tensors(v, f"{prefix}.{i}" if prefix else str(i))
 
 
 # --------------------------------------------------------------------------------------
@@ -125,9 +112,10 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
                 )
         else:
             import zeroload
+            from zeroload._compare import named_tensors
 
             obj = zeroload.load(f)
-            for name, t in _walk_tensors(obj):
+            for name, t in named_tensors(obj):
                 tensors.append(
                     {
                         "name": name,
@@ -426,7 +414,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         ref = _compare.make_reference(model, Path(tmp) / "reference.pt")
         del model
         size = ckpt.stat().st_size
-        print(f"saved {ckpt.name}: {_fmt_bytes(size)}; loading it 6 ways ...", file=sys.stderr)
+        count = len(args.methods or _compare.MODEL_METHODS)
+        print(
+            f"saved {ckpt.name}: {_fmt_bytes(size)}; loading it {count} ways ...",
+            file=sys.stderr,
+        )
         rows = _compare.compare_model(
             ckpt, cfg, device=device, methods=args.methods, reference=ref, workdir=tmp
         )
