@@ -182,17 +182,18 @@ def _load_state_dict(method: str, spec: Dict[str, Any], dev: Any) -> Any:
     return out
 
 
-def _flatten(obj: Any, prefix: str = "") -> Iterable[tuple]:
+def named_tensors(obj: Any, prefix: str = "") -> Iterable[tuple]:
+    """Every tensor in a nested structure of dicts, lists and tuples, as (dotted path, tensor)."""
     import torch
 
     if isinstance(obj, torch.Tensor):
         yield prefix, obj
     elif isinstance(obj, dict):
         for k, v in obj.items():
-            yield from _flatten(v, f"{prefix}.{k}" if prefix else str(k))
+            yield from named_tensors(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _flatten(v, f"{prefix}.{i}" if prefix else str(i))
+            yield from named_tensors(v, f"{prefix}.{i}" if prefix else str(i))
 
 
 def digest(obj: Any) -> str:
@@ -200,7 +201,7 @@ def digest(obj: Any) -> str:
     import torch
 
     h = hashlib.sha256()
-    for name, t in sorted(_flatten(obj), key=lambda kv: kv[0]):
+    for name, t in sorted(named_tensors(obj), key=lambda kv: kv[0]):
         t = t.detach()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
