@@ -31,6 +31,7 @@ from typing import Dict, List
 
 import numpy as np
 import torch
+
 from zeroload import _compare, _gptmodel
 
 MiB = 1 << 20

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from cpu_load import model_shapes, pth_from_safetensors, read_through, write_safetensors_streaming
+
 from zeroload import _compare, _gptmodel
 
 

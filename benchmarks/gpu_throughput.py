@@ -112,6 +112,7 @@ def main() -> int:
         print("gpu_throughput: no CUDA device available; nothing to measure (GPU figures open)")
         return 0
     import safetensors.torch
+
     import zeroload
 
     budget = None if args.staging_mb is None else args.staging_mb << 20

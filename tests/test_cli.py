@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 import zeroload
 from zeroload import cli
 from zeroload._gptmodel import GPTModel, config

@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-import zeroload
 from conftest import ALL_DTYPES, TiedNet, TinyNet, random_tensor, training_checkpoint
 from reference import assert_same, assert_sharing_same
+
+import zeroload
 from zeroload import _core, _device
 from zeroload._load_into import load_into
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import zeroload
 from conftest import ALL_DTYPES, TiedNet, TinyNet, random_tensor, training_checkpoint
 from reference import assert_same, assert_sharing_same
+
+import zeroload
 
 
 def save(tmp_path: Path, obj: object, name: str = "ckpt.pth") -> Path:

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-import zeroload
 from conftest import TiedNet, TinyNet
+
+import zeroload
 from zeroload._load_into import load_into
 
 FORMATS = ["pth", "safetensors"]

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zeroload
 from conftest import ALL_DTYPES, random_tensor
 from reference import assert_same
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+import zeroload
 
 # Every dtype both torch and safetensors can hold.
 ST_DTYPES = [

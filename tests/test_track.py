@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from zeroload._track import TrackResult, track
 
 MiB = 1 << 20

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+
 import zeroload
 from zeroload import _core, _device
 
