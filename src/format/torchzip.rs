@@ -34,6 +34,14 @@ pub fn parse<R: Read + Seek>(path: &Path, source: R, file_len: u64) -> Result<Pa
     };
     let mut zip = ZipArchive::new(source)
         .map_err(|e| malformed("zip directory", format!("not a readable zip archive: {e}")))?;
+    // The zip crate keeps one entry per name; readers disagree on which duplicate wins
+    // (first or last), so an archive that names an entry twice is ambiguous: refuse it.
+    if zip.has_duplicate_names() {
+        return Err(malformed(
+            "zip directory",
+            "the central directory lists an entry name twice; torch.save never does".into(),
+        ));
+    }
 
     // The archive name is the folder every record lives in (torch uses the file stem).
     let pkl_names: Vec<String> = zip

@@ -285,9 +285,18 @@ impl<'py> Converter<'_, 'py> {
                 let od = self.builder.call_method0("ordered_dict")?;
                 self.done[id] = Some(od.clone().unbind());
                 self.fill_mapping(&od, items, d)?;
-                for (name, value) in attrs {
-                    let value = self.convert(*value, d)?;
-                    od.setattr(name.as_str(), value)?;
+                // As torch's weights_only unpickler does (`inst.__dict__.update(state)`):
+                // plain instance attributes, never `setattr`, so a BUILD naming
+                // `__class__` or `__dict__` cannot change the object's type.
+                if !attrs.is_empty() {
+                    let dict = od
+                        .getattr("__dict__")
+                        .map_err(|e| self.error(format!("OrderedDict state: {e}")))?;
+                    for (name, value) in attrs {
+                        let value = self.convert(*value, d)?;
+                        dict.set_item(name.as_str(), value)
+                            .map_err(|e| self.error(format!("OrderedDict state {name:?}: {e}")))?;
+                    }
                 }
                 od.unbind()
             }
