@@ -9,7 +9,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyDict, PyFrozenSet, PyList, PySet, PyTu
 use pyo3::IntoPyObjectExt;
 
 use super::dlpack::{check_dims, DLPackView};
-use super::errors::CheckpointError;
+use super::errors::{catch_panic, CheckpointError};
 use crate::format::{Checkpoint, ObjId, Value};
 
 /// How deep containers may nest before the conversion refuses (a legitimate checkpoint
@@ -57,7 +57,11 @@ impl PyCheckpoint {
     /// Opens, maps and parses a checkpoint file (GIL released while parsing).
     #[staticmethod]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let inner = py.detach(|| Checkpoint::open(&path))?;
+        let inner = py.detach(|| {
+            catch_panic(&path, "opening and parsing it", || {
+                Checkpoint::open(&path).map_err(PyErr::from)
+            })
+        })?;
         Ok(PyCheckpoint {
             inner: Arc::new(inner),
         })
@@ -161,17 +165,9 @@ impl PyCheckpoint {
     /// and callables `storage(i)`, `parameter(tensor, requires_grad)`, `size(tuple)`,
     /// `device(str)`, `dtype(name)`, `ordered_dict()`, `counter(dict)`.
     fn build(&self, py: Python<'_>, builder: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
-        let graph = &self.inner.parsed.objects;
-        let mut conv = Converter {
-            py,
-            nodes: &graph.nodes,
-            builder,
-            tensors: builder.getattr("tensors")?,
-            done: (0..graph.nodes.len()).map(|_| None).collect(),
-            in_progress: vec![false; graph.nodes.len()],
-            path: self.inner.path.display().to_string(),
-        };
-        conv.convert(graph.root, 0)
+        catch_panic(&self.inner.path, "building its objects", || {
+            self.build_objects(py, builder)
+        })
     }
 
     fn __repr__(&self) -> String {
@@ -182,6 +178,23 @@ impl PyCheckpoint {
             self.num_tensors(),
             self.num_storages()
         )
+    }
+}
+
+impl PyCheckpoint {
+    fn build_objects(&self, py: Python<'_>, builder: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        let graph = &self.inner.parsed.objects;
+
+        let mut conv = Converter {
+            py,
+            nodes: &graph.nodes,
+            builder,
+            tensors: builder.getattr("tensors")?,
+            done: (0..graph.nodes.len()).map(|_| None).collect(),
+            in_progress: vec![false; graph.nodes.len()],
+            path: self.inner.path.display().to_string(),
+        };
+        conv.convert(graph.root, 0)
     }
 }
 

@@ -20,6 +20,7 @@ pyo3::create_exception!(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CheckpointError", m.py().get_type::<CheckpointError>())?;
     m.add("CudaError", m.py().get_type::<CudaError>())?;
+    m.add_function(pyo3::wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())
 }
 
@@ -53,5 +54,75 @@ impl From<Error> for PyErr {
             Error::InvalidArgument(_) => PyValueError::new_err(msg),
             Error::KeyNotFound { .. } => pyo3::exceptions::PyKeyError::new_err(msg),
         }
+    }
+}
+
+/// The message of a caught panic payload (`panic!` with a literal or a formatted string).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs `f`, turning a Rust panic into a `CheckpointError` naming `path` and `what` was
+/// being done, so no panic reaches Python as a `PanicException` (a `BaseException` that
+/// `except Exception` would not catch). Every entry point that parses or reads a file goes
+/// through this; a panic here is a zeroload bug, and the message says so.
+pub fn catch_panic<T>(
+    path: &std::path::Path,
+    what: &str,
+    f: impl FnOnce() -> PyResult<T>,
+) -> PyResult<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => Err(CheckpointError::new_err(panic_error_message(
+            path,
+            what,
+            payload.as_ref(),
+        ))),
+    }
+}
+
+fn panic_error_message(
+    path: &std::path::Path,
+    what: &str,
+    payload: &(dyn std::any::Any + Send),
+) -> String {
+    format!(
+        "{}: internal error while {what}: {} (the file may be hostile or corrupt; this is a \
+         zeroload bug, please report it)",
+        path.display(),
+        panic_message(payload)
+    )
+}
+
+/// Panics inside `catch_panic`: lets the test suite prove that a Rust panic comes out as
+/// a `CheckpointError`, not a `PanicException`. Private.
+#[pyfunction]
+pub fn _panic_for_tests(path: std::path::PathBuf) -> PyResult<()> {
+    catch_panic(&path, "testing the panic guard", || {
+        panic!("deliberate panic for the test suite")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_name_the_file_and_the_payload() {
+        let path = std::path::Path::new("/x/model.pth");
+        let caught = std::panic::catch_unwind(|| panic!("boom {}", 7)).unwrap_err();
+        let msg = panic_error_message(path, "parsing", caught.as_ref());
+        assert!(
+            msg.starts_with("/x/model.pth: internal error while parsing: boom 7"),
+            "{msg}"
+        );
+        let caught = std::panic::catch_unwind(|| panic!("literal")).unwrap_err();
+        assert_eq!(panic_message(caught.as_ref()), "literal");
+        let caught = std::panic::catch_unwind(|| std::panic::panic_any(5u8)).unwrap_err();
+        assert_eq!(panic_message(caught.as_ref()), "unknown panic");
     }
 }

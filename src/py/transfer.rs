@@ -6,6 +6,7 @@ use pyo3::prelude::*;
 
 use crate::error::Result;
 use crate::py::checkpoint::PyCheckpoint;
+use crate::py::errors::catch_panic;
 use crate::transfer::{self, cuda, host, CopyRequest, Outcome};
 
 /// Whether a CUDA driver is present and sees at least one device. Never raises.
@@ -40,7 +41,12 @@ fn to_requests(requests: Vec<(u64, u64, u64)>) -> Vec<CopyRequest> {
 
 /// Runs `copy` with the GIL released, handing it a progress function that calls
 /// `progress(done, total)` (and checks for signals) with the GIL held.
-fn run_copy<F>(py: Python<'_>, progress: Option<Py<PyAny>>, copy: F) -> PyResult<()>
+fn run_copy<F>(
+    py: Python<'_>,
+    path: &std::path::Path,
+    progress: Option<Py<PyAny>>,
+    copy: F,
+) -> PyResult<()>
 where
     F: FnOnce(transfer::ProgressFn<'_>) -> Result<Outcome> + Send,
 {
@@ -61,8 +67,8 @@ where
                 }
             })
         };
-        copy(&mut cb)
-    });
+        catch_panic(path, "copying from it", || Ok(copy(&mut cb)))
+    })?;
     match outcome {
         Ok(Outcome::Done) => Ok(()),
         Ok(Outcome::Cancelled) => Err(raised.unwrap_or_else(|| {
@@ -99,7 +105,8 @@ fn copy_to_cuda(
         direct,
         readers,
     };
-    run_copy(py, progress, move |cb| {
+    let path = inner.path.clone();
+    run_copy(py, &path, progress, move |cb| {
         // SAFETY: the Python caller (zeroload._device) passes `data_ptr()`s of tensors it
         // allocated on this device for exactly `nbytes` and keeps alive, untouched by any
         // other work, until this call returns; `copy_to_cuda` also checks each pointer is
@@ -124,7 +131,8 @@ fn copy_to_host(
     let inner = ckpt.inner.clone();
     drop(ckpt);
     let reqs = to_requests(requests);
-    run_copy(py, progress, move |cb| {
+    let path = inner.path.clone();
+    run_copy(py, &path, progress, move |cb| {
         // SAFETY: the caller's contract above (zeroload._load_into passes `data_ptr()`s
         // of live contiguous tensors it keeps referenced for the call, sized by their
         // `nbytes`); the plan rejects overlapping destinations and ranges outside the file.
