@@ -1,0 +1,191 @@
+//! Regression tests for hostile inputs found by the hostile suite and the fuzzers, run
+//! against the pure core (`cargo test --no-default-features`).
+
+use std::path::Path;
+
+use _core::format::{self, pickle};
+use _core::Error;
+
+/// A minimal stored (method 0) zip writer that, unlike the `zip` crate's, writes whatever
+/// it is told: duplicate names, flag bits, lying sizes.
+struct Entry<'a> {
+    name: &'a str,
+    data: &'a [u8],
+    flags: u16,
+    method: u16,
+}
+
+fn stored(name: &str, data: &[u8]) -> Entry<'static> {
+    Entry {
+        name: Box::leak(name.to_string().into_boxed_str()),
+        data: Box::leak(data.to_vec().into_boxed_slice()),
+        flags: 0,
+        method: 0,
+    }
+}
+
+fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+fn write_zip(entries: &[Entry<'_>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut central = Vec::new();
+    for e in entries {
+        let offset = out.len() as u32;
+        let (n, size, crc) = (e.name.len() as u16, e.data.len() as u32, crc32(e.data));
+        let common = |v: &mut Vec<u8>| {
+            v.extend_from_slice(&20u16.to_le_bytes()); // version needed
+            v.extend_from_slice(&e.flags.to_le_bytes());
+            v.extend_from_slice(&e.method.to_le_bytes());
+            v.extend_from_slice(&[0; 4]); // time, date
+            v.extend_from_slice(&crc.to_le_bytes());
+            v.extend_from_slice(&size.to_le_bytes());
+            v.extend_from_slice(&size.to_le_bytes());
+            v.extend_from_slice(&n.to_le_bytes());
+            v.extend_from_slice(&0u16.to_le_bytes()); // extra length
+        };
+        out.extend_from_slice(b"PK\x03\x04");
+        common(&mut out);
+        out.extend_from_slice(e.name.as_bytes());
+        out.extend_from_slice(e.data);
+
+        central.extend_from_slice(b"PK\x01\x02");
+        central.extend_from_slice(&20u16.to_le_bytes()); // version made by
+        common(&mut central);
+        central.extend_from_slice(&[0; 6]); // comment len, disk, internal attrs
+        central.extend_from_slice(&[0; 4]); // external attrs
+        central.extend_from_slice(&offset.to_le_bytes());
+        central.extend_from_slice(e.name.as_bytes());
+    }
+    let cd_start = out.len() as u32;
+    out.extend_from_slice(&central);
+    out.extend_from_slice(b"PK\x05\x06");
+    out.extend_from_slice(&[0; 4]); // disk numbers
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+    out.extend_from_slice(&(central.len() as u32).to_le_bytes());
+    out.extend_from_slice(&cd_start.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out
+}
+
+/// `{"w": <float32 tensor of 4 elements in storage "0">}`, protocol 2, as torch writes it.
+const STATE_DICT_PKL: &[u8] = b"\x80\x02}q\x00X\x01\x00\x00\x00wq\x01ctorch._utils\n\
+_rebuild_tensor_v2\nq\x02((X\x07\x00\x00\x00storageq\x03ctorch\nFloatStorage\nq\x04\
+X\x01\x00\x00\x000q\x05X\x03\x00\x00\x00cpuq\x06K\x04tq\x07QK\x00K\x04\x85q\x08K\x01\
+\x85q\x09\x89ccollections\nOrderedDict\nq\x0a)Rq\x0btq\x0cRq\x0ds.";
+
+fn torch_zip(extra: impl FnOnce(&mut Vec<Entry<'static>>)) -> Vec<u8> {
+    let mut entries = vec![
+        stored("archive/data.pkl", STATE_DICT_PKL),
+        stored("archive/byteorder", b"little"),
+        stored("archive/data/0", &[0u8; 16]),
+        stored("archive/version", b"3\n"),
+    ];
+    extra(&mut entries);
+    write_zip(&entries)
+}
+
+fn parse(bytes: &[u8]) -> Result<format::Parsed, Error> {
+    format::parse(Path::new("/hostile/model.pth"), bytes)
+}
+
+fn assert_malformed(r: Result<format::Parsed, Error>, needle: &str) {
+    match r {
+        Err(e @ (Error::Malformed { .. } | Error::Unsupported { .. })) => {
+            let msg = e.to_string();
+            assert!(msg.starts_with("/hostile/model.pth: "), "{msg}");
+            assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+        }
+        other => panic!("expected a refusal mentioning {needle:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn control_zip_parses() {
+    let p = parse(&torch_zip(|_| {})).expect("the hand-written zip is a valid checkpoint");
+    assert_eq!(p.storages.len(), 1);
+    assert_eq!(p.storages[0].nbytes, 16);
+    assert_eq!(p.tensors[0].shape, vec![4]);
+}
+
+#[test]
+fn duplicate_data_pkl_is_refused() {
+    // Found by tests/test_hostile.py: the zip crate keeps one entry per name, so a second
+    // `data.pkl` (which another reader might pick) was silently ignored.
+    let bytes = torch_zip(|e| e.push(stored("archive/data.pkl", b"\x80\x02N.")));
+    assert_malformed(parse(&bytes), "entry name twice");
+}
+
+#[test]
+fn duplicate_storage_record_is_refused() {
+    let bytes = torch_zip(|e| e.push(stored("archive/data/0", &[1u8; 16])));
+    assert_malformed(parse(&bytes), "entry name twice");
+}
+
+#[test]
+fn encrypted_and_compressed_records_are_refused() {
+    let bytes = torch_zip(|e| e[2].flags = 1);
+    assert_malformed(parse(&bytes), "encrypted");
+    let bytes = torch_zip(|e| e[2].method = 8);
+    assert_malformed(parse(&bytes), "compressed");
+}
+
+#[test]
+fn short_and_missing_records_are_refused() {
+    let bytes = torch_zip(|e| e[2] = stored("archive/data/0", &[0u8; 15]));
+    assert_malformed(parse(&bytes), "record holds 15 bytes");
+    let bytes = torch_zip(|e| {
+        e.remove(2);
+    });
+    assert_malformed(parse(&bytes), "missing");
+    let bytes = torch_zip(|e| e[1] = stored("archive/byteorder", b"big"));
+    assert_malformed(parse(&bytes), "only little-endian");
+}
+
+#[test]
+fn forbidden_globals_are_refused_by_the_vm() {
+    for body in [
+        &b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00true\x85R."[..],
+        b"\x80\x02cbuiltins\neval\nX\x01\x00\x00\x001\x85R.",
+        b"\x80\x02ccopyreg\n_reconstructor\n.",
+    ] {
+        match pickle::unpickle(body) {
+            Err(pickle::PickleError::Forbidden { .. }) => {}
+            other => panic!("{body:?}: expected Forbidden, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn huge_length_claims_fail_without_allocating() {
+    // BINUNICODE8 / BINBYTES8 claiming 2^62 bytes: refused from the length, not by an
+    // allocation failure (which would abort the process).
+    for op in [0x8du8, 0x8e, 0x96] {
+        let mut body = vec![0x80, 0x02, op];
+        body.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        body.extend_from_slice(b"abc.");
+        assert!(pickle::unpickle(&body).is_err(), "opcode {op:#x}");
+    }
+}
+
+#[test]
+fn deep_nesting_is_bounded() {
+    let mut body = vec![0x80, 0x02];
+    body.extend(std::iter::repeat_n(b'(', 100_000));
+    body.extend(std::iter::repeat_n(b'l', 100_000));
+    body.push(b'.');
+    assert!(pickle::unpickle(&body).is_err());
+}
