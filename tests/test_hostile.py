@@ -9,10 +9,13 @@ file the payloads try to create never appears).
 
 from __future__ import annotations
 
+import collections
+import io
 import json
 import os
 import pickle
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -642,3 +645,213 @@ def test_rust_panic_becomes_checkpoint_error(tmp_path: Path) -> None:
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not r["ok"] and r["ckpt"], r
     assert str(p) in r["msg"] and "deliberate panic" in r["msg"], r
+
+
+# ----------------------------------------------------------------------------- tensor and
+# storage metadata that lies (shape / stride / offset arithmetic, storage sizes, keys)
+
+
+class _Storage:
+    def __init__(self, key: str, numel: int) -> None:
+        self.key, self.numel = key, numel
+
+
+class _Tensor:
+    """Pickles as torch does: `_rebuild_tensor_v2(storage, offset, size, stride, ...)`."""
+
+    def __init__(self, storage: _Storage, offset: int, size: tuple, stride: tuple) -> None:
+        self.args = (storage, offset, size, stride, False, collections.OrderedDict())
+
+    def __reduce__(self) -> tuple:
+        return (torch._utils._rebuild_tensor_v2, self.args)
+
+
+class _TorchPickler(pickle.Pickler):
+    def persistent_id(self, obj: object) -> object:
+        if isinstance(obj, _Storage):
+            return ("storage", torch.FloatStorage, obj.key, "cpu", obj.numel)
+        return None
+
+
+def torch_pickle(obj: object) -> bytes:
+    buf = io.BytesIO()
+    _TorchPickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def test_tensor_metadata_lies(tmp_path: Path) -> None:
+    base = tmp_path / "base.pth"
+    torch.save({"w": torch.zeros(6)}, base)  # data/0 holds 24 bytes
+    six, big = _Storage("0", 6), 2**40
+    lies = {
+        "storage numel 2^62": _Tensor(_Storage("0", 2**62), 0, (2,), (1,)),
+        "storage bytes overflow u64": _Tensor(_Storage("0", 2**63 - 1), 0, (1,), (1,)),
+        "storage longer than its record": _Tensor(_Storage("0", 7), 0, (1,), (1,)),
+        "size past the storage": _Tensor(six, 0, (7,), (1,)),
+        "offset past the storage": _Tensor(six, 6, (1,), (1,)),
+        "shape product overflows": _Tensor(six, 0, (big, big), (big, 1)),
+        "offset overflows": _Tensor(six, 2**62, (1,), (1,)),
+        "stride overflows": _Tensor(six, 0, (2, 2), (2**62, 1)),
+        "negative stride": _Tensor(six, 5, (6,), (-1,)),
+        "negative size": _Tensor(six, 0, (-1,), (1,)),
+        "negative offset": _Tensor(six, -1, (1,), (1,)),
+        "100 dimensions": _Tensor(six, 0, (1,) * 100, (1,) * 100),
+        "sizes and strides differ in length": _Tensor(six, 0, (2, 3), (1,)),
+        "size 2^100": _Tensor(six, 0, (2**100,), (1,)),
+        "key escapes data/": _Tensor(_Storage("../../../etc/passwd", 1), 0, (1,), (1,)),
+        "key names data.pkl": _Tensor(_Storage("../data.pkl", 1), 0, (1,), (1,)),
+    }
+    cases = []
+    for i, (label, t) in enumerate(lies.items()):
+        p = rewrite_pickle(base, tmp_path / f"meta_{i}.pth", torch_pickle({"w": t}))
+        cases += [(label, p, "load"), (label + " (open)", p, "open")]
+    # One key, two sizes: the larger claim must still fit the record.
+    p = rewrite_pickle(
+        base,
+        tmp_path / "meta_two_sizes.pth",
+        torch_pickle(
+            {"a": _Tensor(six, 0, (6,), (1,)), "b": _Tensor(_Storage("0", 600), 0, (600,), (1,))}
+        ),
+    )
+    cases.append(("one key, two sizes", p, "load"))
+    check_failures(run_category(tmp_path, "tensor-metadata", cases))
+
+
+# ----------------------------------------------------------------------------- memo abuse
+# by copying, nesting through the memo, and values torch itself rejects
+
+
+def _memo_pickles() -> dict[str, bytes]:
+    p2 = b"\x80\x02"
+    # _codecs.encode of one memoized 64 KiB string, 20k times: 1.3 GB of copies from 100 KB.
+    encode = p2 + b"c_codecs\nencode\nq\x00" + uni("x" * 65536) + b"q\x01"
+    encode += uni("latin1") + b"q\x020]("
+    encode += b"h\x00h\x01h\x02\x86R" * 20_000 + b"e."
+    # OrderedDict(d) of one memoized 10k-item dict, 10k times.
+    od = p2 + b"ccollections\nOrderedDict\nq\x00}q\x01("
+    od += b"".join(b"J" + struct.pack("<i", i) + b"N" for i in range(10_000)) + b"u0]("
+    od += b"h\x00h\x01\x85R" * 10_000 + b"e."
+    # 100k nested dicts built through the memo (no MARK): {1: {1: {...}}}.
+    n = 100_000
+    nested = bytearray(p2 + b"}r\x00\x00\x00\x000")
+    for i in range(n):
+        nested += b"}K\x01j" + struct.pack("<I", i) + b"sr" + struct.pack("<I", i + 1) + b"0"
+    nested += b"j" + struct.pack("<I", n) + b"."
+    return {
+        "_codecs.encode of a memoized string 20k times": encode,
+        "OrderedDict copies of a memoized dict 10k times": od,
+        "100k nested dicts through the memo": bytes(nested),
+        "LONG_BINPUT 2^32-1 then GET of another index": p2
+        + b"Nr\xff\xff\xff\xff0j\xfe\xff\xff\xff.",
+        "GET with a 23-digit index": b"g99999999999999999999999\n.",
+        "decimal INT of 100k digits": b"I" + b"9" * 100_000 + b"\n.",
+        "cycle through a list": p2 + b"]q\x00h\x00a.",
+        # Valid pickle values that torch rejects when the objects are built: the builder's
+        # exception must come out as a CheckpointError naming the file.
+        "torch.device of an unknown type": p2 + call("torch", "device", uni("foo:0")) + b".",
+    }
+
+
+def test_memo_abuse_and_rejected_values(torch_zip: Path, tmp_path: Path) -> None:
+    cases = []
+    for i, (label, body) in enumerate(_memo_pickles().items()):
+        p = rewrite_pickle(torch_zip, tmp_path / f"memo_{i}.pth", body)
+        cases += [(label, p, "load"), (label + " (open)", p, "open")]
+    results = run_category(tmp_path, "memo", cases)
+    check_failures(results)
+    by_label = {r["label"]: r for r in results}
+    for label in [
+        "_codecs.encode of a memoized string 20k times",
+        "OrderedDict copies of a memoized dict 10k times",
+    ]:
+        assert "memo abuse" in by_label[label]["msg"], by_label[label]
+    device = by_label["torch.device of an unknown type"]
+    assert device["checkpoint_error"] and "torch.device" in device["msg"], device
+
+
+# ----------------------------------------------------------------------------- zip
+# directories that lie about their size and offsets
+
+
+def test_zip_directory_lies(torch_zip: Path, tmp_path: Path) -> None:
+    blob = write_zip(tmp_path / "zip_plain.pth", zip_entries(torch_zip)).read_bytes()
+    # Entry counts of 65535 (EOCD) and 2^62 (zip64 EOCD, when present).
+    counts = bytearray(blob)
+    e = counts.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", counts, e + 8, 0xFFFF, 0xFFFF)
+    z64 = counts.rfind(b"PK\x06\x06")
+    if z64 >= 0:
+        struct.pack_into("<QQ", counts, z64 + 24, 2**62, 2**62)
+    # A central directory offset and size past the end of the file.
+    cd = bytearray(blob)
+    struct.pack_into("<II", cd, e + 12, 0x7FFFFFFF, 0x7FFFFFFF)
+    # data/0's local header offset past the end of the file.
+    local = bytearray(blob)
+    pos = 0
+    while (pos := local.find(b"PK\x01\x02", pos)) >= 0:
+        (n,) = struct.unpack_from("<H", local, pos + 28)
+        if local[pos + 46 : pos + 46 + n].endswith(b"/data/0"):
+            struct.pack_into("<I", local, pos + 42, 0x7FFFFFF0)
+        pos += 4
+    cases = []
+    for label, data in [
+        ("entry counts 65535 and 2^62", counts),
+        ("central directory past the end", cd),
+        ("local header past the end", local),
+    ]:
+        p = write_bytes(tmp_path / f"ziplie_{len(cases)}.pth", bytes(data))
+        cases += [(label, p, "load"), (label + " (open)", p, "open")]
+    check_failures(run_category(tmp_path, "zip-directory-lies", cases))
+
+
+# ----------------------------------------------------------------------------- the mmap
+# hazard, as the README documents it
+
+MMAP_CHILD = r"""
+import json, os, sys
+import torch, zeroload
+
+path, how = sys.argv[1], sys.argv[2]
+handle = zeroload.open(path)
+t = handle.get_tensor("w")  # a copy-on-write view of the mapping
+os.truncate(path, 0)
+try:
+    if how == "reload":
+        zeroload.load(path)
+    else:
+        print(json.dumps({"touching": True}), flush=True)
+        t.sum()
+    print(json.dumps({"ok": True}))
+except BaseException as e:
+    print(json.dumps({"ok": False, "checkpoint_error": isinstance(e, zeroload.CheckpointError),
+                      "msg": str(e)}))
+"""
+
+
+def _mmap_child(tmp_path: Path, how: str) -> subprocess.CompletedProcess:
+    from safetensors.torch import save_file
+
+    p = tmp_path / "shrinking.safetensors"
+    save_file({"w": torch.ones(64 * 1024)}, p)  # 256 KiB: many pages past any new end
+    return subprocess.run(
+        [sys.executable, "-c", MMAP_CHILD, str(p), how], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_load_after_truncation_under_an_open_handle(tmp_path: Path) -> None:
+    # A new load maps the file afresh and sees it is short: an error, whatever other
+    # handles still have mapped.
+    proc = _mmap_child(tmp_path, "reload")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not r["ok"] and r["checkpoint_error"] and "shrinking" in r["msg"], r
+
+
+def test_mmap_hazard_is_as_documented(tmp_path: Path) -> None:
+    # README, "The mmap hazard": touching CPU tensors whose file was truncated under them
+    # raises SIGBUS, as with every mmap-based loader (GPU loads and load_into use pread and
+    # raise CheckpointError instead: test_truncated_while_open_copy_to_host). If the child
+    # starts surviving, the README section is out of date.
+    proc = _mmap_child(tmp_path, "touch")
+    assert '"touching"' in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == -signal.SIGBUS, (proc.returncode, proc.stdout, proc.stderr[-2000:])

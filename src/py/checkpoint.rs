@@ -227,6 +227,18 @@ impl<'py> Converter<'_, 'py> {
         CheckpointError::new_err(format!("{}: data.pkl: {message}", self.path))
     }
 
+    /// A builder call that failed on values from the file (`torch.device("foo:0")`, say):
+    /// a `CheckpointError` naming the file, caused by the original exception. What is not
+    /// an `Exception` (KeyboardInterrupt) passes unchanged.
+    fn builder_error(&self, what: &str, e: PyErr) -> PyErr {
+        if !e.is_instance_of::<pyo3::exceptions::PyException>(self.py) {
+            return e;
+        }
+        let err = self.error(format!("cannot make {what}: {e}"));
+        err.set_cause(self.py, Some(e));
+        err
+    }
+
     fn convert(&mut self, id: ObjId, depth: usize) -> PyResult<Py<PyAny>> {
         if let Some(Some(obj)) = self.done.get(id) {
             return Ok(obj.clone_ref(self.py));
@@ -295,7 +307,10 @@ impl<'py> Converter<'_, 'py> {
                 dict.into_any().unbind()
             }
             Value::OrderedDict { items, attrs } => {
-                let od = self.builder.call_method0("ordered_dict")?;
+                let od = self
+                    .builder
+                    .call_method0("ordered_dict")
+                    .map_err(|e| self.builder_error("an OrderedDict", e))?;
                 self.done[id] = Some(od.clone().unbind());
                 self.fill_mapping(&od, items, d)?;
                 // As torch's weights_only unpickler does (`inst.__dict__.update(state)`):
@@ -316,18 +331,31 @@ impl<'py> Converter<'_, 'py> {
             Value::Counter(items) => {
                 let dict = PyDict::new(py);
                 self.fill_mapping(dict.as_any(), items, d)?;
-                self.builder.call_method1("counter", (dict,))?.unbind()
+                self.builder
+                    .call_method1("counter", (dict,))
+                    .map_err(|e| self.builder_error("a Counter", e))?
+                    .unbind()
             }
             Value::Size(dims) => self
                 .builder
-                .call_method1("size", (PyTuple::new(py, dims)?,))?
+                .call_method1("size", (PyTuple::new(py, dims)?,))
+                .map_err(|e| self.builder_error(&format!("torch.Size({dims:?})"), e))?
                 .unbind(),
-            Value::Device(s) => self.builder.call_method1("device", (s,))?.unbind(),
+            Value::Device(s) => self
+                .builder
+                .call_method1("device", (s,))
+                .map_err(|e| self.builder_error(&format!("torch.device({s:?})"), e))?
+                .unbind(),
             Value::DType(dt) => self
                 .builder
-                .call_method1("dtype", (dt.torch_name(),))?
+                .call_method1("dtype", (dt.torch_name(),))
+                .map_err(|e| self.builder_error(&format!("torch.{}", dt.torch_name()), e))?
                 .unbind(),
-            Value::Storage(i) => self.builder.call_method1("storage", (*i,))?.unbind(),
+            Value::Storage(i) => self
+                .builder
+                .call_method1("storage", (*i,))
+                .map_err(|e| self.builder_error(&format!("storage #{i}"), e))?
+                .unbind(),
             Value::Tensor(i) => self.tensors.get_item(*i)?.unbind(),
             Value::Parameter {
                 tensor,
@@ -335,7 +363,8 @@ impl<'py> Converter<'_, 'py> {
             } => {
                 let t = self.convert(*tensor, d)?;
                 self.builder
-                    .call_method1("parameter", (t, *requires_grad))?
+                    .call_method1("parameter", (t, *requires_grad))
+                    .map_err(|e| self.builder_error("an nn.Parameter", e))?
                     .unbind()
             }
         };
