@@ -1,0 +1,106 @@
+"""Regenerates the committed seed corpora under fuzz/seeds/ (run from the repo root).
+
+Each seed is a tiny real file: torch.save zips, safetensors files, and the data.pkl
+pickles inside the zips (plus a few plain protocol-4 pickles). Keep them small: the
+fuzzers mutate faster on short inputs.
+"""
+
+import collections
+import io
+import os
+import pickle
+import zipfile
+
+import torch
+from safetensors.torch import save as st_save
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write(target, name, data):
+    d = os.path.join(HERE, "seeds", target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def torch_bytes(obj, **kw):
+    buf = io.BytesIO()
+    torch.save(obj, buf, **kw)
+    return buf.getvalue()
+
+
+def main():
+    torch.manual_seed(0)
+    w = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    lin = torch.nn.Linear(2, 2)
+    objs = {
+        "state_dict": lin.state_dict(),
+        "tied": {"a": w, "b": w, "t": w.t(), "row": w[1], "empty": torch.zeros(0)},
+        "dtypes": {
+            "bf16": torch.ones(2, dtype=torch.bfloat16),
+            "f8": torch.zeros(2, dtype=torch.float8_e4m3fn),
+            "u16": torch.zeros(2, dtype=torch.uint16),
+            "i8": torch.zeros(3, dtype=torch.int8),
+            "c64": torch.zeros(1, dtype=torch.complex64),
+            "b": torch.zeros(2, dtype=torch.bool),
+        },
+        "parameter": {"p": torch.nn.Parameter(torch.ones(2))},
+        "checkpoint": {
+            "epoch": 3,
+            "lr": 1e-3,
+            "name": "run",
+            "blob": b"\x00\xff",
+            "size": torch.Size([2, 3]),
+            "tup": (1, "a", None),
+            "nested": {"a": [1, 2.5], 7: "k"},
+            "big": 2**100,
+            "od": collections.OrderedDict(x=torch.ones(1, dtype=torch.float64)),
+            "dev": torch.device("cpu"),
+            "dt": torch.float16,
+            "expand": torch.ones(1).expand(3),
+        },
+    }
+    for name, obj in objs.items():
+        data = torch_bytes(obj)
+        write("torchzip", f"{name}.pth", data)
+        write("open_and_plan", f"{name}.pth", data)
+        z = zipfile.ZipFile(io.BytesIO(data))
+        (pkl,) = [n for n in z.namelist() if n.endswith("/data.pkl")]
+        write("pickle", f"{name}.pkl", z.read(pkl))
+    # Protocol 4 (FRAME, SHORT_BINUNICODE, MEMOIZE, STACK_GLOBAL) and plain containers.
+    write("pickle", "p4_tensors.pkl", _pkl(torch_bytes(objs["tied"], pickle_protocol=4)))
+    plain = {"a": [1, 2, (3, 4.5)], "b": {"c": None, "d": True}, "e": "s" * 3, "f": b"x"}
+    for proto in (0, 2, 4):
+        write("pickle", f"plain_p{proto}.pkl", pickle.dumps(plain, protocol=proto))
+    # Forbidden globals, so the VM's refusal paths are in the corpus.
+    write("pickle", "os_system.pkl", b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueq\x00\x85R.")
+
+    st = {
+        "small": {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(2)},
+        "dtypes": {
+            "bf16": torch.ones(2, dtype=torch.bfloat16),
+            "f8": torch.zeros(2, dtype=torch.float8_e5m2),
+            "i64": torch.zeros(1, dtype=torch.int64),
+            "bool": torch.zeros(3, dtype=torch.bool),
+            "empty": torch.zeros(0, 4),
+            "scalar": torch.tensor(1.5),
+        },
+    }
+    for name, tensors in st.items():
+        data = st_save(tensors, metadata={"format": "pt"} if name == "small" else None)
+        write("safetensors_header", f"{name}.safetensors", data)
+        write("open_and_plan", f"{name}.safetensors", data)
+        # The header alone, the other input shape of the safetensors_header target.
+        n = int.from_bytes(data[:8], "little")
+        write("safetensors_header", f"{name}.header", data[8 : 8 + n] + b"\x00" + data[8 + n :])
+
+
+def _pkl(zip_bytes):
+    z = zipfile.ZipFile(io.BytesIO(zip_bytes))
+    (pkl,) = [n for n in z.namelist() if n.endswith("/data.pkl")]
+    return z.read(pkl)
+
+
+if __name__ == "__main__":
+    main()
