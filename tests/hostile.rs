@@ -189,3 +189,62 @@ fn deep_nesting_is_bounded() {
     body.push(b'.');
     assert!(pickle::unpickle(&body).is_err());
 }
+
+/// A safetensors file with one tensor described by `info` (JSON) and `data`.
+fn safetensors_with(info: &str, data: &[u8]) -> Vec<u8> {
+    let header = format!("{{\"w\": {info}}}");
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+#[test]
+fn empty_tensors_with_sizes_torch_cannot_hold_are_refused() {
+    // Found by the hostile suite: an empty tensor's byte span is empty whatever its sizes,
+    // so [0, 2^63 + 5] passed validation and torch raised TypeError building it.
+    for shape in [
+        "[0, 9223372036854775813]",
+        "[18446744073709551615, 0]",
+        "[0, 4611686018427387904, 4]",
+    ] {
+        let info = format!("{{\"dtype\": \"F32\", \"shape\": {shape}, \"data_offsets\": [0, 0]}}");
+        assert_malformed(parse(&safetensors_with(&info, b"")), "int64");
+    }
+    // Sizes that fit stay loadable (torch accepts them).
+    let info =
+        "{\"dtype\": \"F32\", \"shape\": [0, 4611686018427387904], \"data_offsets\": [0, 0]}";
+    parse(&safetensors_with(info, b"")).unwrap();
+}
+
+#[test]
+fn negative_strides_are_refused_even_on_empty_tensors() {
+    let path = Path::new("neg.pth");
+    let base = format::Parsed {
+        format: format::Format::TorchZip,
+        storages: vec![format::Storage {
+            key: "0".into(),
+            location: "cpu".into(),
+            offset: 0,
+            nbytes: 24,
+        }],
+        tensors: vec![format::Tensor {
+            storage: 0,
+            dtype: _core::DType::F32,
+            shape: vec![0],
+            strides: vec![-1],
+            storage_offset: 0,
+            requires_grad: false,
+        }],
+        objects: format::ObjectGraph {
+            nodes: vec![format::Value::Tensor(0)],
+            root: 0,
+        },
+        metadata: None,
+    };
+    let e = format::validate(path, 100, &base).unwrap_err().to_string();
+    assert!(e.contains("neg.pth") && e.contains("negative"), "{e}");
+    let mut ok = base.clone();
+    ok.tensors[0].strides = vec![1];
+    format::validate(path, 100, &ok).unwrap();
+}

@@ -256,6 +256,13 @@ SAFETENSORS_LIES: dict[str, bytes] = {
         {"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}, b"\0" * 9
     ),
     "deeply nested JSON": st_file(b"{" + b'"a":[' * 100_000 + b"]" * 100_000 + b"}"),
+    # Empty, so no byte is out of bounds, but torch cannot hold the sizes (was a TypeError).
+    "empty tensor, size past int64": st_file(
+        {"w": {"dtype": "F32", "shape": [0, 2**63 + 5], "data_offsets": [0, 0]}}
+    ),
+    "empty tensor, sizes overflow int64 together": st_file(
+        {"w": {"dtype": "F32", "shape": [2**62, 0, 4], "data_offsets": [0, 0]}}
+    ),
 }
 
 
@@ -698,6 +705,7 @@ def test_tensor_metadata_lies(tmp_path: Path) -> None:
         "100 dimensions": _Tensor(six, 0, (1,) * 100, (1,) * 100),
         "sizes and strides differ in length": _Tensor(six, 0, (2, 3), (1,)),
         "size 2^100": _Tensor(six, 0, (2**100,), (1,)),
+        "empty, negative stride": _Tensor(six, 0, (0,), (-1,)),
         "key escapes data/": _Tensor(_Storage("../../../etc/passwd", 1), 0, (1,), (1,)),
         "key names data.pkl": _Tensor(_Storage("../data.pkl", 1), 0, (1,), (1,)),
     }

@@ -281,6 +281,26 @@ pub fn validate(path: &Path, file_len: u64, p: &Parsed) -> Result<()> {
                 format!("{} sizes but {} strides", t.shape.len(), t.strides.len()),
             ));
         }
+        // torch sizes and strides are int64, and torch refuses shapes whose product (zero
+        // sizes aside) overflows it, or negative strides, even for tensors with no
+        // elements, whose span below is empty whatever their sizes and strides.
+        let fits_torch = t.strides.iter().all(|&s| s >= 0)
+            && t.shape
+                .iter()
+                .try_fold(1i64, |acc, &d| {
+                    acc.checked_mul(i64::try_from(d).ok()?.max(1))
+                })
+                .is_some();
+        if !fits_torch {
+            return Err(bad(
+                format!("tensor #{i} (storage {:?})", storage.key),
+                format!(
+                    "shape {:?}, stride {:?}: sizes must fit in int64 together and strides \
+                     must not be negative",
+                    t.shape, t.strides
+                ),
+            ));
+        }
         match t.byte_span() {
             Some((_, end)) if end <= storage.nbytes => {}
             Some((_, end)) => {
