@@ -29,14 +29,32 @@ pub struct Mapping {
 
 impl Mapping {
     /// Opens and maps `path` copy-on-write.
+    ///
+    /// Only regular files: the file is opened non-blocking, so a FIFO planted under a
+    /// checkpoint's name is refused instead of blocking the open forever (O_NONBLOCK
+    /// changes nothing for regular files).
     pub fn open(path: &Path) -> Result<Arc<Mapping>> {
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
             return Err(Error::io(
                 path,
                 std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
             ));
+        }
+        if !meta.is_file() {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                entry: "file".into(),
+                what: "not a regular file (a FIFO, socket or device); checkpoints are read \
+                       from regular files"
+                    .into(),
+            });
         }
         let map = if meta.len() == 0 {
             None

@@ -248,3 +248,24 @@ fn negative_strides_are_refused_even_on_empty_tensors() {
     ok.tensors[0].strides = vec![1];
     format::validate(path, 100, &ok).unwrap();
 }
+
+#[test]
+fn fifos_and_devices_are_refused_without_blocking() {
+    // A FIFO under a checkpoint's name used to block `open` forever (no writer).
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("model.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let e = _core::mapping::Mapping::open(&fifo)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a regular file"),
+        "{e}"
+    );
+    let e = _core::mapping::Mapping::open(Path::new("/dev/null"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a regular file"), "{e}");
+}

@@ -607,6 +607,8 @@ def test_truncated_while_open_copy_to_host(
 def test_io_errors(tmp_path: Path) -> None:
     d = tmp_path / "dir.pth"
     d.mkdir()
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
     cases = [
         ("missing file", tmp_path / "nope.pth", "load"),
         ("missing file (open)", tmp_path / "nope.safetensors", "open"),
@@ -614,6 +616,9 @@ def test_io_errors(tmp_path: Path) -> None:
         ("one byte", write_bytes(tmp_path / "one.pth", b"P"), "load"),
         ("zip magic only", write_bytes(tmp_path / "pk.pth", b"PK\x03\x04" + b"\0" * 40), "load"),
         ("eocd only", write_bytes(tmp_path / "eocd.pth", b"PK\x05\x06" + b"\0" * 18), "load"),
+        ("a FIFO (used to block forever)", fifo, "load"),
+        ("a FIFO (open)", fifo, "open"),
+        ("a character device", Path("/dev/zero"), "load"),
     ]
     results = run_category(tmp_path, "io", cases)
     check_failures(results)
