@@ -55,6 +55,8 @@ def _read_index(index: Path) -> ShardSet:
         raise FileNotFoundError(f"{index}: no such file") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{index}: not a valid shard index (bad JSON: {e})") from None
+    except RecursionError:
+        raise CheckpointError(f"{index}: not a valid shard index (JSON nests too deeply)") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
