@@ -5,7 +5,6 @@ from os import PathLike
 from typing import Any, final
 
 __all__ = [
-    "_panic_for_tests",
     "Checkpoint",
     "CheckpointError",
     "CudaError",
@@ -90,5 +89,3 @@ def copy_to_host(
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> None: ...
-def _panic_for_tests(path: str) -> None:
-    """Panics inside the bindings' panic guard (tests prove it surfaces as CheckpointError)."""

@@ -20,7 +20,6 @@ pyo3::create_exception!(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CheckpointError", m.py().get_type::<CheckpointError>())?;
     m.add("CudaError", m.py().get_type::<CudaError>())?;
-    m.add_function(pyo3::wrap_pyfunction!(_panic_for_tests, m)?)?;
     Ok(())
 }
 
@@ -96,15 +95,6 @@ fn panic_error_message(
         path.display(),
         panic_message(payload)
     )
-}
-
-/// Panics inside `catch_panic`: lets the test suite prove that a Rust panic comes out as
-/// a `CheckpointError`, not a `PanicException`. Private.
-#[pyfunction]
-pub fn _panic_for_tests(path: std::path::PathBuf) -> PyResult<()> {
-    catch_panic(&path, "testing the panic guard", || {
-        panic!("deliberate panic for the test suite")
-    })
 }
 
 #[cfg(test)]
