@@ -847,3 +847,28 @@ def test_deeply_nested_shard_index(tmp_path: Path) -> None:
     index = tmp_path / "model.safetensors.index.json"
     index.write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
     check_failures(run_category(tmp_path, "index", [("nested index", index, "load")]))
+
+
+def test_shard_index_lies(tmp_path: Path) -> None:
+    # An index may only name shards beside it, and must be a JSON object with a weight_map
+    # of names to file names; anything else is refused before any shard is opened.
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes(b"not read")
+    bodies = {
+        "absolute shard path": {"weight_map": {"w": str(outside)}},
+        "shard path with ..": {"weight_map": {"w": "../outside.safetensors"}},
+        "weight_map not a dict": {"weight_map": ["w", "model.safetensors"]},
+        "weight_map values not str": {"weight_map": {"w": 3}},
+    }
+    cases = []
+    for i, (label, body) in enumerate(bodies.items()):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        index = d / "model.safetensors.index.json"
+        index.write_text(json.dumps(body))
+        cases += [(label, index, "load"), (label + " (directory)", d, "load")]
+    bad_json = tmp_path / "bad" / "model.safetensors.index.json"
+    bad_json.parent.mkdir()
+    bad_json.write_text('{"weight_map": {"w": ')
+    cases.append(("bad JSON", bad_json, "load"))
+    check_failures(run_category(tmp_path, "index_lies", cases))
