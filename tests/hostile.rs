@@ -269,3 +269,37 @@ fn fifos_and_devices_are_refused_without_blocking() {
         .to_string();
     assert!(e.contains("not a regular file"), "{e}");
 }
+
+#[test]
+fn files_truncated_after_mapping_give_errors_not_sigbus() {
+    // Opening maps the file, then parses it. Parsing reads with pread, so a file cut short
+    // in between is a clean error; reading those bytes through the map would be SIGBUS.
+    let dir = tempfile::tempdir().unwrap();
+    let info = "{\"dtype\": \"F32\", \"shape\": [4], \"data_offsets\": [0, 16]}";
+    let files = [
+        ("model.safetensors", safetensors_with(info, &[0u8; 16])),
+        ("model.pth", torch_zip(|_| {})),
+    ];
+    for (name, bytes) in files {
+        let path = dir.path().join(name);
+        // Cut points inside every structure parsing reads: the length prefix or zip
+        // signature, the JSON header or the local headers, and the zip's trailing directory.
+        for cut in [0, 3, 8, 12, 40, bytes.len() - 30, bytes.len() - 1] {
+            std::fs::write(&path, &bytes).unwrap();
+            let mapping = _core::mapping::Mapping::open(&path).unwrap();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .unwrap()
+                .set_len(cut as u64)
+                .unwrap();
+            let header_cut = name.ends_with(".pth") || cut < bytes.len() - 16;
+            match format::parse_mapped(&path, &mapping) {
+                Err(e) => assert!(e.to_string().contains(name), "{e}"),
+                // Only a cut inside a safetensors data section can go unnoticed here
+                // (the loader's reads of the data catch it later).
+                Ok(_) => assert!(!header_cut, "{name} cut at {cut} parsed"),
+            }
+        }
+    }
+}

@@ -182,13 +182,22 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     Ok(parsed)
 }
 
-/// `parse` for an open file. A torch zip is read with `pread` rather than through the map
-/// (see `Mapping::reader`), so parsing leaves the mapping untouched but for the first
-/// page; a safetensors header is one contiguous range at the start and is read in place.
+/// `parse` for an open file. Everything is read with `pread`, never through the map: a
+/// torch zip's scattered headers through `Mapping::reader` (faulting them in through the
+/// map would drag in tensor data around each one), a safetensors header as one read. So a
+/// file truncated while it is parsed gives an error rather than SIGBUS, and parsing leaves
+/// the mapping untouched.
 pub fn parse_mapped(path: &Path, mapping: &Mapping) -> Result<Parsed> {
-    let bytes = mapping.bytes();
-    let parsed = match detect(path, bytes)? {
-        Format::Safetensors => safetensors::parse(path, bytes)?,
+    let mut head = vec![0u8; mapping.len().min(DETECT_BYTES) as usize];
+    mapping.read_at(&mut head, 0)?;
+    let parsed = match detect(path, &head)? {
+        Format::Safetensors => {
+            let n = safetensors::header_len(path, &head, mapping.len())?;
+            // header_len bounds n by the file length and MAX_HEADER_LEN (100 MB).
+            let mut json = vec![0u8; n as usize];
+            mapping.read_at(&mut json, 8)?;
+            safetensors::parse_header(path, &json, mapping.len())?
+        }
         Format::TorchZip => {
             let reader = std::io::BufReader::with_capacity(4096, mapping.reader());
             torchzip::parse(path, reader, mapping.len())?
@@ -198,7 +207,11 @@ pub fn parse_mapped(path: &Path, mapping: &Mapping) -> Result<Parsed> {
     Ok(parsed)
 }
 
-/// Tells the format from the first bytes (never from the file name).
+/// How many leading bytes `detect` looks at, at most.
+const DETECT_BYTES: u64 = 512;
+
+/// Tells the format from the first bytes (never from the file name). `bytes` may be the
+/// whole file or its first `DETECT_BYTES`.
 pub fn detect(path: &Path, bytes: &[u8]) -> Result<Format> {
     if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
         return Ok(Format::TorchZip);

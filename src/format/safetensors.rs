@@ -3,23 +3,74 @@
 
 use std::path::Path;
 
-use safetensors::SafeTensors;
+use safetensors::tensor::Metadata;
 
 use super::{Format, ObjectGraph, Parsed, Storage, Tensor, Value};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 
-/// Parses a whole safetensors file. Tensors come out sorted by name, the order of
-/// `safetensors.safe_open(...).keys()`; each tensor is its own storage.
-pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
-    let (header_len, meta) = SafeTensors::read_metadata(bytes).map_err(|e| Error::Malformed {
+/// The largest header the `safetensors` crate (and so the Python package) accepts.
+pub const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// Reads the 8-byte little-endian header length at the start of `prefix` and checks that
+/// the header fits in a file of `file_len` bytes. Returns the header's length in bytes.
+pub fn header_len(path: &Path, prefix: &[u8], file_len: u64) -> Result<u64> {
+    let bad = |message: String| Error::Malformed {
         path: path.to_path_buf(),
         entry: "safetensors header".into(),
         offset: Some(0),
-        message: e.to_string(),
-    })?;
-    // read_metadata checked 8 + header_len + data_len == file length, so this cannot overflow.
-    let data_start = 8 + header_len as u64;
+        message,
+    };
+    let Some(first8) = prefix.get(..8) else {
+        return Err(bad(format!("the file is only {file_len} bytes long")));
+    };
+    let n = u64::from_le_bytes(first8.try_into().expect("8 bytes"));
+    if n > MAX_HEADER_LEN {
+        return Err(bad(format!(
+            "the header length prefix says {n} bytes, over the {MAX_HEADER_LEN}-byte limit"
+        )));
+    }
+    if n > file_len.saturating_sub(8) {
+        return Err(bad(format!(
+            "the header length prefix says {n} bytes but the file is only {file_len} bytes long"
+        )));
+    }
+    Ok(n)
+}
+
+/// Parses a whole safetensors file held in memory. Tensors come out sorted by name, the
+/// order of `safetensors.safe_open(...).keys()`; each tensor is its own storage.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
+    let n = header_len(path, bytes, bytes.len() as u64)?;
+    // header_len checked 8 + n <= bytes.len().
+    parse_header(path, &bytes[8..8 + n as usize], bytes.len() as u64)
+}
+
+/// Parses a safetensors header: `json` is the header after its 8-byte length prefix, in a
+/// file `file_len` bytes long. The data section is never read, so an open file can be
+/// parsed from the header alone, read with `pread`.
+pub fn parse_header(path: &Path, json: &[u8], file_len: u64) -> Result<Parsed> {
+    let bad = |message: String| Error::Malformed {
+        path: path.to_path_buf(),
+        entry: "safetensors header".into(),
+        offset: Some(8),
+        message,
+    };
+    let text = std::str::from_utf8(json).map_err(|e| bad(format!("not UTF-8: {e}")))?;
+    // Deserialising `Metadata` runs the crate's own checks: known dtypes, offsets that
+    // tile the data section in order, and byte sizes that match shape x dtype.
+    let meta: Metadata =
+        serde_json::from_str(text).map_err(|e| bad(format!("invalid header: {e}")))?;
+    let data_start = 8 + json.len() as u64;
+    let data_end = data_start.checked_add(meta.data_len() as u64);
+    if data_end != Some(file_len) {
+        return Err(bad(format!(
+            "the header's tensors take {} bytes after the header, but the file has {} \
+             (truncated, or trailing bytes)",
+            meta.data_len(),
+            file_len.saturating_sub(data_start)
+        )));
+    }
 
     let mut named: Vec<(String, &safetensors::tensor::TensorInfo)> =
         meta.tensors().into_iter().collect();
