@@ -303,3 +303,43 @@ fn files_truncated_after_mapping_give_errors_not_sigbus() {
         }
     }
 }
+
+#[test]
+fn parsing_an_open_file_agrees_with_parsing_its_bytes() {
+    // The fuzzers drive `format::parse` on bytes; `zeroload.load` runs `parse_mapped`,
+    // which reads the same structures with pread. Both must give the same answer, on real
+    // files and on corrupted ones (byte flips, truncations).
+    let dir = tempfile::tempdir().unwrap();
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/open_and_plan");
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut checked = 0;
+    for entry in std::fs::read_dir(seeds).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        let original = std::fs::read(entry.path()).unwrap();
+        let mut variants = vec![original.clone()];
+        for _ in 0..40 {
+            let mut flipped = original.clone();
+            let i = next() as usize % flipped.len();
+            flipped[i] ^= 1 << (next() % 8);
+            variants.push(flipped);
+            variants.push(original[..next() as usize % original.len()].to_vec());
+        }
+        let path = dir.path().join(&name);
+        for bytes in variants {
+            std::fs::write(&path, &bytes).unwrap();
+            let mapping = _core::mapping::Mapping::open(&path).unwrap();
+            let from_file = format::parse_mapped(&path, &mapping).map_err(|e| e.to_string());
+            let from_bytes = format::parse(&path, &bytes).map_err(|e| e.to_string());
+            assert_eq!(from_file, from_bytes, "{name}, {} bytes", bytes.len());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 7 * 81, "seeds missing: {checked} cases");
+}
