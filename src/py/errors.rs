@@ -115,4 +115,27 @@ mod tests {
         let caught = std::panic::catch_unwind(|| std::panic::panic_any(5u8)).unwrap_err();
         assert_eq!(panic_message(caught.as_ref()), "unknown panic");
     }
+
+    #[test]
+    fn a_panic_reaches_python_as_checkpoint_error_not_panic_exception() {
+        Python::initialize();
+        Python::attach(|py| {
+            let path = std::path::Path::new("/x/model.pth");
+            let err =
+                catch_panic::<()>(path, "parsing", || panic!("index out of bounds")).unwrap_err();
+            assert!(err.is_instance_of::<CheckpointError>(py), "{err}");
+            assert!(!err.is_instance_of::<pyo3::panic::PanicException>(py));
+            let msg = err.value(py).to_string();
+            assert!(msg.contains("/x/model.pth") && msg.contains("index out of bounds"));
+            // Errors pass through untouched.
+            let err = catch_panic::<()>(path, "parsing", || {
+                Err(pyo3::exceptions::PyKeyError::new_err("w"))
+            })
+            .unwrap_err();
+            assert!(
+                err.is_instance_of::<pyo3::exceptions::PyKeyError>(py),
+                "{err}"
+            );
+        });
+    }
 }
