@@ -33,8 +33,8 @@ use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::{sys, CudaContext};
 
 use super::{
-    pread_exact, staging_budget, truncated, CopyRequest, Outcome, Plan, PlanOptions, ProgressFn,
-    Reporter,
+    pread_at_least, pread_exact, staging_budget, CopyRequest, Outcome, Plan, PlanOptions,
+    ProgressFn, Reporter,
 };
 use crate::error::{Error, Result};
 use crate::mapping::Mapping;
@@ -400,37 +400,15 @@ unsafe fn read_chunk(
             Ok(0)
         }
         Source::Direct(f) => {
-            use std::os::unix::io::AsRawFd;
             let start = off / ALIGN * ALIGN;
             let end = (off + len).div_ceil(ALIGN) * ALIGN;
-            let want_end = off + len;
             let total = (end - start) as usize;
             debug_assert!(total <= cap);
-            let mut done = 0usize;
-            while start + (done as u64) < want_end {
-                // SAFETY: `done < total <= cap`, so the write stays in the slab; offset and
-                // buffer address (slab base is page-aligned, `done` a multiple of ALIGN
-                // until the final short read at end of file) meet O_DIRECT's alignment.
-                let n = unsafe {
-                    libc::pread(
-                        f.as_raw_fd(),
-                        slab.add(done).cast(),
-                        total - done,
-                        (start + done as u64) as libc::off_t,
-                    )
-                };
-                if n < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(Error::io(path, e));
-                }
-                if n == 0 {
-                    return Err(truncated(path, want_end));
-                }
-                done += n as usize;
-            }
+            // SAFETY: `total <= cap` (chunks are planned 2 * ALIGN shorter than a slab), so
+            // the reads stay in the slab, which is ours while we hold it. Slab base,
+            // `start` and `total` are multiples of ALIGN, as O_DIRECT wants; the span may
+            // end past the end of the file, and only the wanted bytes must be there.
+            unsafe { pread_at_least(f, path, slab, total, start, (off + len - start) as usize) }?;
             Ok((off - start) as usize)
         }
     }

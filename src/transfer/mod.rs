@@ -89,10 +89,33 @@ pub(crate) unsafe fn pread_exact(
     len: usize,
     offset: u64,
 ) -> Result<()> {
+    // SAFETY: forwarded contract.
+    unsafe { pread_at_least(file, path, dst, len, offset, len) }.map(|_| ())
+}
+
+/// Reads up to `cap` bytes at `offset` of `file` into `dst` with `pread`, retrying on
+/// `EINTR` and short reads until at least `need` bytes (`need <= cap`) are in; returns how
+/// many were read. End of file before `need` bytes is reported as truncation; after them
+/// it just ends the read (an `O_DIRECT` read of a whole aligned span may run past it).
+/// Each `pread` after the first starts where the previous one ended, so with `O_DIRECT`
+/// an aligned `dst`, `offset` and `cap` keep every read aligned.
+///
+/// # Safety
+/// `dst` must be valid for writes of `cap` bytes, and nothing else may read or write them
+/// during the call. The bytes need not be initialised.
+pub(crate) unsafe fn pread_at_least(
+    file: &File,
+    path: &Path,
+    dst: *mut u8,
+    cap: usize,
+    offset: u64,
+    need: usize,
+) -> Result<usize> {
+    debug_assert!(need <= cap);
     let fd = file.as_raw_fd();
     let mut done = 0usize;
-    while done < len {
-        let want = (len - done).min(1 << 30);
+    while done < need {
+        let want = (cap - done).min(1 << 30);
         let at = offset + done as u64;
         let Ok(at_off) = libc::off_t::try_from(at) else {
             return Err(Error::InvalidArgument(format!(
@@ -101,7 +124,7 @@ pub(crate) unsafe fn pread_exact(
             )));
         };
         // SAFETY: `dst + done .. dst + done + want` lies inside the caller's buffer (valid
-        // for writes of `len` bytes, exclusively ours for the call); pread writes at most
+        // for writes of `cap` bytes, exclusively ours for the call); pread writes at most
         // `want` bytes there.
         let n = unsafe { libc::pread(fd, dst.add(done).cast(), want, at_off) };
         if n < 0 {
@@ -112,11 +135,11 @@ pub(crate) unsafe fn pread_exact(
             return Err(Error::io(path, e));
         }
         if n == 0 {
-            return Err(truncated(path, offset + len as u64));
+            return Err(truncated(path, offset + need as u64));
         }
         done += n as usize;
     }
-    Ok(())
+    Ok(done)
 }
 
 pub(crate) fn truncated(path: &Path, end: u64) -> Error {
