@@ -1,5 +1,6 @@
 //! DLPack export of memory owned by Rust (a file mapping), both the versioned (>= 1.0)
-//! and the legacy layout. Hand-written `repr(C)` structs following dlpack.h 1.x.
+//! and the legacy layout, and the reading of tensors other producers hand us (the
+//! destinations of copies). Hand-written `repr(C)` structs following dlpack.h 1.x.
 //!
 //! Ownership: each exported tensor boxes a `Context` that holds an `Arc` of the owner (the
 //! mapping), the shape and the strides. The consumer calls `deleter` exactly once when it
@@ -19,6 +20,7 @@ pub struct DLDevice {
 }
 
 pub const DL_CPU: i32 = 1;
+pub const DL_CUDA: i32 = 2;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -181,9 +183,136 @@ pub unsafe fn free_legacy(p: *mut DLManagedTensor) {
     unsafe { delete_legacy(p) }
 }
 
+/// The memory a dense tensor from another producer occupies: what a copy may write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buffer {
+    /// DLPack device type (`DL_CPU`, `DL_CUDA`, ...) and ordinal.
+    pub device: (i32, i32),
+    /// Address of the first byte (`data + byte_offset`).
+    pub addr: u64,
+    /// Bytes from `addr` that belong to the tensor.
+    pub nbytes: u64,
+}
+
+/// The byte range a DLTensor covers, if it is dense: C-contiguous (absent strides, or
+/// row-major strides; dimensions of size 1 may have any stride), whole bytes per element
+/// and one lane. Anything else is refused with the reason.
+///
+/// # Safety
+/// `t` must point to a valid `DLTensor` whose `shape` (and `strides`, when not null) point
+/// to `ndim` readable `i64`s.
+pub unsafe fn dense_buffer(t: *const DLTensor) -> Result<Buffer, String> {
+    // SAFETY: caller's contract: `t` is a valid DLTensor.
+    let t = unsafe { &*t };
+    let ndim = usize::try_from(t.ndim).map_err(|_| format!("negative ndim {}", t.ndim))?;
+    let shape: &[i64] = if ndim == 0 {
+        &[]
+    } else {
+        // SAFETY: caller's contract: `shape` holds `ndim` i64s.
+        unsafe { std::slice::from_raw_parts(t.shape, ndim) }
+    };
+    let strides: Option<&[i64]> = if t.strides.is_null() || ndim == 0 {
+        None
+    } else {
+        // SAFETY: caller's contract: non-null `strides` holds `ndim` i64s.
+        Some(unsafe { std::slice::from_raw_parts(t.strides, ndim) })
+    };
+    if t.dtype.lanes != 1 || t.dtype.bits == 0 || t.dtype.bits % 8 != 0 {
+        return Err(format!(
+            "elements of {} bits x {} lanes are not whole bytes",
+            t.dtype.bits, t.dtype.lanes
+        ));
+    }
+    let mut numel: u64 = 1;
+    for &d in shape {
+        let d = u64::try_from(d).map_err(|_| format!("negative dimension in {shape:?}"))?;
+        numel = numel
+            .checked_mul(d)
+            .ok_or_else(|| format!("shape {shape:?} overflows"))?;
+    }
+    if let Some(strides) = strides {
+        let mut expected: i64 = 1;
+        for (&d, &s) in shape.iter().zip(strides).rev() {
+            if d != 1 && s != expected && numel != 0 {
+                return Err(format!(
+                    "not contiguous (shape {shape:?}, strides {strides:?})"
+                ));
+            }
+            expected = expected.saturating_mul(d);
+        }
+    }
+    let nbytes = numel
+        .checked_mul(u64::from(t.dtype.bits / 8))
+        .ok_or_else(|| format!("shape {shape:?} overflows"))?;
+    let addr = (t.data as u64)
+        .checked_add(t.byte_offset)
+        .ok_or_else(|| "data pointer plus byte_offset overflows".to_string())?;
+    Ok(Buffer {
+        device: (t.device.device_type, t.device.device_id),
+        addr,
+        nbytes,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn tensor(shape: &mut [i64], strides: Option<&mut [i64]>, bits: u8) -> DLTensor {
+        DLTensor {
+            data: 0x1000 as *mut c_void,
+            device: DLDevice {
+                device_type: DL_CUDA,
+                device_id: 3,
+            },
+            ndim: shape.len() as i32,
+            dtype: DLDataType {
+                code: 2,
+                bits,
+                lanes: 1,
+            },
+            shape: shape.as_mut_ptr(),
+            strides: strides.map_or(std::ptr::null_mut(), |s| s.as_mut_ptr()),
+            byte_offset: 16,
+        }
+    }
+
+    #[test]
+    fn dense_buffers_are_read_and_others_refused() {
+        let mut shape = [2, 3];
+        let t = tensor(&mut shape, None, 32);
+        // SAFETY: a valid DLTensor over live local arrays.
+        let b = unsafe { dense_buffer(&t) }.unwrap();
+        assert_eq!(
+            b,
+            Buffer {
+                device: (DL_CUDA, 3),
+                addr: 0x1010,
+                nbytes: 24
+            }
+        );
+
+        let (mut shape, mut strides) = ([2, 1, 3], [3, 99, 1]);
+        let t = tensor(&mut shape, Some(&mut strides), 16);
+        // SAFETY: as above.
+        assert_eq!(unsafe { dense_buffer(&t) }.unwrap().nbytes, 12);
+
+        let (mut shape, mut strides) = ([2, 3], [1, 2]);
+        let t = tensor(&mut shape, Some(&mut strides), 16);
+        // SAFETY: as above.
+        let e = unsafe { dense_buffer(&t) }.unwrap_err();
+        assert!(e.contains("not contiguous"), "{e}");
+
+        let mut shape = [5];
+        let t = tensor(&mut shape, None, 4);
+        // SAFETY: as above.
+        assert!(unsafe { dense_buffer(&t) }.is_err());
+
+        let mut shape = [-1];
+        let t = tensor(&mut shape, None, 8);
+        // SAFETY: as above.
+        assert!(unsafe { dense_buffer(&t) }.is_err());
+    }
 
     #[test]
     fn deleter_releases_the_owner() {

@@ -235,10 +235,11 @@ def test_o_direct_reads(tmp_path: Path) -> None:
     reqs = []
     for i in range(ckpt.num_storages):
         _, off, n, _ = ckpt.storage(i)
-        t = torch.empty(n, dtype=torch.uint8, device="cuda")
+        t = torch.empty(n, dtype=torch.uint8, device="cuda:0")
+        reqs.append((off, n, len(outs), 0))
         outs.append((off, n, t))
-        reqs.append((off, n, t.data_ptr()))
-    _core.copy_to_cuda(ckpt, reqs, 0, 2 << 20, None, direct=True)
+    with torch.cuda.device(0):
+        _core.copy_to_cuda(ckpt, [t for _, _, t in outs], reqs, 0, 2 << 20, None, direct=True)
     for off, n, t in outs:
         assert bytes(t.cpu().numpy()) == raw[off : off + n]
 
@@ -249,17 +250,17 @@ def test_bad_device_index(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=f"cuda:{n}"):
         zeroload.load(path, device=f"cuda:{n}")
     ckpt = _core.Checkpoint.open(str(path))
-    t = torch.empty(8, dtype=torch.uint8, device="cuda")
-    with pytest.raises(ValueError, match="does not exist"):
-        _core.copy_to_cuda(ckpt, [(0, 8, t.data_ptr())], n, None, None)
+    t = torch.empty(8, dtype=torch.uint8, device="cuda:0")
+    with pytest.raises(ValueError, match="not"):
+        _core.copy_to_cuda(ckpt, [t], [(0, 8, 0, 0)], n, None, None)
 
 
 def test_destination_pointers_are_checked(tmp_path: Path) -> None:
     path = save(tmp_path, {"x": torch.ones(64)})
     ckpt = _core.Checkpoint.open(str(path))
     host = torch.zeros(64, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="not memory of CUDA device"):
-        _core.copy_to_cuda(ckpt, [(0, 64, host.data_ptr())], 0, None, None)
+    with pytest.raises(ValueError, match="DLPack device"):
+        _core.copy_to_cuda(ckpt, [host], [(0, 64, 0, 0)], 0, None, None)
     assert torch.count_nonzero(host) == 0
 
 

@@ -581,7 +581,7 @@ key, offset, nbytes, _ = max(storages, key=lambda s: s[1])
 os.truncate(path, offset + nbytes // 2)
 dest = torch.empty(nbytes, dtype=torch.uint8)
 try:
-    _core.copy_to_host(ckpt, [(offset, nbytes, dest.data_ptr())])
+    _core.copy_to_host(ckpt, [dest], [(offset, nbytes, 0, 0)])
     print(json.dumps({"ok": True}))
 except BaseException as e:
     print(json.dumps({"ok": False, "checkpoint_error": isinstance(e, zeroload.CheckpointError),

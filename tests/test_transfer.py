@@ -27,8 +27,8 @@ def host_copy(
     ckpt: _core.Checkpoint, ranges: list[tuple[int, int]], **kw: object
 ) -> list[torch.Tensor]:
     bufs = [torch.zeros(n, dtype=torch.uint8) for _, n in ranges]
-    reqs = [(off, n, b.data_ptr()) for (off, n), b in zip(ranges, bufs) if n]
-    _core.copy_to_host(ckpt, reqs, **kw)  # type: ignore[arg-type]
+    reqs = [(off, n, j, 0) for j, (off, n) in enumerate(ranges) if n]
+    _core.copy_to_host(ckpt, bufs, reqs, **kw)  # type: ignore[arg-type]
     return bufs
 
 
@@ -63,9 +63,9 @@ def test_core_copy_to_cuda_without_cuda_is_an_exception_not_a_panic(
     path, _ = data_file
     ckpt = _core.Checkpoint.open(str(path))
     with pytest.raises(zeroload.CudaError, match="not available"):
-        _core.copy_to_cuda(ckpt, [(0, 8, 0x1000)], 0, None, None)
+        _core.copy_to_cuda(ckpt, [], [], 0, None, None)
     with pytest.raises(zeroload.CudaError):
-        _core.copy_to_cuda(ckpt, [(0, 8, 0x1000)], 0, 1 << 20, None, direct=True)
+        _core.copy_to_cuda(ckpt, [], [], 0, 1 << 20, None, direct=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
@@ -147,12 +147,32 @@ def test_copy_to_host_refuses_bad_requests(data_file: tuple[Path, bytes]) -> Non
     ckpt = _core.Checkpoint.open(str(path))
     buf = torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(ValueError, match="outside the file"):
-        _core.copy_to_host(ckpt, [(len(raw) - 10, 20, buf.data_ptr())])
+        _core.copy_to_host(ckpt, [buf], [(len(raw) - 10, 20, 0, 0)])
     with pytest.raises(ValueError, match="overlap"):
-        _core.copy_to_host(ckpt, [(0, 32, buf.data_ptr()), (100, 32, buf.data_ptr() + 16)])
+        _core.copy_to_host(ckpt, [buf], [(0, 32, 0, 0), (100, 32, 0, 16)])
     with pytest.raises(OverflowError):
-        _core.copy_to_host(ckpt, [(-1, 8, buf.data_ptr())])
+        _core.copy_to_host(ckpt, [buf], [(-1, 8, 0, 0)])
     assert torch.count_nonzero(buf) == 0
+
+
+def test_copy_to_host_writes_only_inside_its_destinations(data_file: tuple[Path, bytes]) -> None:
+    path, _ = data_file
+    ckpt = _core.Checkpoint.open(str(path))
+    backing = torch.zeros(96, dtype=torch.uint8)
+    buf = backing[16:80]  # a view: writes past it would land in `backing`
+    with pytest.raises(ValueError, match="past its end"):
+        _core.copy_to_host(ckpt, [buf], [(0, 8, 0, 60)])
+    with pytest.raises(ValueError, match="past its end"):
+        _core.copy_to_host(ckpt, [buf], [(0, 65, 0, 0)])
+    with pytest.raises(ValueError, match="destination #1"):
+        _core.copy_to_host(ckpt, [buf], [(0, 8, 1, 0)])
+    with pytest.raises(ValueError, match="not contiguous"):
+        _core.copy_to_host(ckpt, [backing.view(8, 12).t()], [(0, 8, 0, 0)])
+    with pytest.raises(ValueError, match="DLPack"):
+        _core.copy_to_host(ckpt, [bytearray(64)], [(0, 8, 0, 0)])
+    assert torch.count_nonzero(backing) == 0
+    _core.copy_to_host(ckpt, [buf], [(0, 64, 0, 0)])
+    assert torch.count_nonzero(backing[:16]) == 0 and torch.count_nonzero(backing[80:]) == 0
 
 
 def test_staging_budget_environment_variable_is_validated(
@@ -163,4 +183,4 @@ def test_staging_budget_environment_variable_is_validated(
     ckpt = _core.Checkpoint.open(str(path))
     monkeypatch.setenv("ZEROLOAD_STAGING_BYTES", "lots")
     with pytest.raises(ValueError, match="ZEROLOAD_STAGING_BYTES"):
-        _core.copy_to_cuda(ckpt, [(0, 8, 0x1000)], 0, None, None)
+        _core.copy_to_cuda(ckpt, [], [], 0, None, None)

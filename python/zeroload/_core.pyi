@@ -75,7 +75,8 @@ def cuda_device_count() -> int: ...
 def cuda_staging_allocated() -> tuple[int, int] | None: ...
 def copy_to_cuda(
     ckpt: Checkpoint,
-    requests: Sequence[tuple[int, int, int]],
+    destinations: Sequence[Any],
+    requests: Sequence[tuple[int, int, int, int]],
     device_index: int,
     budget: int | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -85,7 +86,8 @@ def copy_to_cuda(
 ) -> None: ...
 def copy_to_host(
     ckpt: Checkpoint,
-    requests: Sequence[tuple[int, int, int]],
+    destinations: Sequence[Any],
+    requests: Sequence[tuple[int, int, int, int]],
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> None: ...

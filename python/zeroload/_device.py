@@ -91,7 +91,8 @@ def materialize_storages(
     if budget is not None and budget <= 0:
         raise ValueError(f"budget must be a positive number of bytes, not {budget!r}")
     by_index: dict[int, torch.Tensor] = {}
-    requests: list[tuple[int, int, int]] = []
+    destinations: list[torch.Tensor] = []
+    requests: list[tuple[int, int, int, int]] = []
     for i in storages:
         if i in by_index:
             continue
@@ -99,10 +100,13 @@ def materialize_storages(
         t = torch.empty(nbytes, dtype=torch.uint8, device=dev)
         by_index[i] = t
         if nbytes:
-            requests.append((offset, nbytes, t.data_ptr()))
+            requests.append((offset, nbytes, len(destinations), 0))
+            destinations.append(t)
     if requests:
         # The caching allocator may hand out blocks freed by work still queued on the
         # current stream; our copies run on their own stream, so let that work finish.
         torch.cuda.current_stream(dev).synchronize()
-        _core.copy_to_cuda(ckpt, requests, dev.index, budget, progress)
+        # torch exports CUDA tensors through DLPack only on the current device.
+        with torch.cuda.device(dev):
+            _core.copy_to_cuda(ckpt, destinations, requests, dev.index, budget, progress)
     return [by_index[i] for i in storages]

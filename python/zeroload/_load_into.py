@@ -201,19 +201,23 @@ def _fill_in_place(
                     clash.update((a, b))
             for r in clash:
                 fallback.append(group.pop(r)[0])
-            requests = [(off, n, ptr) for (ptr, _), (_k, off, n) in group.items()]
-            if not requests:
+            if not group:
                 continue
+            # Each destination is the parameter's own tensor (detached: DLPack will not
+            # export tensors that require grad); the core reads its address and size.
+            dests = [targets[k].detach() for k, _off, _n in group.values()]
+            requests = [(off, n, j, 0) for j, (_k, off, n) in enumerate(group.values())]
             ckpt = entries[next(iter(group.values()))[0]].ckpt
             if dev.type == "cpu":
-                _core.copy_to_host(ckpt, requests, None, None)
+                _core.copy_to_host(ckpt, dests, requests, None, None)
             else:
                 from zeroload import _device
 
                 cuda = _device.cuda_device(dev)
                 # The parameters may be in use by queued kernels on any stream.
                 torch.cuda.synchronize(cuda)
-                _core.copy_to_cuda(ckpt, requests, cuda.index, None, None)
+                with torch.cuda.device(cuda):
+                    _core.copy_to_cuda(ckpt, dests, requests, cuda.index, None, None)
         if fallback:
             _copy_fallback(targets, entries, [k for k in names if k in set(fallback)], dtype)
 

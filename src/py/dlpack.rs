@@ -163,3 +163,42 @@ pub fn check_dims(shape: &[u64], strides: &[i64]) -> PyResult<(Vec<i64>, Vec<i64
         .collect::<PyResult<Vec<_>>>()?;
     Ok((shape, strides.to_vec()))
 }
+
+/// A tensor borrowed from another DLPack producer (torch) as a copy destination: where its
+/// bytes are, and the capsule that keeps them alive. Until the capsule is dropped the
+/// producer holds a reference to the tensor's memory (torch keeps the storage alive while
+/// any capsule of it exists), so the buffer stays valid however the caller's own
+/// references change.
+pub struct Borrowed {
+    pub buffer: dlpack::Buffer,
+    _capsule: Py<PyAny>,
+}
+
+/// Borrows `obj` (anything with `__dlpack__`, e.g. a torch tensor) as a copy destination.
+/// Only dense (C-contiguous) tensors are accepted; `what` names it in errors.
+pub fn borrow_dense(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Borrowed> {
+    let capsule = obj.call_method0("__dlpack__").map_err(|e| {
+        PyValueError::new_err(format!("{what} cannot be exported through DLPack: {e}"))
+    })?;
+    let raw = capsule.as_ptr();
+    // SAFETY: `raw` is a live object (we hold `capsule`); PyCapsule_IsValid accepts any
+    // object and only reads its type and name.
+    if unsafe { ffi::PyCapsule_IsValid(raw, NAME_LEGACY.as_ptr()) } != 1 {
+        return Err(PyValueError::new_err(format!(
+            "{what}: __dlpack__() did not return an unused \"dltensor\" capsule"
+        )));
+    }
+    // SAFETY: the capsule is valid with this name (checked above), so GetPointer returns
+    // its non-null pointer without raising.
+    let managed = unsafe { ffi::PyCapsule_GetPointer(raw, NAME_LEGACY.as_ptr()) }
+        .cast::<dlpack::DLManagedTensor>();
+    // SAFETY: a "dltensor" capsule holds a DLManagedTensor whose DLTensor the producer
+    // keeps valid (with its shape and strides arrays) until the deleter runs, which cannot
+    // happen before the capsule, which we hold, is destroyed.
+    let buffer = unsafe { dlpack::dense_buffer(&(*managed).dl_tensor) }
+        .map_err(|e| PyValueError::new_err(format!("{what}: {e}")))?;
+    Ok(Borrowed {
+        buffer,
+        _capsule: capsule.unbind(),
+    })
+}

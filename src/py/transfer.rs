@@ -2,10 +2,13 @@
 //! check for pending signals, so Ctrl-C works) re-acquires it on the calling thread only,
 //! at most once per `transfer::PROGRESS_STEP` bytes. An exception raised there cancels
 //! the copy and propagates unchanged.
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::dlpack::{DL_CPU, DL_CUDA};
 use crate::error::Result;
 use crate::py::checkpoint::PyCheckpoint;
+use crate::py::dlpack::{borrow_dense, Borrowed};
 use crate::py::errors::catch_panic;
 use crate::transfer::{self, cuda, host, CopyRequest, Outcome};
 
@@ -28,15 +31,53 @@ fn cuda_staging_allocated() -> Option<(u64, usize)> {
     cuda::staging_allocated()
 }
 
-fn to_requests(requests: Vec<(u64, u64, u64)>) -> Vec<CopyRequest> {
-    requests
+/// Borrows the destination tensors and turns `(file_offset, nbytes, destination,
+/// byte offset in it)` requests into absolute copy requests, refusing any that would
+/// write outside its destination. Each destination must live on `device` (a DLPack
+/// `(device_type, ordinal)`).
+fn destination_requests(
+    destinations: &Bound<'_, PyAny>,
+    requests: Vec<(u64, u64, usize, u64)>,
+    device: (i32, i32),
+) -> PyResult<(Vec<Borrowed>, Vec<CopyRequest>)> {
+    let mut borrowed = Vec::new();
+    for (i, d) in destinations.try_iter()?.enumerate() {
+        let b = borrow_dense(&d?, &format!("destination #{i}"))?;
+        if b.buffer.device != device {
+            return Err(PyValueError::new_err(format!(
+                "destination #{i} is on DLPack device {:?}, not {device:?}",
+                b.buffer.device
+            )));
+        }
+        borrowed.push(b);
+    }
+    let reqs = requests
         .into_iter()
-        .map(|(file_offset, nbytes, dest)| CopyRequest {
-            file_offset,
-            nbytes,
-            dest,
+        .map(|(file_offset, nbytes, dest, dest_offset)| {
+            let Some(b) = borrowed.get(dest) else {
+                return Err(PyValueError::new_err(format!(
+                    "copy request names destination #{dest}; there are {}",
+                    borrowed.len()
+                )));
+            };
+            if dest_offset
+                .checked_add(nbytes)
+                .is_none_or(|end| end > b.buffer.nbytes)
+            {
+                return Err(PyValueError::new_err(format!(
+                    "copy of {nbytes} bytes at byte {dest_offset} of destination #{dest} \
+                     would write past its end ({} bytes)",
+                    b.buffer.nbytes
+                )));
+            }
+            Ok(CopyRequest {
+                file_offset,
+                nbytes,
+                dest: b.buffer.addr + dest_offset,
+            })
         })
-        .collect()
+        .collect::<PyResult<Vec<_>>>()?;
+    Ok((borrowed, reqs))
 }
 
 /// Runs `copy` with the GIL released, handing it a progress function that calls
@@ -78,18 +119,21 @@ where
     }
 }
 
-/// Copies file bytes of `ckpt` to CUDA device memory. `requests`: `(file_offset, nbytes,
-/// device_ptr)`, each pointer the `data_ptr()` of a live tensor on `cuda:device_index`
-/// (checked best-effort). `budget`: pinned staging bytes (default `ZEROLOAD_STAGING_BYTES`
-/// or 256 MiB). `direct`: read with O_DIRECT where possible. Blocks until every copy has
-/// completed. Private: used by `zeroload._device`.
+/// Copies file bytes of `ckpt` into CUDA tensors on `cuda:device_index`.
+/// `destinations`: dense tensors (anything exporting DLPack) on that device; `requests`:
+/// `(file_offset, nbytes, destination index, byte offset in the destination)`, checked
+/// against the destination's size. `budget`: pinned staging bytes (default
+/// `ZEROLOAD_STAGING_BYTES` or 256 MiB). `direct`: read with O_DIRECT where possible.
+/// Blocks until every copy has completed; no other work may use the destinations
+/// meanwhile (torch's caller synchronises its streams first).
 #[pyfunction]
-#[pyo3(signature = (ckpt, requests, device_index, budget=None, progress=None, *, direct=false, readers=None))]
+#[pyo3(signature = (ckpt, destinations, requests, device_index, budget=None, progress=None, *, direct=false, readers=None))]
 #[allow(clippy::too_many_arguments)]
 fn copy_to_cuda(
     py: Python<'_>,
     ckpt: PyRef<'_, PyCheckpoint>,
-    requests: Vec<(u64, u64, u64)>,
+    destinations: &Bound<'_, PyAny>,
+    requests: Vec<(u64, u64, usize, u64)>,
     device_index: usize,
     budget: Option<u64>,
     progress: Option<Py<PyAny>>,
@@ -98,7 +142,9 @@ fn copy_to_cuda(
 ) -> PyResult<()> {
     let inner = ckpt.inner.clone();
     drop(ckpt);
-    let reqs = to_requests(requests);
+    let ordinal = i32::try_from(device_index)
+        .map_err(|_| PyValueError::new_err(format!("no CUDA device {device_index}")))?;
+    let (borrowed, reqs) = destination_requests(destinations, requests, (DL_CUDA, ordinal))?;
     let opts = cuda::CudaOptions {
         device: device_index,
         budget,
@@ -106,38 +152,46 @@ fn copy_to_cuda(
         readers,
     };
     let path = inner.path.clone();
-    run_copy(py, &path, progress, move |cb| {
-        // SAFETY: the Python caller (zeroload._device) passes `data_ptr()`s of tensors it
-        // allocated on this device for exactly `nbytes` and keeps alive, untouched by any
-        // other work, until this call returns; `copy_to_cuda` also checks each pointer is
-        // device memory of that device.
+    let r = run_copy(py, &path, progress, move |cb| {
+        // SAFETY: every destination range lies inside a dense CUDA tensor of this device
+        // (bounds checked above) that the DLPack capsules in `borrowed` keep alive until
+        // after this call; the plan refuses overlapping destinations and file ranges
+        // outside the file. That no other work touches the tensors during the copy is the
+        // caller's side of the contract, as for any in-place write to a tensor.
         unsafe { cuda::copy_to_cuda(&inner.mapping, &reqs, opts, cb) }
-    })
+    });
+    drop(borrowed);
+    r
 }
 
-/// Copies file bytes of `ckpt` into host memory. `requests`: `(file_offset, nbytes,
-/// host_ptr)`, each pointer the `data_ptr()` of a live, contiguous CPU tensor of at least
-/// `nbytes` bytes that nothing else touches during the call. Private: used by
-/// `zeroload._load_into`; a wrong pointer corrupts memory.
+/// Copies file bytes of `ckpt` into CPU tensors. `destinations`: dense CPU tensors
+/// (anything exporting DLPack); `requests`: `(file_offset, nbytes, destination index,
+/// byte offset in the destination)`, checked against the destination's size. Runs on
+/// `threads` reader threads (default: up to 8) with the GIL released.
 #[pyfunction]
-#[pyo3(signature = (ckpt, requests, threads=None, progress=None))]
+#[pyo3(signature = (ckpt, destinations, requests, threads=None, progress=None))]
 fn copy_to_host(
     py: Python<'_>,
     ckpt: PyRef<'_, PyCheckpoint>,
-    requests: Vec<(u64, u64, u64)>,
+    destinations: &Bound<'_, PyAny>,
+    requests: Vec<(u64, u64, usize, u64)>,
     threads: Option<usize>,
     progress: Option<Py<PyAny>>,
 ) -> PyResult<()> {
     let inner = ckpt.inner.clone();
     drop(ckpt);
-    let reqs = to_requests(requests);
+    let (borrowed, reqs) = destination_requests(destinations, requests, (DL_CPU, 0))?;
     let path = inner.path.clone();
-    run_copy(py, &path, progress, move |cb| {
-        // SAFETY: the caller's contract above (zeroload._load_into passes `data_ptr()`s
-        // of live contiguous tensors it keeps referenced for the call, sized by their
-        // `nbytes`); the plan rejects overlapping destinations and ranges outside the file.
+    let r = run_copy(py, &path, progress, move |cb| {
+        // SAFETY: every destination range lies inside a dense CPU tensor (bounds checked
+        // above) that the DLPack capsules in `borrowed` keep alive until after this call;
+        // the plan refuses overlapping destinations and file ranges outside the file.
+        // That no other thread touches the tensors during the copy is the caller's side
+        // of the contract, as for any in-place write to a tensor.
         unsafe { host::copy_to_host(&inner.mapping, &reqs, threads, cb) }
-    })
+    });
+    drop(borrowed);
+    r
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
