@@ -169,6 +169,7 @@ impl Class {
 #[derive(Clone, Debug)]
 struct Config {
     seed: u64,
+    min_delay_us: u64,
     max_delay_us: u64,
     devices: i32,
     /// Simulated link bandwidth per stream, bytes/s; 0 = unpaced.
@@ -185,6 +186,7 @@ impl Config {
     fn defaults() -> Config {
         Config {
             seed: 1,
+            min_delay_us: 0,
             max_delay_us: 200,
             devices: 2,
             link_bytes_per_s: 0.0,
@@ -198,6 +200,7 @@ impl Config {
         let mut c = Config::defaults();
         for key in [
             "seed",
+            "min_delay_us",
             "max_delay_us",
             "devices",
             "link_gbps",
@@ -213,11 +216,13 @@ impl Config {
         c
     }
 
-    /// Keys: `seed`, `max_delay_us`, `devices`, `link_gbps` (GB/s, 0 = unpaced),
+    /// Keys: `seed`, `min_delay_us`, `max_delay_us` (each stream operation waits a random
+    /// delay between the two), `devices`, `link_gbps` (GB/s, 0 = unpaced),
     /// `check_sources` (0/1), `backing` (0/1), `pinned_limit` (bytes, 0 = unlimited).
     fn set(&mut self, key: &str, v: f64) -> bool {
         match key {
             "seed" => self.seed = v as u64,
+            "min_delay_us" => self.min_delay_us = v as u64,
             "max_delay_us" => self.max_delay_us = v as u64,
             "devices" => self.devices = v as i32,
             "link_gbps" => self.link_bytes_per_s = v * 1e9,
@@ -689,16 +694,18 @@ fn worker(s: Arc<Stream>, seed: u64) {
             }
         };
         let Some(op) = op else { break };
-        let (max_delay, bps, check) = {
+        let (min_delay, max_delay, bps, check) = {
             let st = state();
             (
-                st.cfg.max_delay_us,
+                st.cfg.min_delay_us,
+                st.cfg.max_delay_us.max(st.cfg.min_delay_us),
                 st.cfg.link_bytes_per_s,
                 st.cfg.check_sources,
             )
         };
         if max_delay > 0 {
-            std::thread::sleep(Duration::from_micros(rng.next() % (max_delay + 1)));
+            let d = min_delay + rng.next() % (max_delay - min_delay + 1);
+            std::thread::sleep(Duration::from_micros(d));
         }
         let error = match op {
             Op::Copy {
