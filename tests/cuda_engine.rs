@@ -259,6 +259,7 @@ fn session() -> (MutexGuard<'static, ()>, &'static Fake) {
     f.config("max_delay_us", 100.0);
     f.config("pinned_limit", 0.0);
     f.config("check_sources", 1.0);
+    f.config("range_attributes", 1.0);
     (guard, f)
 }
 
@@ -999,7 +1000,7 @@ fn destinations_from_every_allocator_pass_and_bad_ones_are_refused() {
     let other = f.alloc(1, 4096, 0);
     let freed = f.alloc(0, 4096, 0);
     f.free(freed);
-    for (dest, n, what) in [
+    let bad = [
         (
             base + 2 * gran as u64 - 100,
             200,
@@ -1009,21 +1010,34 @@ fn destinations_from_every_allocator_pass_and_bad_ones_are_refused() {
         (host.as_ptr() as u64, 4096, "host memory"),
         (other, 4096, "memory of another device"),
         (freed, 4096, "freed memory"),
-    ] {
-        let req = [CopyRequest {
-            file_offset: 0,
-            nbytes: n,
-            dest,
-        }];
-        let (r, calls) = copy(&m, &req, o);
-        let e = r.unwrap_err();
-        assert!(matches!(e, Error::InvalidArgument(_)), "{what}: {e}");
-        assert!(
-            e.to_string().contains("not memory of CUDA device 0"),
-            "{what}: {e}"
-        );
-        assert!(calls.is_empty(), "{what}: refused before progress started");
+    ];
+    // A driver that reports no ranges: the check falls back to the first and last byte
+    // (which still catches each of these).
+    for ranges in [1.0, 0.0] {
+        f.config("range_attributes", ranges);
+        for (dest, n, what) in bad {
+            let req = [CopyRequest {
+                file_offset: 0,
+                nbytes: n,
+                dest,
+            }];
+            let (r, calls) = copy(&m, &req, o);
+            let e = r.unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{what}: {e}");
+            assert!(
+                e.to_string().contains("not memory of CUDA device 0"),
+                "{what}: {e}"
+            );
+            assert!(calls.is_empty(), "{what}: refused before progress started");
+        }
+        let (r, _) = copy(&m, &[span, pooled], o);
+        assert_eq!(r.unwrap(), Outcome::Done, "range attributes {ranges}");
     }
+    // A device that does not exist.
+    let (r, _) = copy(&m, &[span], CudaOptions { device: 8, ..o });
+    let e = r.unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    assert!(e.to_string().contains("cuda:0 to cuda:7"), "{e}");
     assert!(host.iter().all(|&b| b == 0));
     assert_eq!(f.read(alloc, 4096), vec![0u8; 4096]);
 

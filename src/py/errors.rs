@@ -119,7 +119,10 @@ mod tests {
             assert!(!err.is_instance_of::<CudaError>(py));
             assert!(!err.is_instance_of::<CheckpointError>(py));
             let msg = err.value(py).to_string();
-            assert!(msg.contains("boom") && msg.contains("bug in zeroload"), "{msg}");
+            assert!(
+                msg.contains("boom") && msg.contains("bug in zeroload"),
+                "{msg}"
+            );
             let err: PyErr = Error::CudaUnavailable("stub".into()).into();
             assert!(err.is_instance_of::<CudaError>(py));
         });

@@ -1050,13 +1050,58 @@ struct ReadJob {
     slab_bytes: usize,
     next: Arc<AtomicUsize>,
     abort: Arc<AtomicBool>,
-    free: Arc<Mutex<mpsc::Receiver<usize>>>,
+    free: Arc<FreeSlabs>,
     filled: mpsc::Sender<Result<Filled>>,
+}
+
+/// The slabs free for reading: a stack, so that the slab freed last (its pages warm in the
+/// caches and TLB) is read into first, and the ring's memory is walked only as far as the
+/// copies lag behind the reads. Closing it dismisses the readers waiting for a slab.
+struct FreeSlabs {
+    state: Mutex<(Vec<usize>, bool)>,
+    cv: Condvar,
+}
+
+impl FreeSlabs {
+    fn new(n: usize) -> FreeSlabs {
+        FreeSlabs {
+            state: Mutex::new(((0..n).rev().collect(), false)),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Waits for a free slab; `None` once closed.
+    fn take(&self) -> Option<usize> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.1 {
+                return None;
+            }
+            if let Some(slab) = st.0.pop() {
+                return Some(slab);
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn give(&self, slab: usize) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push(slab);
+        self.cv.notify_one();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
 }
 
 impl ReadJob {
     /// Takes chunks in file order, waits for a free slab, reads the chunk into it and hands
-    /// it over; stops at the end of the plan, on `abort`, when the free channel closes, or
+    /// it over; stops at the end of the plan, on `abort`, when the free slabs are closed, or
     /// after a read error (which it hands over).
     fn run(self) {
         while !self.abort.load(Ordering::Relaxed) {
@@ -1064,11 +1109,10 @@ impl ReadJob {
             let Some(c) = self.plan.chunks.get(chunk) else {
                 break;
             };
-            let slab = match self.free.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-                Ok(slab) => slab,
-                Err(_) => break, // the coordinator stopped
+            let Some(slab) = self.free.take() else {
+                break; // the coordinator stopped
             };
-            // SAFETY: slab `slab` was handed to this reader alone through the free channel
+            // SAFETY: slab `slab` was handed to this reader alone by the free stack
             // (its previous copies completed: the coordinator saw its marker complete),
             // and it is `slab_bytes` long; the coordinator keeps the slabs alive until
             // every reader has dropped this job.
@@ -1094,16 +1138,16 @@ impl ReadJob {
 /// a slab after the copy returns), on every path out of `pipeline`, unwinding included.
 struct StopReaders<'a> {
     abort: Arc<AtomicBool>,
-    free: Option<mpsc::Sender<usize>>,
+    free: Arc<FreeSlabs>,
     filled: &'a mpsc::Receiver<Result<Filled>>,
 }
 
 impl StopReaders<'_> {
-    /// Sets the flag and closes the free channel: a reader waiting for a slab wakes up and
+    /// Sets the flag and closes the free slabs: a reader waiting for a slab wakes up and
     /// leaves; one in the middle of a read leaves after it.
     fn stop(&mut self) {
         self.abort.store(true, Ordering::Relaxed);
-        self.free.take();
+        self.free.close();
     }
 }
 
@@ -1140,15 +1184,12 @@ pub(crate) unsafe fn pipeline<S: Stage>(
     if n_chunks == 0 {
         return Ok(Outcome::Done);
     }
-    let (free_tx, free_rx) = mpsc::channel::<usize>();
-    for i in 0..slab_ptrs.len() {
-        free_tx.send(i).expect("receiver alive");
-    }
+    let free = Arc::new(FreeSlabs::new(slab_ptrs.len()));
     let (filled_tx, filled_rx) = mpsc::channel::<Result<Filled>>();
     let abort = Arc::new(AtomicBool::new(false));
     let mut stop = StopReaders {
         abort: abort.clone(),
-        free: Some(free_tx),
+        free: free.clone(),
         filled: &filled_rx,
     };
     let job = ReadJob {
@@ -1158,7 +1199,7 @@ pub(crate) unsafe fn pipeline<S: Stage>(
         slab_bytes,
         next: Arc::new(AtomicUsize::new(0)),
         abort,
-        free: Arc::new(Mutex::new(free_rx)),
+        free,
         filled: filled_tx,
     };
     let dispatched = pool.dispatch(readers.max(1), &job);
@@ -1176,9 +1217,7 @@ pub(crate) unsafe fn pipeline<S: Stage>(
                 }
                 inflight.pop_front();
                 completed += 1;
-                if let Some(tx) = &stop.free {
-                    let _ = tx.send(slab);
-                }
+                stop.free.give(slab);
                 if !reporter.add(bytes) {
                     return Ok(Outcome::Cancelled);
                 }

@@ -46,6 +46,8 @@ DEFAULTS = {
     "check_sources": 1,
     "backing": 1,
     "pinned_limit": 0,
+    "range_attributes": 1,
+    "htod_memcpy": 1,
 }
 
 # Every class of finding the fake records (Class in src/lib.rs).
@@ -302,6 +304,7 @@ class FakeCuda:
 
     def current(self) -> int:
         ctx = ctypes.c_void_p()
+        self.call("cuInit", 0)
         self.call("cuCtxGetCurrent", ctypes.byref(ctx))
         return ctx.value or 0
 

@@ -180,6 +180,12 @@ struct Config {
     backing: bool,
     /// Most pinned bytes `cuMemHostAlloc` hands out; 0 = unlimited.
     pinned_limit: u64,
+    /// Report `CU_POINTER_ATTRIBUTE_RANGE_START_ADDR`/`_SIZE`; off, they read 0 (as a
+    /// driver that does not know the range might).
+    range_attributes: bool,
+    /// Without backing, a copy memcpys its source into a scratch buffer; off, it reads one
+    /// byte per page (a DMA engine's copy costs the host no CPU time).
+    htod_memcpy: bool,
 }
 
 impl Config {
@@ -193,6 +199,8 @@ impl Config {
             check_sources: true,
             backing: true,
             pinned_limit: 0,
+            range_attributes: true,
+            htod_memcpy: true,
         }
     }
 
@@ -207,6 +215,8 @@ impl Config {
             "check_sources",
             "backing",
             "pinned_limit",
+            "range_attributes",
+            "htod_memcpy",
         ] {
             let var = format!("FAKECUDA_{}", key.to_uppercase());
             if let Some(v) = std::env::var(&var).ok().and_then(|v| v.trim().parse().ok()) {
@@ -218,7 +228,8 @@ impl Config {
 
     /// Keys: `seed`, `min_delay_us`, `max_delay_us` (each stream operation waits a random
     /// delay between the two), `devices`, `link_gbps` (GB/s, 0 = unpaced),
-    /// `check_sources` (0/1), `backing` (0/1), `pinned_limit` (bytes, 0 = unlimited).
+    /// `check_sources` (0/1), `backing` (0/1), `pinned_limit` (bytes, 0 = unlimited),
+    /// `range_attributes` (0/1), `htod_memcpy` (0/1).
     fn set(&mut self, key: &str, v: f64) -> bool {
         match key {
             "seed" => self.seed = v as u64,
@@ -229,6 +240,8 @@ impl Config {
             "check_sources" => self.check_sources = v != 0.0,
             "backing" => self.backing = v != 0.0,
             "pinned_limit" => self.pinned_limit = v as u64,
+            "range_attributes" => self.range_attributes = v != 0.0,
+            "htod_memcpy" => self.htod_memcpy = v != 0.0,
             _ => return false,
         }
         true
@@ -478,6 +491,8 @@ static COPIES: AtomicU64 = AtomicU64::new(0);
 static BYTES: AtomicU64 = AtomicU64::new(0);
 static FINDINGS: AtomicU64 = AtomicU64::new(0);
 static STREAM_THREADS: AtomicU64 = AtomicU64::new(0);
+/// Time stream threads spent executing copies (pacing included), nanoseconds.
+static BUSY_NS: AtomicU64 = AtomicU64::new(0);
 
 fn state() -> MutexGuard<'static, State> {
     STATE
@@ -594,23 +609,9 @@ unsafe fn memcpy(dst: usize, src: usize, n: usize) {
 // ---------------------------------------------------------------------------------------
 
 enum Op {
-    Copy {
-        id: u64,
-        dst: u64,
-        len: usize,
-        /// The pinned source, kept alive until the copy ran.
-        src: Option<(usize, Arc<Pinned>)>,
-        /// The source as it was at enqueue: compared at execution (pinned sources), or the
-        /// data itself (unpinned sources, which the driver consumes at once).
-        snapshot: Option<Vec<u8>>,
-    },
-    Mark {
-        event: Arc<Event>,
-        gen: u64,
-    },
-    Free {
-        start: u64,
-    },
+    Copy(Copy),
+    Mark { event: Arc<Event>, gen: u64 },
+    Free { start: u64 },
 }
 
 struct Queue {
@@ -694,13 +695,14 @@ fn worker(s: Arc<Stream>, seed: u64) {
             }
         };
         let Some(op) = op else { break };
-        let (min_delay, max_delay, bps, check) = {
+        let (min_delay, max_delay, bps, check, full) = {
             let st = state();
             (
                 st.cfg.min_delay_us,
                 st.cfg.max_delay_us.max(st.cfg.min_delay_us),
                 st.cfg.link_bytes_per_s,
                 st.cfg.check_sources,
+                st.cfg.htod_memcpy,
             )
         };
         if max_delay > 0 {
@@ -708,24 +710,12 @@ fn worker(s: Arc<Stream>, seed: u64) {
             std::thread::sleep(Duration::from_micros(d));
         }
         let error = match op {
-            Op::Copy {
-                id,
-                dst,
-                len,
-                src,
-                snapshot,
-            } => run_copy(
-                &s,
-                id,
-                dst,
-                len,
-                src,
-                snapshot,
-                check,
-                bps,
-                &mut link_free,
-                &mut scratch,
-            ),
+            Op::Copy(c) => {
+                let t0 = Instant::now();
+                let e = run_copy(&s, c, (check, full, bps), &mut link_free, &mut scratch);
+                BUSY_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                e
+            }
             Op::Mark { event, gen } => {
                 event.done.fetch_max(gen, Ordering::SeqCst);
                 0
@@ -757,20 +747,38 @@ fn worker(s: Arc<Stream>, seed: u64) {
     STREAM_THREADS.fetch_sub(1, Ordering::SeqCst);
 }
 
-/// Executes one host-to-device copy on the stream's thread; returns an async error code.
-#[allow(clippy::too_many_arguments)]
-fn run_copy(
-    s: &Stream,
+/// A queued host-to-device copy.
+struct Copy {
     id: u64,
     dst: u64,
     len: usize,
+    /// The pinned source, kept alive until the copy ran.
     src: Option<(usize, Arc<Pinned>)>,
+    /// The source as it was at enqueue: compared at execution (pinned sources), or the
+    /// data itself (unpinned sources, which the driver consumes at once).
     snapshot: Option<Vec<u8>>,
-    check: bool,
-    bps: f64,
+    /// When it was queued: a paced link starts it then at the earliest.
+    queued: Instant,
+}
+
+/// Executes one host-to-device copy on the stream's thread; returns an async error code.
+/// `(check, full, bps)`: compare the source with its snapshot, memcpy it whole without
+/// backing, link bandwidth.
+fn run_copy(
+    s: &Stream,
+    c: Copy,
+    (check, full, bps): (bool, bool, f64),
     link_free: &mut Instant,
     scratch: &mut Vec<u8>,
 ) -> CUresult {
+    let Copy {
+        id,
+        dst,
+        len,
+        src,
+        snapshot,
+        queued,
+    } = c;
     let n = COPIES.fetch_add(1, Ordering::SeqCst) + 1;
     let pieces = {
         let mut st = state();
@@ -793,9 +801,12 @@ fn run_copy(
         }
     };
     if bps > 0.0 {
-        let now = Instant::now();
-        if *link_free < now {
-            *link_free = now;
+        // The link is busy from when the copy could start (queued, and the link free) for
+        // len / bandwidth; the thread then sleeps until that time. Late wake-ups of this
+        // thread do not idle the simulated link: a copy queued behind another starts when
+        // the other ends.
+        if *link_free < queued {
+            *link_free = queued;
         }
         *link_free += Duration::from_secs_f64(len as f64 / bps);
     }
@@ -838,7 +849,7 @@ fn run_copy(
                     // it); `from` holds `len` bytes: pinned source, scratch or snapshot.
                     unsafe { memcpy(sh.0.addr + p.off as usize, from + done, p.len as usize) }
                 }
-                None => {
+                None if full => {
                     // No backing (benchmarks): the DMA still reads every byte.
                     let k = p.len as usize;
                     if scratch.len() < k {
@@ -847,6 +858,14 @@ fn run_copy(
                     if scratch.as_ptr() as usize != from {
                         // SAFETY: scratch holds `k` bytes, `from + done` holds them too.
                         unsafe { memcpy(scratch.as_mut_ptr() as usize, from + done, k) };
+                    }
+                }
+                None => {
+                    // One byte per page: the source is still read, at no CPU cost.
+                    let mut b = 0u8;
+                    for off in (0..p.len as usize).step_by(PAGE) {
+                        // SAFETY: the byte lies in the source (`off < p.len`).
+                        unsafe { memcpy(&mut b as *mut u8 as usize, from + done + off, 1) };
                     }
                 }
             }
@@ -1683,13 +1702,14 @@ pub extern "C" fn cuMemcpyHtoDAsync_v2(
         } else {
             None
         };
-        s.push(Op::Copy {
+        s.push(Op::Copy(Copy {
             id,
             dst,
             len,
             src: pinned.map(|p| (addr, p)),
             snapshot,
-        });
+            queued: Instant::now(),
+        }));
         Ok(())
     })
 }
@@ -1993,6 +2013,15 @@ struct Attrs {
 }
 
 fn attrs_of(st: &State, p: u64) -> Attrs {
+    let mut a = attrs_with_range(st, p);
+    if !st.cfg.range_attributes {
+        a.range_start = 0;
+        a.range_size = 0;
+    }
+    a
+}
+
+fn attrs_with_range(st: &State, p: u64) -> Attrs {
     if let Some(r) = st.region_at(p) {
         // As a real driver: memory from cuMemAlloc belongs to the allocating (primary)
         // context; VMM mappings and pool allocations belong to no context. All are device
@@ -2234,7 +2263,8 @@ pub unsafe extern "C" fn fakecuda_calls(name: *const c_char) -> u64 {
 
 /// Counters: `streams`, `events`, `pinned`, `pinned_bytes`, `device_allocs` (cuMemAlloc
 /// and pool allocations), `mappings`, `reservations`, `handles`, `pending`, `copies`,
-/// `bytes_copied`, `findings`, `stream_threads`. Unknown names give `u64::MAX`.
+/// `bytes_copied`, `findings`, `stream_threads`, `busy_us` (time stream threads spent
+/// executing copies). Unknown names give `u64::MAX`.
 #[no_mangle]
 pub unsafe extern "C" fn fakecuda_stat(name: *const c_char) -> u64 {
     // SAFETY: caller passes a C string.
@@ -2264,6 +2294,7 @@ pub unsafe extern "C" fn fakecuda_stat(name: *const c_char) -> u64 {
         "bytes_copied" => BYTES.load(Ordering::SeqCst),
         "findings" => FINDINGS.load(Ordering::SeqCst),
         "stream_threads" => STREAM_THREADS.load(Ordering::SeqCst),
+        "busy_us" => BUSY_NS.load(Ordering::SeqCst) / 1000,
         _ => u64::MAX,
     }
 }
