@@ -1054,6 +1054,49 @@ fn destinations_from_every_allocator_pass_and_bad_ones_are_refused() {
     finish(f);
 }
 
+/// A progress callback that starts another copy, or frees the staging, on the copying
+/// thread gets an error instead of waiting for itself forever; the outer copy completes.
+#[test]
+fn a_copy_or_release_from_inside_a_copy_is_refused_not_deadlocked() {
+    let (_g, f) = session();
+    let (_d, m, data) = file_with(40 * MIB as usize, 37);
+    let dests = destinations(f, &[(0, 40 * MIB)]);
+    let inner = destinations(f, &[(5, 1000)]);
+    let (tx, rx) = mpsc::channel();
+    let (m2, reqs, inner_reqs) = (m.clone(), dests.reqs.clone(), inner.reqs.clone());
+    std::thread::spawn(move || {
+        fake().bind(0);
+        let mut errors = Vec::new();
+        let mut cb = |done: u64, _: u64| {
+            if done > 0 && errors.is_empty() {
+                errors.push(cuda::release_staging().map(|_| ()).unwrap_err().to_string());
+                let mut quiet = |_: u64, _: u64| true;
+                // SAFETY: a live device buffer sized to its request (never written here).
+                let r = unsafe {
+                    cuda::copy_to_cuda(&m2, &inner_reqs, opts(4 * MIB, 1, false), &mut quiet)
+                };
+                errors.push(r.unwrap_err().to_string());
+            }
+            true
+        };
+        // SAFETY: live device buffers sized to their requests.
+        let r = unsafe { cuda::copy_to_cuda(&m2, &reqs, opts(4 * MIB, 2, false), &mut cb) };
+        let _ = tx.send((r.map_err(|e| e.to_string()), errors));
+    });
+    let (r, errors) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("deadlocked");
+    assert_eq!(r.unwrap(), Outcome::Done);
+    assert_eq!(errors.len(), 2);
+    for e in errors {
+        assert!(e.contains("from inside a GPU load"), "{e}");
+    }
+    dests.check(f, &data, "outer copy");
+    dests.free(f);
+    inner.free(f);
+    finish(f);
+}
+
 /// Cancelling from the progress callback stops the copy, waits for what was queued, and
 /// leaves the engine ready for the next copy.
 #[test]

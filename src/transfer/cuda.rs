@@ -103,7 +103,7 @@ pub fn staging_allocated() -> Option<(u64, usize)> {
 /// something, the error names the call and the resource is kept to be freed next time.
 pub fn release_staging() -> Result<bool> {
     guarded(|| {
-        let mut staging = Staging::checkout();
+        let mut staging = Staging::checkout()?;
         staging.release()
     })
 }
@@ -617,6 +617,10 @@ static SLOT: Mutex<Slot> = Mutex::new(Slot {
     busy: false,
 });
 static SLOT_FREE: Condvar = Condvar::new();
+thread_local! {
+    /// Whether this thread has the staging resources checked out.
+    static HOLDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 static GEOMETRY: Mutex<Option<(u64, usize)>> = Mutex::new(None);
 static WARNING: Mutex<Option<String>> = Mutex::new(None);
 
@@ -626,13 +630,23 @@ struct StagingGuard(Option<Box<Staging>>);
 impl Staging {
     /// Waits until no other copy uses the staging resources and takes them. The lock is
     /// held only to take or give back, never while a copy runs or Python is called.
-    fn checkout() -> StagingGuard {
+    /// Refused on a thread that already has them (a progress callback starting another
+    /// GPU load, or freeing the staging, would otherwise wait for itself forever).
+    fn checkout() -> Result<StagingGuard> {
+        if HOLDING.with(|h| h.get()) {
+            return Err(Error::InvalidArgument(
+                "a GPU load, or release_staging(), was started from inside a GPU load on the \
+                 same thread (from its progress callback); finish the load first"
+                    .into(),
+            ));
+        }
         let mut slot = SLOT.lock().unwrap_or_else(|e| e.into_inner());
         while slot.busy {
             slot = SLOT_FREE.wait(slot).unwrap_or_else(|e| e.into_inner());
         }
         slot.busy = true;
-        StagingGuard(Some(slot.staging.take().unwrap_or_default()))
+        HOLDING.with(|h| h.set(true));
+        Ok(StagingGuard(Some(slot.staging.take().unwrap_or_default())))
     }
 
     /// A ring for `budget`, pinned in context `ctx` (bound by the caller) unless the
@@ -730,6 +744,7 @@ impl Drop for StagingGuard {
         slot.staging = staging;
         slot.busy = false;
         drop(slot);
+        HOLDING.with(|h| h.set(false));
         SLOT_FREE.notify_one();
     }
 }
@@ -941,7 +956,7 @@ unsafe fn copy_inner(
         if plan.chunks.is_empty() {
             return Ok(Outcome::Done);
         }
-        let mut guard = Staging::checkout();
+        let mut guard = Staging::checkout()?;
         let staging: &mut Staging = &mut guard;
         let ring = staging.ensure_ring(budget, ctx)?;
         let slab_bytes = ring.slab_bytes;
