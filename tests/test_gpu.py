@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import struct
 import threading
 from collections.abc import Iterator
@@ -230,8 +231,6 @@ def test_release_staging_frees_the_ring_and_the_next_load_works(tmp_path: Path) 
 
 
 def test_get_tensor_in_a_loop_starts_no_thread_per_tensor(tmp_path: Path) -> None:
-    import os
-
     sd = {f"t{i}": torch.randn(100 + i) for i in range(50)}
     path = tmp_path / "many.safetensors"
     safetensors.torch.save_file(sd, path)
