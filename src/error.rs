@@ -55,6 +55,11 @@ pub enum Error {
     #[error("CUDA is not available: {0}")]
     CudaUnavailable(String),
 
+    /// A bug in zeroload itself (a panic caught in our own code), with its message. Never
+    /// blamed on the file or the driver.
+    #[error("internal error: {0} (this is a bug in zeroload; please report it)")]
+    Internal(String),
+
     /// The caller asked for something impossible (a key that does not exist, a bad slice).
     #[error("{0}")]
     InvalidArgument(String),
@@ -91,4 +96,13 @@ impl Error {
             source,
         }
     }
+}
+
+/// The message of a caught panic payload (`panic!` with a literal or a formatted string).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
 }

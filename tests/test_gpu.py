@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import struct
 import threading
 from collections.abc import Iterator
@@ -120,7 +121,8 @@ def test_safetensors_file(tmp_path: Path) -> None:
     safetensors.torch.save_file(sd, path)
     ours = zeroload.load(path, device="cuda")
     ref = safetensors.torch.load_file(path, device="cuda")
-    assert list(ours) == list(ref)
+    with safetensors.safe_open(path, "pt") as f:  # load_file's dict has another order
+        assert list(ours) == list(f.keys())
     for k in ref:
         assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape
         assert torch.equal(ours[k].view(torch.uint8), ref[k].view(torch.uint8)), k
@@ -216,6 +218,60 @@ def test_small_budgets_and_many_chunks(tmp_path: Path, budget: int) -> None:
     assert_same(ours, ref)
     slab, n = _core.cuda_staging_allocated()
     assert n >= 2 and slab * n <= max(budget, 2 << 20)
+
+
+def test_release_staging_frees_the_ring_and_the_next_load_works(tmp_path: Path) -> None:
+    path = save(tmp_path, {"x": torch.randn(1 << 20)})
+    zeroload.load(path, device="cuda")
+    assert _core.cuda_staging_allocated() is not None
+    assert zeroload.release_staging() is True
+    assert _core.cuda_staging_allocated() is None
+    assert zeroload.release_staging() is False
+    check_against_torch(path)
+
+
+def test_get_tensor_in_a_loop_starts_no_thread_per_tensor(tmp_path: Path) -> None:
+    sd = {f"t{i}": torch.randn(100 + i) for i in range(50)}
+    path = tmp_path / "many.safetensors"
+    safetensors.torch.save_file(sd, path)
+    with zeroload.open(path, device="cuda") as f:
+        keys = f.keys()
+        f.get_tensor(keys[0])
+        tasks = len(os.listdir("/proc/self/task"))
+        for k in keys:
+            assert torch.equal(f.get_tensor(k).cpu(), sd[k]), k
+        assert len(os.listdir("/proc/self/task")) == tasks
+
+
+def test_concurrent_loads_and_staging_queries_all_finish(tmp_path: Path) -> None:
+    paths = [
+        save(tmp_path, {f"w{j}": torch.randn(1 << 18) for j in range(16)}, f"{i}.pth")
+        for i in range(2)
+    ]
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def load(p: Path) -> None:
+        try:
+            check_against_torch(p)
+        except BaseException as e:
+            errors.append(e)
+
+    def poll() -> None:
+        while not stop.is_set():
+            _core.cuda_staging_allocated()
+
+    threads = [threading.Thread(target=load, args=(p,)) for p in paths]
+    poller = threading.Thread(target=poll)
+    poller.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stop.set()
+    poller.join(30)
+    assert not any(t.is_alive() for t in [*threads, poller]), "hung"
+    assert not errors, errors
 
 
 def test_staging_env_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

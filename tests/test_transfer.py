@@ -69,6 +69,13 @@ def test_core_copy_to_cuda_without_cuda_is_an_exception_not_a_panic(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
+def test_release_staging_without_cuda_frees_nothing_and_does_not_raise() -> None:
+    assert zeroload.release_staging() is False
+    assert _core.cuda_staging_allocated() is None
+    assert "release_staging" in zeroload.__all__
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
 def test_load_into_live_cuda_module_needs_cuda(data_file: tuple[Path, bytes]) -> None:
     with pytest.raises(zeroload.CudaError):
         _device.cuda_device("cuda")

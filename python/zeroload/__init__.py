@@ -19,7 +19,7 @@ import torch
 
 from zeroload import _core, _shards, _torch
 from zeroload._core import CheckpointError, CudaError
-from zeroload._device import DeviceLike, parse_device
+from zeroload._device import DeviceLike, parse_device, release_staging
 from zeroload._torch import KeysFilter, MapLocation
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ __all__ = [
     "load",
     "load_into",
     "open",
+    "release_staging",
     "track",
 ]
 

@@ -1,11 +1,20 @@
 """Device handling and the GPU path: storages allocated by PyTorch's caching allocator,
 filled from the file by the Rust copy engine (pread -> pinned staging ring -> async HtoD).
+
+Everything this module asks of PyTorch's CUDA support goes through `backend` (a
+`CudaBackend`): which devices exist, allocating destination storage, synchronising
+before a copy, exporting destinations through DLPack. The real backend is `TorchCuda`.
+Tests without a GPU swap in one that allocates memory of a fake CUDA driver
+(tests/fakecuda) and hands the bytes back as CPU tensors, so that everything else on the
+path (the copy engine, view building, tied storages, dtype casts, progress,
+cancellation) runs for real.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Union
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ContextManager, Protocol, Union
 
 import torch
 
@@ -14,6 +23,79 @@ from zeroload import _core
 DeviceLike = Union[str, int, torch.device]
 
 Progress = Callable[[int, int], None]
+
+
+class CudaBackend(Protocol):
+    """What the GPU path needs from PyTorch's CUDA support."""
+
+    def unavailable(self) -> str | None:
+        """Why CUDA cannot be used (None: it can)."""
+
+    def device_count(self) -> int: ...
+
+    def current_device(self) -> int: ...
+
+    def empty(self, nbytes: int, device: torch.device) -> Any:
+        """A destination of `nbytes` bytes on `device` that exports DLPack."""
+
+    def synchronize(self, device: torch.device, *, all_streams: bool) -> None:
+        """Waits for work that may still use memory about to be written: the current
+        stream's (fresh allocations), or every stream's (existing parameters)."""
+
+    def exporting(self, device: torch.device) -> ContextManager[object]:
+        """The context in which destinations on `device` export DLPack."""
+
+    def finish(self, destination: Any) -> torch.Tensor:
+        """The tensor to hand out for a filled destination."""
+
+
+class TorchCuda:
+    """The real backend: PyTorch's CUDA caching allocator and streams."""
+
+    def unavailable(self) -> str | None:
+        if torch.cuda.is_available():
+            return None
+        if torch.version.cuda is None:
+            return "this PyTorch build has no CUDA support"
+        return "no CUDA driver or device is available (torch.cuda.is_available() is False)"
+
+    def device_count(self) -> int:
+        return torch.cuda.device_count()
+
+    def current_device(self) -> int:
+        return torch.cuda.current_device()
+
+    def empty(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+
+    def synchronize(self, device: torch.device, *, all_streams: bool) -> None:
+        if all_streams:
+            torch.cuda.synchronize(device)
+        else:
+            # The caching allocator may hand out blocks freed by work still queued on the
+            # current stream; our copies run on their own stream.
+            torch.cuda.current_stream(device).synchronize()
+
+    def exporting(self, device: torch.device) -> ContextManager[object]:
+        # torch exports CUDA tensors through DLPack only on the current device.
+        return torch.cuda.device(device)
+
+    def finish(self, destination: torch.Tensor) -> torch.Tensor:
+        return destination
+
+
+backend: CudaBackend = TorchCuda()
+
+
+@contextlib.contextmanager
+def using_backend(b: CudaBackend) -> Iterator[CudaBackend]:
+    """Uses `b` for the GPU path inside the block (a test seam)."""
+    global backend
+    previous, backend = backend, b
+    try:
+        yield b
+    finally:
+        backend = previous
 
 
 def parse_device(device: DeviceLike | None) -> torch.device:
@@ -48,15 +130,11 @@ def cuda_device(device: DeviceLike) -> torch.device:
     dev = parse_device(device)
     if dev.type != "cuda":
         raise ValueError(f"not a CUDA device: {dev}")
-    if not torch.cuda.is_available():
-        reason = (
-            "this PyTorch build has no CUDA support"
-            if torch.version.cuda is None
-            else "no CUDA driver or device is available (torch.cuda.is_available() is False)"
-        )
+    reason = backend.unavailable()
+    if reason is not None:
         raise _core.CudaError(f"cannot load to {dev}: {reason}")
-    count = torch.cuda.device_count()
-    index = torch.cuda.current_device() if dev.index is None else dev.index
+    count = backend.device_count()
+    index = backend.current_device() if dev.index is None else dev.index
     if not 0 <= index < count:
         raise ValueError(
             f"cannot load to cuda:{index}: there {'is' if count == 1 else 'are'} {count} "
@@ -90,23 +168,50 @@ def materialize_storages(
     dev = cuda_device(device)
     if budget is not None and budget <= 0:
         raise ValueError(f"budget must be a positive number of bytes, not {budget!r}")
-    by_index: dict[int, torch.Tensor] = {}
-    destinations: list[torch.Tensor] = []
+    by_index: dict[int, Any] = {}
+    destinations: list[Any] = []
     requests: list[tuple[int, int, int, int]] = []
     for i in storages:
         if i in by_index:
             continue
         _key, offset, nbytes, _location = ckpt.storage(i)
-        t = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+        t = backend.empty(nbytes, dev)
         by_index[i] = t
         if nbytes:
             requests.append((offset, nbytes, len(destinations), 0))
             destinations.append(t)
     if requests:
-        # The caching allocator may hand out blocks freed by work still queued on the
-        # current stream; our copies run on their own stream, so let that work finish.
-        torch.cuda.current_stream(dev).synchronize()
-        # torch exports CUDA tensors through DLPack only on the current device.
-        with torch.cuda.device(dev):
+        backend.synchronize(dev, all_streams=False)
+        with backend.exporting(dev):
             _core.copy_to_cuda(ckpt, destinations, requests, dev.index, budget, progress)
-    return [by_index[i] for i in storages]
+    finished = {i: backend.finish(t) for i, t in by_index.items()}
+    return [finished[i] for i in storages]
+
+
+def copy_into(
+    ckpt: _core.Checkpoint,
+    destinations: Sequence[Any],
+    requests: Sequence[tuple[int, int, int, int]],
+    device: torch.device,
+) -> None:
+    """Copies file bytes straight into existing CUDA tensors (`load_into` on a model whose
+    parameters live on the GPU): `requests` are `(file_offset, nbytes, destination index,
+    byte offset in it)`."""
+    dev = cuda_device(device)
+    # The parameters may be in use by queued kernels on any stream.
+    backend.synchronize(dev, all_streams=True)
+    with backend.exporting(dev):
+        _core.copy_to_cuda(ckpt, list(destinations), list(requests), dev.index, None, None)
+
+
+def release_staging() -> bool:
+    """Free the pinned host memory (and the CUDA stream, events and reader threads) that
+    GPU loads keep between calls.
+
+    GPU loads stage file bytes through a ring of pinned host buffers (`staging_bytes`,
+    default 256 MiB) that is allocated on the first load and reused by the next ones,
+    because pinning memory is slow. Call this when you are done loading to give that
+    memory back; the next GPU load allocates it again. Waits for a load running in another
+    thread. Returns True if there was anything to free.
+    """
+    return _core.release_staging()

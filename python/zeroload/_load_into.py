@@ -213,11 +213,7 @@ def _fill_in_place(
             else:
                 from zeroload import _device
 
-                cuda = _device.cuda_device(dev)
-                # The parameters may be in use by queued kernels on any stream.
-                torch.cuda.synchronize(cuda)
-                with torch.cuda.device(cuda):
-                    _core.copy_to_cuda(ckpt, dests, requests, cuda.index, None, None)
+                _device.copy_into(ckpt, dests, requests, dev)
         if fallback:
             _copy_fallback(targets, entries, [k for k in names if k in set(fallback)], dtype)
 

@@ -50,20 +50,14 @@ impl From<Error> for PyErr {
                 CheckpointError::new_err(msg)
             }
             Error::Cuda { .. } | Error::CudaUnavailable(_) => CudaError::new_err(msg),
+            Error::Internal(_) => PyRuntimeError::new_err(msg),
             Error::InvalidArgument(_) => PyValueError::new_err(msg),
             Error::KeyNotFound { .. } => pyo3::exceptions::PyKeyError::new_err(msg),
         }
     }
 }
 
-/// The message of a caught panic payload (`panic!` with a literal or a formatted string).
-pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
+pub use crate::error::panic_message;
 
 /// Runs `f`, turning a Rust panic into a `CheckpointError` naming `path` and `what` was
 /// being done, so no panic reaches Python as a `PanicException` (a `BaseException` that
@@ -114,6 +108,24 @@ mod tests {
         assert_eq!(panic_message(caught.as_ref()), "literal");
         let caught = std::panic::catch_unwind(|| std::panic::panic_any(5u8)).unwrap_err();
         assert_eq!(panic_message(caught.as_ref()), "unknown panic");
+    }
+
+    #[test]
+    fn internal_errors_are_runtime_errors_not_blamed_on_the_file_or_driver() {
+        Python::initialize();
+        Python::attach(|py| {
+            let err: PyErr = Error::Internal("a reader thread panicked: boom".into()).into();
+            assert!(err.is_instance_of::<PyRuntimeError>(py), "{err}");
+            assert!(!err.is_instance_of::<CudaError>(py));
+            assert!(!err.is_instance_of::<CheckpointError>(py));
+            let msg = err.value(py).to_string();
+            assert!(
+                msg.contains("boom") && msg.contains("bug in zeroload"),
+                "{msg}"
+            );
+            let err: PyErr = Error::CudaUnavailable("stub".into()).into();
+            assert!(err.is_instance_of::<CudaError>(py));
+        });
     }
 
     #[test]

@@ -2,14 +2,21 @@
 //! check for pending signals, so Ctrl-C works) re-acquires it on the calling thread only,
 //! at most once per `transfer::PROGRESS_STEP` bytes. An exception raised there cancels
 //! the copy and propagates unchanged.
-use pyo3::exceptions::PyValueError;
+//!
+//! Lock order: the engine never calls the progress callback while holding a lock of its
+//! own, and every binding that may wait for the engine's staging resources (a copy,
+//! `release_staging`) or look at them (`cuda_staging_allocated`) detaches from the
+//! interpreter first. So a copy whose progress callback waits for the GIL and a thread
+//! holding the GIL that asks for the staging state never wait for each other.
+use std::ffi::CString;
+
+use pyo3::exceptions::{PyRuntimeError, PyUserWarning, PyValueError};
 use pyo3::prelude::*;
 
 use crate::dlpack::{DL_CPU, DL_CUDA};
-use crate::error::Result;
+use crate::error::{panic_message, Error, Result};
 use crate::py::checkpoint::PyCheckpoint;
 use crate::py::dlpack::{borrow_dense, Borrowed};
-use crate::py::errors::catch_panic;
 use crate::transfer::{self, cuda, host, CopyRequest, Outcome};
 
 /// Whether a CUDA driver is present and sees at least one device. Never raises.
@@ -24,11 +31,20 @@ fn cuda_device_count(py: Python<'_>) -> PyResult<usize> {
     Ok(py.detach(cuda::device_count)?)
 }
 
-/// `(slab_bytes, slabs)` of the process-wide pinned staging ring, or None before the
-/// first CUDA copy.
+/// `(slab_bytes, slabs)` of the process-wide pinned staging ring, or None when it is not
+/// allocated (before the first CUDA copy, after `release_staging`). Answers at once, also
+/// while another thread copies.
 #[pyfunction]
-fn cuda_staging_allocated() -> Option<(u64, usize)> {
-    cuda::staging_allocated()
+fn cuda_staging_allocated(py: Python<'_>) -> Option<(u64, usize)> {
+    py.detach(cuda::staging_allocated)
+}
+
+/// Frees the pinned staging ring of GPU loads, with its streams, events and reader
+/// threads; the next GPU load allocates them again. Waits for a load in progress on
+/// another thread. Returns whether there was anything to free.
+#[pyfunction]
+fn release_staging(py: Python<'_>) -> PyResult<bool> {
+    Ok(py.detach(cuda::release_staging)?)
 }
 
 /// Borrows the destination tensors and turns `(file_offset, nbytes, destination,
@@ -108,13 +124,20 @@ where
                 }
             })
         };
-        catch_panic(path, "copying from it", || Ok(copy(&mut cb)))
-    })?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| copy(&mut cb))).unwrap_or_else(
+            |payload| {
+                Err(Error::Internal(format!(
+                    "{}: while copying from it: {}",
+                    path.display(),
+                    panic_message(payload.as_ref())
+                )))
+            },
+        )
+    });
     match outcome {
         Ok(Outcome::Done) => Ok(()),
-        Ok(Outcome::Cancelled) => Err(raised.unwrap_or_else(|| {
-            pyo3::exceptions::PyRuntimeError::new_err("copy cancelled by its progress callback")
-        })),
+        Ok(Outcome::Cancelled) => Err(raised
+            .unwrap_or_else(|| PyRuntimeError::new_err("copy cancelled by its progress callback"))),
         Err(e) => Err(e.into()),
     }
 }
@@ -152,7 +175,7 @@ fn copy_to_cuda(
         readers,
     };
     let path = inner.path.clone();
-    let r = run_copy(py, &path, progress, move |cb| {
+    let copied = run_copy(py, &path, progress, move |cb| {
         // SAFETY: every destination range lies inside a dense CUDA tensor of this device
         // (bounds checked above) that the DLPack capsules in `borrowed` keep alive until
         // after this call; the plan refuses overlapping destinations and file ranges
@@ -161,7 +184,15 @@ fn copy_to_cuda(
         unsafe { cuda::copy_to_cuda(&inner.mapping, &reqs, opts, cb) }
     });
     drop(borrowed);
-    r
+    // The full staging budget could not be pinned and a smaller ring is used: say so
+    // (once per fallback), whether or not the copy then succeeded.
+    if let Some(msg) = cuda::take_staging_warning() {
+        let msg = CString::new(msg).unwrap_or_default();
+        let warned = PyErr::warn(py, &py.get_type::<PyUserWarning>(), &msg, 1);
+        copied?;
+        return warned;
+    }
+    copied
 }
 
 /// Copies file bytes of `ckpt` into CPU tensors. `destinations`: dense CPU tensors
@@ -198,6 +229,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device_count, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_staging_allocated, m)?)?;
+    m.add_function(wrap_pyfunction!(release_staging, m)?)?;
     m.add_function(wrap_pyfunction!(copy_to_cuda, m)?)?;
     m.add_function(wrap_pyfunction!(copy_to_host, m)?)?;
     Ok(())

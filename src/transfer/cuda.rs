@@ -2,41 +2,54 @@
 //!
 //! - The driver is loaded at run time (cudarc `dynamic-loading`). cudarc panics when
 //!   `libcuda` or a symbol is missing, so every entry point first checks that the library
-//!   loads and runs the CUDA path inside `catch_unwind`: no panic reaches the caller, every
-//!   driver failure becomes `Error::Cuda { call, .. }` (or `Error::CudaUnavailable`).
+//!   loads and runs the CUDA path inside `catch_unwind`: no panic reaches the caller. A
+//!   driver failure becomes `Error::Cuda { call, .. }` naming the entry point; no driver,
+//!   no device or a stub driver (`CUDA_ERROR_STUB_LIBRARY`) is `Error::CudaUnavailable`; a
+//!   panic in our own code is `Error::Internal`, never blamed on the driver.
 //! - We retain the device's *primary* context, the one PyTorch uses, so `data_ptr()`s of
 //!   torch tensors are valid destinations. Contexts are retained once and kept for the
-//!   life of the process; the calling thread's current context is restored on return so
-//!   PyTorch's idea of the current device is left alone.
-//! - A process-wide ring of pinned (page-locked, portable) host slabs is allocated once and
-//!   reused; it is reallocated only when the budget changes. Its size is the whole host
-//!   memory the copy uses, whatever the checkpoint size. Copies hold the ring's lock, so
-//!   concurrent copies run one after the other.
+//!   life of the process; the calling thread's current context is restored on return
+//!   (a failure to restore it is reported, not ignored).
+//! - The process keeps one set of *staging resources*: a ring of pinned (page-locked,
+//!   portable) host slabs, one non-blocking stream with an event per slab for each device
+//!   used, and a pool of reader threads. They are created on first use and reused by every
+//!   copy (a loop of `get_tensor` calls creates no stream, event or thread per call), the
+//!   ring is reallocated only when the budget changes, and [`release_staging`] frees them
+//!   all. If the full budget cannot be pinned (`CUDA_ERROR_OUT_OF_MEMORY`), a smaller ring
+//!   is used and [`take_staging_warning`] says so once.
+//! - One copy uses the resources at a time: a copy *checks them out* and gives them back
+//!   when it is done; another copy waits for them. No lock is held while a copy runs, so
+//!   the progress callback (which may need Python's GIL) never runs under our lock, and
+//!   [`staging_allocated`] answers at once during a copy.
 //! - Reader threads `pread` chunks of the file into free slabs (never DMA from the mmap:
 //!   page faults would serialise the transfer). The calling thread issues one async
-//!   host-to-device copy per destination piece on a non-blocking stream, records the
-//!   slab's event, and recycles slabs whose event completed. One stream synchronisation at
-//!   the end. Progress counts bytes whose copy completed.
+//!   host-to-device copy per destination piece on the stream, records the slab's event,
+//!   and recycles slabs whose event completed. One stream synchronisation at the end.
+//!   Progress counts bytes whose copy completed.
 //! - Optional `O_DIRECT` reads for cold files (no page-cache pollution): chunks are read
 //!   from 4 KiB-aligned offsets; if the filesystem refuses `O_DIRECT`, buffered reads are
 //!   used.
+//!
+//! Tested without a GPU against `tests/fakecuda`, a fake driver that runs each stream on
+//! its own thread after random delays and records every misuse (see `tests/cuda_engine.rs`
+//! and `tests/test_cuda_engine.py`).
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
 use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, OnceLock};
+use std::sync::{mpsc, Arc, Condvar, Mutex, OnceLock};
 
 use cudarc::driver::result::{self, DriverError};
-use cudarc::driver::{sys, CudaContext};
+use cudarc::driver::sys;
 
 use super::{
     pread_at_least, pread_exact, staging_budget, CopyRequest, Outcome, Plan, PlanOptions,
     ProgressFn, Reporter,
 };
-use crate::error::{Error, Result};
+use crate::error::{panic_message, Error, Result};
 use crate::mapping::Mapping;
 
 /// Alignment of `O_DIRECT` reads (and of slab sizes).
@@ -45,6 +58,8 @@ const ALIGN: u64 = 4096;
 pub const MIN_STAGING_BYTES: u64 = 2 << 20;
 /// Environment variable overriding the number of reader threads.
 pub const READERS_ENV: &str = "ZEROLOAD_READERS";
+/// Most reader threads one copy uses.
+const MAX_READERS: usize = 64;
 
 /// Options of one CUDA copy.
 #[derive(Clone, Copy, Debug, Default)]
@@ -64,7 +79,7 @@ pub fn is_available() -> bool {
     matches!(device_count(), Ok(n) if n > 0)
 }
 
-/// Number of visible CUDA devices; 0 when there is no driver or no device.
+/// Number of visible CUDA devices; 0 when there is no driver, no device or a stub driver.
 pub fn device_count() -> Result<usize> {
     guarded(|| match init() {
         Ok(()) => {
@@ -76,19 +91,37 @@ pub fn device_count() -> Result<usize> {
     })
 }
 
-/// The ring's current geometry `(slab_bytes, slabs)`, if it was allocated.
+/// The staging ring's current geometry `(slab_bytes, slabs)`, if it is allocated. Answers
+/// at once, also while a copy runs.
 pub fn staging_allocated() -> Option<(u64, usize)> {
-    let ring = RING.lock().unwrap_or_else(|e| e.into_inner());
-    ring.as_ref().map(|r| (r.slab_bytes as u64, r.slabs.len()))
+    *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Frees the staging resources: the pinned ring, the streams and events, the reader
+/// threads. Waits for a copy in progress to finish first. Returns whether there was
+/// anything to free. The next copy allocates them again. If the driver refuses to free
+/// something, the error names the call and the resource is kept to be freed next time.
+pub fn release_staging() -> Result<bool> {
+    guarded(|| {
+        let mut staging = Staging::checkout()?;
+        staging.release()
+    })
+}
+
+/// The warning of the last staging fallback (the full budget could not be pinned), once:
+/// the next call returns `None` until another fallback happens.
+pub fn take_staging_warning() -> Option<String> {
+    WARNING.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// Copies each request's file bytes to its destination device address on `opts.device`.
 ///
 /// Requests are checked first: ranges inside the file, destinations pairwise disjoint, and
-/// each destination's first and last byte device memory of `opts.device` (a best-effort
-/// check of the pointers, through `cuPointerGetAttributes`). `progress` runs on the calling
-/// thread; returning `false` stops the copy (`Outcome::Cancelled`). Whatever happens, all
-/// copies issued have completed when this returns.
+/// each destination device memory of `opts.device` (through `cuPointerGetAttributes`,
+/// walking the allocations or VMM mappings it spans). `progress` runs on the calling
+/// thread, never under a lock of ours; returning `false` stops the copy
+/// (`Outcome::Cancelled`). Whatever happens, all copies issued have completed and the
+/// reader threads are idle when this returns.
 ///
 /// # Safety
 /// For every request, `dest .. dest + nbytes` must be device memory of `opts.device` in its
@@ -105,22 +138,24 @@ pub unsafe fn copy_to_cuda(
     guarded(|| unsafe { copy_inner(mapping, requests, opts, progress) })
 }
 
-/// Runs `f`, turning a panic (cudarc's reaction to a missing library or symbol) into an
-/// error.
-fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+/// Runs `f`, turning a panic into an error: cudarc's panics about a missing driver library
+/// or symbol become `Error::Cuda`, any other panic is a bug of ours (`Error::Internal`).
+pub(crate) fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(r) => r,
-        Err(payload) => {
-            let msg = payload
-                .downcast_ref::<String>()
-                .map(String::as_str)
-                .or_else(|| payload.downcast_ref::<&str>().copied())
-                .unwrap_or("unknown panic");
-            Err(Error::Cuda {
-                call: "the CUDA driver library".into(),
-                message: msg.to_string(),
-            })
+        Err(payload) => Err(panic_error(&panic_message(payload.as_ref()))),
+    }
+}
+
+fn panic_error(msg: &str) -> Error {
+    // cudarc 0.19: `panic_no_lib_found` and `load` in driver/sys.
+    if msg.starts_with("Unable to dynamically load") || msg.starts_with("Missing symbol") {
+        Error::Cuda {
+            call: "loading the CUDA driver library".into(),
+            message: msg.to_string(),
         }
+    } else {
+        Error::Internal(msg.to_string())
     }
 }
 
@@ -130,7 +165,7 @@ fn cu(call: &'static str) -> impl Fn(DriverError) -> Error {
         let name = e
             .error_name()
             .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+            .unwrap_or_else(|_| "CUDA error".into());
         let text = e
             .error_string()
             .map(|s| s.to_string_lossy().into_owned())
@@ -168,12 +203,19 @@ fn init() -> Result<()> {
                 std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
             )))
         }
+        Err(DriverError(sys::CUresult::CUDA_ERROR_STUB_LIBRARY)) => Err(Error::CudaUnavailable(
+            "the libcuda.so found is a stub library (CUDA_ERROR_STUB_LIBRARY), not an \
+                 NVIDIA driver; is the driver installed, and is a CUDA toolkit's stubs \
+                 directory on LD_LIBRARY_PATH?"
+                .into(),
+        )),
         Err(e) => Err(cu("cuInit")(e)),
     }
 }
 
-/// The primary context of `ordinal`, retained once per process.
-fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
+/// The primary context of `ordinal`, retained once per process (kept as an address:
+/// `CUcontext` is a raw pointer).
+fn context(ordinal: usize) -> Result<usize> {
     init()?;
     let n = result::device::get_count().map_err(cu("cuDeviceGetCount"))?;
     let n = usize::try_from(n).unwrap_or(0);
@@ -187,60 +229,80 @@ fn context(ordinal: usize) -> Result<Arc<CudaContext>> {
             }
         )));
     }
-    static CONTEXTS: Mutex<Vec<(usize, Arc<CudaContext>)>> = Mutex::new(Vec::new());
+    static CONTEXTS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
     let mut ctxs = CONTEXTS.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, c)) = ctxs.iter().find(|(o, _)| *o == ordinal) {
-        return Ok(c.clone());
+    if let Some(&(_, c)) = ctxs.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(c);
     }
-    // Restore whatever context the thread had: `CudaContext::new` makes its own current.
-    let _restore = CurrentContext::save()?;
-    let ctx = CudaContext::new(ordinal).map_err(cu("cuDevicePrimaryCtxRetain"))?;
-    ctxs.push((ordinal, ctx.clone()));
-    Ok(ctx)
+    let dev = result::device::get(ordinal as i32).map_err(cu("cuDeviceGet"))?;
+    // SAFETY: `dev` is a valid device handle; the primary context stays retained for the
+    // life of the process (never released), so the handle stays valid.
+    let ctx =
+        unsafe { result::primary_ctx::retain(dev) }.map_err(cu("cuDevicePrimaryCtxRetain"))?;
+    ctxs.push((ordinal, ctx as usize));
+    Ok(ctx as usize)
 }
 
-/// Saves the calling thread's current context and restores it when dropped.
-struct CurrentContext(sys::CUcontext);
+/// The calling thread's current context, saved when we bind ours and restored after.
+struct CurrentContext {
+    saved: usize,
+    changed: bool,
+}
 
 impl CurrentContext {
-    fn save() -> Result<CurrentContext> {
-        let prev = result::ctx::get_current().map_err(cu("cuCtxGetCurrent"))?;
-        Ok(CurrentContext(prev.unwrap_or(std::ptr::null_mut())))
+    /// Makes `ctx` current on this thread (if it is not already).
+    fn bind(ctx: usize) -> Result<CurrentContext> {
+        let saved = result::ctx::get_current()
+            .map_err(cu("cuCtxGetCurrent"))?
+            .map_or(0, |c| c as usize);
+        let mut guard = CurrentContext {
+            saved,
+            changed: false,
+        };
+        if saved != ctx {
+            // SAFETY: `ctx` is a retained primary context, alive for the process.
+            unsafe { result::ctx::set_current(ctx as sys::CUcontext) }
+                .map_err(cu("cuCtxSetCurrent"))?;
+            guard.changed = true;
+        }
+        Ok(guard)
     }
 
-    fn bind(ctx: &CudaContext) -> Result<CurrentContext> {
-        let saved = CurrentContext::save()?;
-        // SAFETY: `ctx` is a retained primary context, alive for the process.
-        unsafe { result::ctx::set_current(ctx.cu_ctx()) }.map_err(cu("cuCtxSetCurrent"))?;
-        Ok(saved)
+    /// Restores the saved context, reporting a failure.
+    fn restore(mut self) -> Result<()> {
+        if !std::mem::take(&mut self.changed) {
+            return Ok(());
+        }
+        // SAFETY: the saved context was current on this thread when we started (or null,
+        // which unbinds); we never destroy contexts, so it is still valid unless its owner
+        // destroyed it during our call, in which case the driver reports an error.
+        unsafe { result::ctx::set_current(self.saved as sys::CUcontext) }
+            .map_err(cu("cuCtxSetCurrent"))
     }
 }
 
 impl Drop for CurrentContext {
     fn drop(&mut self) {
-        // SAFETY: the saved context was current on this thread when we started (or null,
-        // which unbinds); we never destroy contexts, so it is still valid unless its owner
-        // destroyed it during our call, in which case the driver reports an error that we
-        // have no way to surface from Drop and ignore.
-        let _ = unsafe { result::ctx::set_current(self.0) };
+        if self.changed {
+            // SAFETY: as in `restore`; reached only when unwinding or after an early
+            // error, where a failure has nowhere to go.
+            let _ = unsafe { result::ctx::set_current(self.saved as sys::CUcontext) };
+        }
     }
 }
 
 /// A pinned host allocation (`cuMemHostAlloc`, portable across contexts).
 struct Slab(*mut u8);
 
-/// The process-wide staging ring.
+/// The ring of pinned slabs.
 struct Ring {
     slabs: Vec<Slab>,
     slab_bytes: usize,
+    /// The geometry asked for (the key: a ring that fell back is kept for the same ask).
+    wanted: (usize, usize),
+    /// The context that was current when it was pinned (bound again to free it).
+    ctx: usize,
 }
-
-// SAFETY: the ring only holds addresses of pinned allocations; who may touch their bytes
-// is governed by the RING mutex (one copy at a time) and, within a copy, by slab ownership
-// passed over channels.
-unsafe impl Send for Ring {}
-
-static RING: Mutex<Option<Ring>> = Mutex::new(None);
 
 /// `(slab_bytes, slabs)` for a budget: 16 slabs of budget/16, slabs between 1 and 64 MiB
 /// (multiples of 4 KiB), at least 2 slabs. The ring never exceeds
@@ -252,121 +314,547 @@ pub fn ring_geometry(budget: u64) -> (usize, usize) {
     (slab as usize, n as usize)
 }
 
+const MIB: f64 = (1u64 << 20) as f64;
+
 impl Ring {
-    /// Allocates `n` slabs of `slab_bytes` in the current context.
-    fn alloc(slab_bytes: usize, n: usize) -> Result<Ring> {
-        let mut ring = Ring {
-            slabs: Vec::with_capacity(n),
-            slab_bytes,
-        };
-        for _ in 0..n {
-            // SAFETY: a context is current (the caller bound one); the memory returned is
-            // uninitialised, which is fine: we only ever write it (pread) before reading
-            // it (DMA).
-            let p = unsafe { result::malloc_host(slab_bytes, sys::CU_MEMHOSTALLOC_PORTABLE) }
-                .map_err(cu("cuMemHostAlloc"))?;
-            ring.slabs.push(Slab(p.cast()));
+    /// Pins a ring for `budget` in the current context (`ctx`). If the driver runs out of
+    /// pinnable memory, keeps the slabs it got (two or more), else retries with half the
+    /// budget, down to `MIN_STAGING_BYTES`; the second value is the warning to give then.
+    fn alloc(budget: u64, ctx: usize) -> Result<(Ring, Option<String>)> {
+        let wanted = ring_geometry(budget);
+        let mut ask = budget.max(MIN_STAGING_BYTES);
+        loop {
+            let (slab_bytes, n) = ring_geometry(ask);
+            let mut ring = Ring {
+                slabs: Vec::with_capacity(n),
+                slab_bytes,
+                wanted,
+                ctx,
+            };
+            let mut oom = None;
+            for _ in 0..n {
+                // SAFETY: a context is current (the caller bound `ctx`); the memory is
+                // uninitialised, which is fine: we only ever write it (pread) before
+                // reading it (DMA).
+                match unsafe { result::malloc_host(slab_bytes, sys::CU_MEMHOSTALLOC_PORTABLE) } {
+                    Ok(p) => ring.slabs.push(Slab(p.cast())),
+                    Err(e @ DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
+                        oom = Some(e);
+                        break;
+                    }
+                    Err(e) => {
+                        let err = cu("cuMemHostAlloc")(e);
+                        ring.free().map_err(|(_, e)| e)?;
+                        return Err(err);
+                    }
+                }
+            }
+            let Some(e) = oom else {
+                let warn =
+                    (ask < budget.max(MIN_STAGING_BYTES)).then(|| ring.fallback_note(budget));
+                return Ok((ring, warn));
+            };
+            if ring.slabs.len() >= 2 {
+                let warn = ring.fallback_note(budget);
+                return Ok((ring, Some(warn)));
+            }
+            ring.free().map_err(|(_, e)| e)?;
+            if ask <= MIN_STAGING_BYTES {
+                return Err(Error::Cuda {
+                    call: "cuMemHostAlloc".into(),
+                    message: format!(
+                        "could not pin even {} MiB of host memory for staging: {}",
+                        MIN_STAGING_BYTES >> 20,
+                        cu("cuMemHostAlloc")(e)
+                    ),
+                });
+            }
+            ask = (ask / 2).max(MIN_STAGING_BYTES);
         }
-        Ok(ring)
     }
-}
 
-impl Drop for Ring {
-    fn drop(&mut self) {
+    fn bytes(&self) -> u64 {
+        self.slab_bytes as u64 * self.slabs.len() as u64
+    }
+
+    fn fallback_note(&self, budget: u64) -> String {
+        format!(
+            "zeroload could pin only {:.0} MiB of the {:.0} MiB GPU staging budget \
+             (cuMemHostAlloc: CUDA_ERROR_OUT_OF_MEMORY); GPU loads use this smaller \
+             staging ring, which may be slower. Pass staging_bytes= or set \
+             ZEROLOAD_STAGING_BYTES to choose a budget that can be pinned.",
+            self.bytes() as f64 / MIB,
+            budget.max(MIN_STAGING_BYTES) as f64 / MIB
+        )
+    }
+
+    /// Frees every slab; the ones the driver refuses to free are handed back with the
+    /// first error.
+    fn free(&mut self) -> std::result::Result<(), (Vec<Slab>, Error)> {
+        let mut kept = Vec::new();
+        let mut first = None;
         for s in self.slabs.drain(..) {
-            // SAFETY: allocated by `cuMemHostAlloc` and freed once; a ring is only dropped
-            // while its lock is held and no copy uses it (all copies synchronise their
-            // stream before releasing the lock).
-            let _ = unsafe { result::free_host(s.0.cast()) };
+            // SAFETY: allocated by `cuMemHostAlloc` and freed once; the ring is freed only
+            // while checked out and idle (every copy synchronises its stream and stops its
+            // readers before giving the ring back).
+            if let Err(e) = unsafe { result::free_host(s.0.cast()) } {
+                first.get_or_insert_with(|| cu("cuMemFreeHost")(e));
+                kept.push(s);
+            }
+        }
+        match first {
+            None => Ok(()),
+            Some(e) => Err((kept, e)),
         }
     }
 }
 
-/// What a reader hands the coordinator: chunk `chunk` now sits in slab `slab`, starting
-/// `skew` bytes into it (non-zero for `O_DIRECT` reads from an aligned offset).
-pub(crate) struct Filled {
-    chunk: usize,
-    slab: usize,
-    skew: usize,
-}
-
-/// A stream and one event per slab, synchronised and destroyed on drop (so no DMA can
-/// outlive a copy, even on error or panic).
+/// One device's stream and an event per slab, reused by every copy to that device.
 struct Streams {
+    ctx: usize,
     stream: sys::CUstream,
     events: Vec<sys::CUevent>,
 }
 
 impl Streams {
-    fn new(n_events: usize) -> Result<Streams> {
+    /// A non-blocking stream in the current context (`ctx`).
+    fn new(ctx: usize) -> Result<Streams> {
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(cu("cuStreamCreate"))?;
-        let mut s = Streams {
+        Ok(Streams {
+            ctx,
             stream,
-            events: Vec::with_capacity(n_events),
-        };
-        for _ in 0..n_events {
+            events: Vec::new(),
+        })
+    }
+
+    /// At least `n` events (created in the current context, the stream's).
+    fn ensure_events(&mut self, n: usize) -> Result<()> {
+        while self.events.len() < n {
             let e = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
                 .map_err(cu("cuEventCreate"))?;
-            s.events.push(e);
+            self.events.push(e);
         }
-        Ok(s)
+        Ok(())
     }
 
     fn synchronize(&self) -> Result<()> {
-        // SAFETY: the stream was created by us and is not destroyed before drop.
+        // SAFETY: the stream was created by us and is destroyed only in `destroy`.
         unsafe { result::stream::synchronize(self.stream) }.map_err(cu("cuStreamSynchronize"))
+    }
+
+    /// Waits for the stream, then destroys events and stream; what the driver refuses to
+    /// destroy goes to `orphans`, and the first error is returned.
+    fn destroy(mut self, orphans: &mut Orphans) -> Result<()> {
+        let mut first = self.synchronize().err();
+        for e in self.events.drain(..) {
+            // SAFETY: our event, destroyed once, after the stream's work completed.
+            if let Err(err) = unsafe { result::event::destroy(e) } {
+                first.get_or_insert_with(|| cu("cuEventDestroy_v2")(err));
+                orphans.events.push(e as usize);
+            }
+        }
+        // SAFETY: our stream, idle, destroyed once.
+        if let Err(err) = unsafe { result::stream::destroy(self.stream) } {
+            first.get_or_insert_with(|| cu("cuStreamDestroy_v2")(err));
+            orphans.streams.push(self.stream as usize);
+        }
+        first.map_or(Ok(()), Err)
     }
 }
 
-impl Drop for Streams {
-    fn drop(&mut self) {
-        // SAFETY: stream and events were created by us, in the context still current on
-        // this thread, and are destroyed exactly once, after all work on the stream ended.
-        unsafe {
-            let _ = result::stream::synchronize(self.stream);
-            for e in self.events.drain(..) {
-                let _ = result::event::destroy(e);
+/// The stream of `device` (context `ctx`, bound by the caller) with `events` events,
+/// created on first use.
+fn streams_for(
+    streams: &mut Vec<(usize, Streams)>,
+    device: usize,
+    ctx: usize,
+    events: usize,
+) -> Result<&mut Streams> {
+    let i = match streams.iter().position(|(d, _)| *d == device) {
+        Some(i) => i,
+        None => {
+            streams.push((device, Streams::new(ctx)?));
+            streams.len() - 1
+        }
+    };
+    let s = &mut streams[i].1;
+    s.ensure_events(events)?;
+    Ok(s)
+}
+
+/// Resources the driver refused to free, retried by the next `release_staging`.
+#[derive(Default)]
+struct Orphans {
+    slabs: Vec<Slab>,
+    events: Vec<usize>,
+    streams: Vec<usize>,
+}
+
+impl Orphans {
+    fn is_empty(&self) -> bool {
+        self.slabs.is_empty() && self.events.is_empty() && self.streams.is_empty()
+    }
+
+    fn retry(&mut self) -> Result<()> {
+        let mut first = None;
+        let mut ring = Ring {
+            slabs: std::mem::take(&mut self.slabs),
+            slab_bytes: 0,
+            wanted: (0, 0),
+            ctx: 0,
+        };
+        if let Err((kept, e)) = ring.free() {
+            self.slabs = kept;
+            first.get_or_insert(e);
+        }
+        let mut kept = Vec::new();
+        for e in self.events.drain(..) {
+            // SAFETY: an event of ours whose destruction failed before; never used since.
+            if let Err(err) = unsafe { result::event::destroy(e as sys::CUevent) } {
+                first.get_or_insert_with(|| cu("cuEventDestroy_v2")(err));
+                kept.push(e);
             }
-            let _ = result::stream::destroy(self.stream);
+        }
+        self.events = kept;
+        let mut kept = Vec::new();
+        for s in self.streams.drain(..) {
+            // SAFETY: a stream of ours whose destruction failed before; never used since.
+            if let Err(err) = unsafe { result::stream::destroy(s as sys::CUstream) } {
+                first.get_or_insert_with(|| cu("cuStreamDestroy_v2")(err));
+                kept.push(s);
+            }
+        }
+        self.streams = kept;
+        first.map_or(Ok(()), Err)
+    }
+}
+
+/// A persistent reader thread.
+struct Reader {
+    jobs: mpsc::Sender<ReadJob>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+/// Reader threads kept across copies.
+#[derive(Default)]
+pub(crate) struct ReaderPool {
+    readers: Vec<Reader>,
+}
+
+impl ReaderPool {
+    /// Hands `job` to `n` readers, starting threads as needed.
+    fn dispatch(&mut self, n: usize, job: &ReadJob) -> Result<()> {
+        for i in 0..n {
+            if i == self.readers.len() {
+                let (jobs, rx) = mpsc::channel::<ReadJob>();
+                let thread = std::thread::Builder::new()
+                    .name(format!("zeroload-reader-{i}"))
+                    .spawn(move || {
+                        while let Ok(job) = rx.recv() {
+                            let tx = job.filled.clone();
+                            if let Err(p) = catch_unwind(AssertUnwindSafe(move || job.run())) {
+                                let _ = tx.send(Err(Error::Internal(format!(
+                                    "a reader thread panicked: {}",
+                                    panic_message(p.as_ref())
+                                ))));
+                            }
+                        }
+                    })
+                    .map_err(|e| Error::io(&*job.source.path, e))?;
+                self.readers.push(Reader { jobs, thread });
+            }
+            if self.readers[i].jobs.send(job.clone()).is_err() {
+                return Err(Error::Internal("a reader thread is gone".into()));
+            }
+        }
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.readers.is_empty()
+    }
+
+    /// Stops and joins every reader.
+    fn shutdown(&mut self) {
+        for r in self.readers.drain(..) {
+            drop(r.jobs);
+            let _ = r.thread.join();
         }
     }
 }
 
-/// Checks that `dest` and `dest + nbytes - 1` are device memory of `ordinal`.
+impl Drop for ReaderPool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Everything a copy needs besides the request: kept for the process, used by one copy at
+/// a time.
+#[derive(Default)]
+struct Staging {
+    ring: Option<Ring>,
+    /// `(device ordinal, its stream and events)`.
+    streams: Vec<(usize, Streams)>,
+    readers: ReaderPool,
+    orphans: Orphans,
+}
+
+// SAFETY: the raw pointers inside (slabs, stream, events) are handles and addresses that
+// any thread may use with the driver; who may touch the slabs' bytes is governed by the
+// checkout (one copy at a time) and, within a copy, by slab ownership passed over channels.
+unsafe impl Send for Staging {}
+
+/// The staging resources, or `None` while a copy has them checked out.
+struct Slot {
+    staging: Option<Box<Staging>>,
+    busy: bool,
+}
+
+static SLOT: Mutex<Slot> = Mutex::new(Slot {
+    staging: None,
+    busy: false,
+});
+static SLOT_FREE: Condvar = Condvar::new();
+thread_local! {
+    /// Whether this thread has the staging resources checked out.
+    static HOLDING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+static GEOMETRY: Mutex<Option<(u64, usize)>> = Mutex::new(None);
+static WARNING: Mutex<Option<String>> = Mutex::new(None);
+
+/// The staging resources, checked out: given back (and another copy woken) on drop.
+struct StagingGuard(Option<Box<Staging>>);
+
+impl Staging {
+    /// Waits until no other copy uses the staging resources and takes them. The lock is
+    /// held only to take or give back, never while a copy runs or Python is called.
+    /// Refused on a thread that already has them (a progress callback starting another
+    /// GPU load, or freeing the staging, would otherwise wait for itself forever).
+    fn checkout() -> Result<StagingGuard> {
+        if HOLDING.with(|h| h.get()) {
+            return Err(Error::InvalidArgument(
+                "a GPU load, or release_staging(), was started from inside a GPU load on the \
+                 same thread (from its progress callback); finish the load first"
+                    .into(),
+            ));
+        }
+        let mut slot = SLOT.lock().unwrap_or_else(|e| e.into_inner());
+        while slot.busy {
+            slot = SLOT_FREE.wait(slot).unwrap_or_else(|e| e.into_inner());
+        }
+        slot.busy = true;
+        HOLDING.with(|h| h.set(true));
+        Ok(StagingGuard(Some(slot.staging.take().unwrap_or_default())))
+    }
+
+    /// A ring for `budget`, pinned in context `ctx` (bound by the caller) unless the
+    /// current one was made for the same budget.
+    fn ensure_ring(&mut self, budget: u64, ctx: usize) -> Result<&Ring> {
+        if self
+            .ring
+            .as_ref()
+            .is_none_or(|r| r.wanted != ring_geometry(budget))
+        {
+            if let Some(mut old) = self.ring.take() {
+                // Free the old ring first: budgets are about peak memory.
+                *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                if let Err((kept, e)) = old.free() {
+                    self.orphans.slabs.extend(kept);
+                    return Err(e);
+                }
+            }
+            let (ring, warning) = Ring::alloc(budget, ctx)?;
+            *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner()) =
+                Some((ring.slab_bytes as u64, ring.slabs.len()));
+            if let Some(w) = warning {
+                *WARNING.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
+            }
+            self.ring = Some(ring);
+        }
+        Ok(self.ring.as_ref().expect("ring allocated"))
+    }
+
+    /// Frees everything (see `release_staging`).
+    fn release(&mut self) -> Result<bool> {
+        let had = self.ring.is_some()
+            || !self.streams.is_empty()
+            || !self.readers.is_empty()
+            || !self.orphans.is_empty();
+        if !had {
+            return Ok(false);
+        }
+        self.readers.shutdown();
+        // What the driver refused to free last time first; today's refusals wait for the
+        // next call.
+        let mut first = self.orphans.retry().err();
+        for (_, s) in self.streams.drain(..) {
+            let r = CurrentContext::bind(s.ctx).and_then(|bound| {
+                let r = s.destroy(&mut self.orphans);
+                r.and(bound.restore())
+            });
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        if let Some(mut ring) = self.ring.take() {
+            let r = CurrentContext::bind(ring.ctx).and_then(|bound| {
+                let r = ring.free().map_err(|(kept, e)| {
+                    self.orphans.slabs.extend(kept);
+                    e
+                });
+                r.and(bound.restore())
+            });
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(true), Err)
+    }
+}
+
+impl std::ops::Deref for StagingGuard {
+    type Target = Staging;
+    fn deref(&self) -> &Staging {
+        self.0.as_ref().expect("checked out")
+    }
+}
+
+impl std::ops::DerefMut for StagingGuard {
+    fn deref_mut(&mut self) -> &mut Staging {
+        self.0.as_mut().expect("checked out")
+    }
+}
+
+impl Drop for StagingGuard {
+    fn drop(&mut self) {
+        let staging = self.0.take();
+        if std::thread::panicking() {
+            // A copy panicked midway: let its queued work finish before anyone else
+            // touches the slabs.
+            if let Some(s) = &staging {
+                for (_, st) in &s.streams {
+                    let _ = st.synchronize();
+                }
+            }
+        }
+        let mut slot = SLOT.lock().unwrap_or_else(|e| e.into_inner());
+        slot.staging = staging;
+        slot.busy = false;
+        drop(slot);
+        HOLDING.with(|h| h.set(false));
+        SLOT_FREE.notify_one();
+    }
+}
+
+/// Checks that `[dest, dest + nbytes)` is device memory of `ordinal`: the attributes of
+/// its first byte, then of the start of every further allocation or VMM mapping it spans
+/// (`CU_POINTER_ATTRIBUTE_RANGE_START_ADDR`/`_SIZE` give each one's extent; PyTorch's
+/// `expandable_segments` maps a segment piece by piece, and a tensor may span pieces).
+/// Memory from `cudaMalloc`, VMM mappings and `cudaMallocAsync` pools all report memory
+/// type `DEVICE` and the device's ordinal. If the driver reports no range, the last byte
+/// is checked instead.
 fn check_destination(r: &CopyRequest, ordinal: usize) -> Result<()> {
-    for addr in [r.dest, r.dest + (r.nbytes - 1)] {
-        let mut mem_type: u32 = 0;
-        let mut dev: i32 = -1;
-        let mut attrs = [
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
-            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
-        ];
-        let mut data: [*mut c_void; 2] = [
-            (&mut mem_type as *mut u32).cast(),
-            (&mut dev as *mut i32).cast(),
-        ];
-        // SAFETY: two attributes, each with a pointer to storage of the documented type
-        // (`CUmemorytype` is an unsigned int, the ordinal an int); unknown pointers get
-        // zeroed attributes instead of an error.
-        unsafe { sys::cuPointerGetAttributes(2, attrs.as_mut_ptr(), data.as_mut_ptr(), addr) }
-            .result()
-            .map_err(cu("cuPointerGetAttributes"))?;
+    let end = r.dest + r.nbytes; // the plan checked that this does not overflow
+    let mut at = r.dest;
+    let mut steps = 0u32;
+    loop {
+        let (mem_type, dev, range_start, range_size) = pointer_attributes(at)?;
         if mem_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 || dev != ordinal as i32 {
             return Err(Error::InvalidArgument(format!(
                 "destination {:#x}..+{} of the copy of file bytes {}..+{} is not memory of \
-                 CUDA device {ordinal} (memory type {mem_type}, device {dev})",
-                r.dest, r.nbytes, r.file_offset, r.nbytes
+                 CUDA device {ordinal} (at byte {}: memory type {mem_type}, device {dev})",
+                r.dest,
+                r.nbytes,
+                r.file_offset,
+                r.nbytes,
+                at - r.dest
             )));
         }
+        steps += 1;
+        match range_start.checked_add(range_size) {
+            Some(next) if next > at && steps < 1 << 16 => {
+                if next >= end {
+                    return Ok(());
+                }
+                at = next;
+            }
+            _ if at == end - 1 => return Ok(()),
+            _ => at = end - 1,
+        }
     }
-    Ok(())
 }
 
-/// The reader's file: `O_DIRECT` when asked and allowed, else the mapping's file.
-pub(crate) enum Source<'a> {
-    Buffered(&'a File),
-    Direct(File),
+/// `(memory type, device ordinal, range start, range size)` of `addr`; unknown pointers
+/// get zeroed attributes instead of an error.
+fn pointer_attributes(addr: u64) -> Result<(u32, i32, u64, u64)> {
+    let mut mem_type: u32 = 0;
+    let mut dev: i32 = -1;
+    let mut start: u64 = 0;
+    let mut size: usize = 0;
+    let mut attrs = [
+        sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+        sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+        sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+        sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+    ];
+    let mut data: [*mut c_void; 4] = [
+        (&mut mem_type as *mut u32).cast(),
+        (&mut dev as *mut i32).cast(),
+        (&mut start as *mut u64).cast(),
+        (&mut size as *mut usize).cast(),
+    ];
+    // SAFETY: four attributes, each with a pointer to storage of the documented type
+    // (`CUmemorytype`: unsigned int; ordinal: int; range start: CUdeviceptr; range size:
+    // size_t), all alive for the call.
+    unsafe { sys::cuPointerGetAttributes(4, attrs.as_mut_ptr(), data.as_mut_ptr(), addr) }
+        .result()
+        .map_err(cu("cuPointerGetAttributes"))?;
+    Ok((mem_type, dev, start, size as u64))
+}
+
+/// The file the readers read: the mapping's file (a duplicate descriptor: readers outlive
+/// one copy) or an `O_DIRECT` descriptor.
+pub(crate) struct Source {
+    file: File,
+    direct: bool,
+    path: PathBuf,
+}
+
+impl Source {
+    fn open(mapping: &Mapping, direct: bool) -> Result<Source> {
+        let path = mapping.path().to_path_buf();
+        if direct {
+            if let Some(file) = open_direct(&path) {
+                return Ok(Source {
+                    file,
+                    direct: true,
+                    path,
+                });
+            }
+        }
+        let file = mapping
+            .file()
+            .try_clone()
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(Source {
+            file,
+            direct: false,
+            path,
+        })
+    }
+}
+
+/// Longest chunk that fits a slab of `slab_bytes` (`O_DIRECT` reads start up to ALIGN-1
+/// bytes early and end up to ALIGN-1 bytes late).
+fn max_chunk(direct: bool, slab_bytes: usize) -> u64 {
+    if direct {
+        slab_bytes as u64 - 2 * ALIGN
+    } else {
+        slab_bytes as u64
+    }
 }
 
 fn open_direct(path: &Path) -> Option<File> {
@@ -383,35 +871,33 @@ fn open_direct(path: &Path) -> Option<File> {
 ///
 /// # Safety
 /// `slab` must be valid for writes of `cap` bytes and owned by the calling reader.
-unsafe fn read_chunk(
-    src: &Source<'_>,
-    path: &Path,
-    slab: *mut u8,
-    cap: usize,
-    off: u64,
-    len: u64,
-) -> Result<usize> {
-    match src {
-        Source::Buffered(f) => {
-            debug_assert!(len as usize <= cap);
-            // SAFETY: `len <= cap` (chunks are planned no longer than a slab); the slab is
-            // ours while we hold it.
-            unsafe { pread_exact(f, path, slab, len as usize, off) }?;
-            Ok(0)
-        }
-        Source::Direct(f) => {
-            let start = off / ALIGN * ALIGN;
-            let end = (off + len).div_ceil(ALIGN) * ALIGN;
-            let total = (end - start) as usize;
-            debug_assert!(total <= cap);
-            // SAFETY: `total <= cap` (chunks are planned 2 * ALIGN shorter than a slab), so
-            // the reads stay in the slab, which is ours while we hold it. Slab base,
-            // `start` and `total` are multiples of ALIGN, as O_DIRECT wants; the span may
-            // end past the end of the file, and only the wanted bytes must be there.
-            unsafe { pread_at_least(f, path, slab, total, start, (off + len - start) as usize) }?;
-            Ok((off - start) as usize)
-        }
+unsafe fn read_chunk(src: &Source, slab: *mut u8, cap: usize, off: u64, len: u64) -> Result<usize> {
+    if !src.direct {
+        debug_assert!(len as usize <= cap);
+        // SAFETY: `len <= cap` (chunks are planned no longer than a slab); the slab is
+        // ours while we hold it.
+        unsafe { pread_exact(&src.file, &src.path, slab, len as usize, off) }?;
+        return Ok(0);
     }
+    let start = off / ALIGN * ALIGN;
+    let end = (off + len).div_ceil(ALIGN) * ALIGN;
+    let total = (end - start) as usize;
+    debug_assert!(total <= cap);
+    // SAFETY: `total <= cap` (chunks are planned 2 * ALIGN shorter than a slab), so the
+    // reads stay in the slab, which is ours while we hold it. Slab base, `start` and
+    // `total` are multiples of ALIGN, as O_DIRECT wants; the span may end past the end of
+    // the file, and only the wanted bytes must be there.
+    unsafe {
+        pread_at_least(
+            &src.file,
+            &src.path,
+            slab,
+            total,
+            start,
+            (off + len - start) as usize,
+        )
+    }?;
+    Ok((off - start) as usize)
 }
 
 fn reader_count(explicit: Option<usize>, slabs: usize, chunks: usize) -> usize {
@@ -428,7 +914,7 @@ fn reader_count(explicit: Option<usize>, slabs: usize, chunks: usize) -> usize {
                 .min(8)
         });
     // Leave at least two slabs for copies in flight.
-    n.clamp(1, 64)
+    n.clamp(1, MAX_READERS)
         .min(slabs.saturating_sub(2).max(1))
         .min(chunks.max(1))
 }
@@ -441,72 +927,72 @@ unsafe fn copy_inner(
     opts: CudaOptions,
     progress: ProgressFn<'_>,
 ) -> Result<Outcome> {
-    let path = mapping.path();
     let budget = staging_budget(opts.budget)?;
-    let (slab_bytes, n_slabs) = ring_geometry(budget);
-    // O_DIRECT reads start up to ALIGN-1 bytes early and end up to ALIGN-1 bytes late.
-    let direct = if opts.direct { open_direct(path) } else { None };
-    let max_chunk = if direct.is_some() {
-        slab_bytes as u64 - 2 * ALIGN
-    } else {
-        slab_bytes as u64
-    };
-    let plan = Plan::new(
-        requests,
-        mapping.len(),
-        PlanOptions {
-            max_chunk,
-            max_gap: 256 << 10,
-        },
-        &path.display().to_string(),
-    )?;
-
-    let ctx = context(opts.device)?;
-    let _restore = CurrentContext::bind(&ctx)?;
-    for r in requests.iter().filter(|r| r.nbytes > 0) {
-        check_destination(r, opts.device)?;
-    }
-    let Some(mut reporter) = Reporter::start(progress, plan.total_bytes) else {
-        return Ok(Outcome::Cancelled);
-    };
-    if plan.chunks.is_empty() {
-        return Ok(Outcome::Done);
-    }
-
-    let mut ring_guard = RING.lock().unwrap_or_else(|e| e.into_inner());
-    if ring_guard
-        .as_ref()
-        .is_none_or(|r| r.slab_bytes != slab_bytes || r.slabs.len() != n_slabs)
-    {
-        *ring_guard = None; // free the old ring first: budgets are about peak memory
-        *ring_guard = Some(Ring::alloc(slab_bytes, n_slabs)?);
-    }
-    let ring = ring_guard.as_ref().expect("ring allocated");
-    let slab_ptrs: Vec<usize> = ring.slabs.iter().map(|s| s.0 as usize).collect();
-
-    let mut streams = Streams::new(n_slabs)?;
-    let source = match direct {
-        Some(f) => Source::Direct(f),
-        None => Source::Buffered(mapping.file()),
-    };
-    let readers = reader_count(opts.readers, n_slabs, plan.chunks.len());
-    // SAFETY: the slabs are pinned allocations of `slab_bytes` that only this copy uses
-    // (we hold the ring's lock); destinations per our caller's contract.
-    let outcome = unsafe {
-        pipeline(
-            &mut streams,
-            &plan,
-            &source,
-            path,
-            &slab_ptrs,
-            slab_bytes,
-            readers,
-            &mut reporter,
+    let source = Source::open(mapping, opts.direct)?;
+    let what = mapping.path().display().to_string();
+    let direct = source.direct;
+    let plan_for = |slab_bytes: usize| {
+        Plan::new(
+            requests,
+            mapping.len(),
+            PlanOptions {
+                max_chunk: max_chunk(direct, slab_bytes),
+                max_gap: 256 << 10,
+            },
+            &what,
         )
     };
-    drop(streams);
-    drop(ring_guard);
-    outcome
+    let plan = plan_for(ring_geometry(budget).0)?;
+
+    let ctx = context(opts.device)?;
+    let bound = CurrentContext::bind(ctx)?;
+    let copied = (|| {
+        for r in requests.iter().filter(|r| r.nbytes > 0) {
+            check_destination(r, opts.device)?;
+        }
+        let Some(mut reporter) = Reporter::start(progress, plan.total_bytes) else {
+            return Ok(Outcome::Cancelled);
+        };
+        if plan.chunks.is_empty() {
+            return Ok(Outcome::Done);
+        }
+        let mut guard = Staging::checkout()?;
+        let staging: &mut Staging = &mut guard;
+        let ring = staging.ensure_ring(budget, ctx)?;
+        let slab_bytes = ring.slab_bytes;
+        let slab_ptrs: Vec<usize> = ring.slabs.iter().map(|s| s.0 as usize).collect();
+        let plan = if slab_bytes == ring_geometry(budget).0 {
+            plan
+        } else {
+            plan_for(slab_bytes)?
+        };
+        let readers = reader_count(opts.readers, slab_ptrs.len(), plan.chunks.len());
+        let Staging {
+            streams,
+            readers: pool,
+            ..
+        } = staging;
+        let stage = streams_for(streams, opts.device, ctx, slab_ptrs.len())?;
+        // SAFETY: the slabs are pinned allocations of `slab_bytes` that only this copy
+        // uses (the staging resources are checked out); chunks fit them (planned with
+        // `max_chunk`); destinations per our caller's contract.
+        unsafe {
+            pipeline(
+                stage,
+                Arc::new(plan),
+                Arc::new(source),
+                &slab_ptrs,
+                slab_bytes,
+                readers,
+                pool,
+                &mut reporter,
+            )
+        }
+    })();
+    let restored = bound.restore();
+    let outcome = copied?;
+    restored?;
+    Ok(outcome)
 }
 
 /// Where staged chunks go: an in-order queue of copies with one completion marker per
@@ -533,7 +1019,7 @@ impl Stage for Streams {
         // SAFETY: forwarded contract; the stream is ours and alive.
         unsafe { sys::cuMemcpyHtoDAsync_v2(dest, src.cast(), len, self.stream) }
             .result()
-            .map_err(cu("cuMemcpyHtoDAsync"))
+            .map_err(cu("cuMemcpyHtoDAsync_v2"))
     }
 
     fn record(&mut self, slab: usize) -> Result<()> {
@@ -561,148 +1047,245 @@ impl Stage for Streams {
     }
 }
 
-/// The copy loop. Reader threads take chunks in file order, wait for a free slab, `pread`
-/// the chunk into it and hand it over; this thread queues the chunk's pieces on `stage`,
-/// marks the slab, and returns slabs to the readers once their marker completed. Progress
-/// counts completed bytes. However it ends, the readers are stopped and every queued copy
-/// has completed on return.
+/// What a reader hands the coordinator: chunk `chunk` now sits in slab `slab`, starting
+/// `skew` bytes into it (non-zero for `O_DIRECT` reads from an aligned offset).
+pub(crate) struct Filled {
+    chunk: usize,
+    slab: usize,
+    skew: usize,
+}
+
+/// One copy's work for the reader threads. Everything is owned (the threads outlive the
+/// copy); the coordinator does not return before every reader has dropped its job.
+#[derive(Clone)]
+struct ReadJob {
+    plan: Arc<Plan>,
+    source: Arc<Source>,
+    slabs: Arc<[usize]>,
+    slab_bytes: usize,
+    next: Arc<AtomicUsize>,
+    abort: Arc<AtomicBool>,
+    free: Arc<FreeSlabs>,
+    filled: mpsc::Sender<Result<Filled>>,
+}
+
+/// The slabs free for reading: a stack, so that the slab freed last (its pages warm in the
+/// caches and TLB) is read into first, and the ring's memory is walked only as far as the
+/// copies lag behind the reads. Closing it dismisses the readers waiting for a slab.
+struct FreeSlabs {
+    state: Mutex<(Vec<usize>, bool)>,
+    cv: Condvar,
+}
+
+impl FreeSlabs {
+    fn new(n: usize) -> FreeSlabs {
+        FreeSlabs {
+            state: Mutex::new(((0..n).rev().collect(), false)),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Waits for a free slab; `None` once closed.
+    fn take(&self) -> Option<usize> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.1 {
+                return None;
+            }
+            if let Some(slab) = st.0.pop() {
+                return Some(slab);
+            }
+            st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn give(&self, slab: usize) {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .push(slab);
+        self.cv.notify_one();
+    }
+
+    fn close(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.cv.notify_all();
+    }
+}
+
+impl ReadJob {
+    /// Takes chunks in file order, waits for a free slab, reads the chunk into it and hands
+    /// it over; stops at the end of the plan, on `abort`, when the free slabs are closed, or
+    /// after a read error (which it hands over).
+    fn run(self) {
+        while !self.abort.load(Ordering::Relaxed) {
+            let chunk = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(c) = self.plan.chunks.get(chunk) else {
+                break;
+            };
+            let Some(slab) = self.free.take() else {
+                break; // the coordinator stopped
+            };
+            // SAFETY: slab `slab` was handed to this reader alone by the free stack
+            // (its previous copies completed: the coordinator saw its marker complete),
+            // and it is `slab_bytes` long; the coordinator keeps the slabs alive until
+            // every reader has dropped this job.
+            let r = unsafe {
+                read_chunk(
+                    &self.source,
+                    self.slabs[slab] as *mut u8,
+                    self.slab_bytes,
+                    c.file_offset,
+                    c.len,
+                )
+            };
+            let failed = r.is_err();
+            let msg = r.map(|skew| Filled { chunk, slab, skew });
+            if self.filled.send(msg).is_err() || failed {
+                break;
+            }
+        }
+    }
+}
+
+/// Stops a copy's readers and waits until each has dropped its job (so no reader touches
+/// a slab after the copy returns), on every path out of `pipeline`, unwinding included.
+struct StopReaders<'a> {
+    abort: Arc<AtomicBool>,
+    free: Arc<FreeSlabs>,
+    filled: &'a mpsc::Receiver<Result<Filled>>,
+}
+
+impl StopReaders<'_> {
+    /// Sets the flag and closes the free slabs: a reader waiting for a slab wakes up and
+    /// leaves; one in the middle of a read leaves after it.
+    fn stop(&mut self) {
+        self.abort.store(true, Ordering::Relaxed);
+        self.free.close();
+    }
+}
+
+impl Drop for StopReaders<'_> {
+    fn drop(&mut self) {
+        self.stop();
+        // Every reader holds a sender; the channel disconnects when the last one is done.
+        while self.filled.recv().is_ok() {}
+    }
+}
+
+/// The copy loop. Reader threads from `pool` take chunks in file order, wait for a free
+/// slab, `pread` the chunk into it and hand it over; this thread queues the chunk's pieces
+/// on `stage`, marks the slab, and returns slabs to the readers once their marker
+/// completed. Progress counts completed bytes. However it ends, the readers have stopped
+/// touching the slabs and every queued copy has completed on return.
 ///
 /// # Safety
 /// Each `slab_ptrs[i]` must be valid for writes of `slab_bytes` bytes and used by nothing
 /// else during the call; every piece's destination must be valid for `stage`; chunks must
-/// fit a slab (`len <= slab_bytes`, or `slab_bytes - 2 * ALIGN` for `O_DIRECT`).
+/// fit a slab (`len <= max_chunk(source.direct, slab_bytes)`).
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn pipeline<S: Stage>(
     stage: &mut S,
-    plan: &Plan,
-    source: &Source<'_>,
-    path: &Path,
+    plan: Arc<Plan>,
+    source: Arc<Source>,
     slab_ptrs: &[usize],
     slab_bytes: usize,
     readers: usize,
+    pool: &mut ReaderPool,
     reporter: &mut Reporter<'_>,
 ) -> Result<Outcome> {
     let n_chunks = plan.chunks.len();
     if n_chunks == 0 {
         return Ok(Outcome::Done);
     }
-    let next = AtomicUsize::new(0);
-    let abort = AtomicBool::new(false);
-    let (free_tx, free_rx) = mpsc::channel::<usize>();
-    for i in 0..slab_ptrs.len() {
-        free_tx.send(i).expect("receiver alive");
-    }
-    let free_rx = Mutex::new(free_rx);
+    let free = Arc::new(FreeSlabs::new(slab_ptrs.len()));
     let (filled_tx, filled_rx) = mpsc::channel::<Result<Filled>>();
+    let abort = Arc::new(AtomicBool::new(false));
+    let mut stop = StopReaders {
+        abort: abort.clone(),
+        free: free.clone(),
+        filled: &filled_rx,
+    };
+    let job = ReadJob {
+        plan: plan.clone(),
+        source,
+        slabs: slab_ptrs.into(),
+        slab_bytes,
+        next: Arc::new(AtomicUsize::new(0)),
+        abort,
+        free,
+        filled: filled_tx,
+    };
+    let dispatched = pool.dispatch(readers.max(1), &job);
+    drop(job); // the readers hold the only senders now
+    dispatched?;
 
-    std::thread::scope(|s| -> Result<Outcome> {
-        for _ in 0..readers.max(1) {
-            let filled_tx = filled_tx.clone();
-            let (next, abort, free_rx) = (&next, &abort, &free_rx);
-            s.spawn(move || {
-                while !abort.load(Ordering::Relaxed) {
-                    let chunk = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(c) = plan.chunks.get(chunk) else {
-                        break;
-                    };
-                    let slab = match free_rx.lock().unwrap_or_else(|e| e.into_inner()).recv() {
-                        Ok(slab) => slab,
-                        Err(_) => break, // the coordinator stopped
-                    };
-                    // SAFETY: slab `slab` was handed to this reader alone through the free
-                    // channel (its previous copies completed: the coordinator saw its
-                    // marker complete), and it is `slab_bytes` long.
-                    let r = unsafe {
-                        read_chunk(
-                            source,
-                            path,
-                            slab_ptrs[slab] as *mut u8,
-                            slab_bytes,
-                            c.file_offset,
-                            c.len,
-                        )
-                    };
-                    let failed = r.is_err();
-                    let msg = r.map(|skew| Filled { chunk, slab, skew });
-                    if filled_tx.send(msg).is_err() || failed {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(filled_tx);
-        let mut free_tx = Some(free_tx);
-
-        let mut inflight: VecDeque<(usize, u64)> = VecDeque::new();
-        let mut completed = 0usize;
-        let mut run = |stage: &mut S| -> Result<Outcome> {
-            while completed < n_chunks {
-                // Recycle slabs whose copies are done, without waiting.
-                while let Some(&(slab, bytes)) = inflight.front() {
-                    if !stage.is_done(slab)? {
-                        break;
-                    }
-                    inflight.pop_front();
-                    completed += 1;
-                    if let Some(tx) = &free_tx {
-                        let _ = tx.send(slab);
-                    }
-                    if !reporter.add(bytes) {
-                        return Ok(Outcome::Cancelled);
-                    }
-                }
-                if completed == n_chunks {
+    let mut inflight: VecDeque<(usize, u64)> = VecDeque::new();
+    let mut completed = 0usize;
+    let mut run = |stage: &mut S, stop: &StopReaders<'_>| -> Result<Outcome> {
+        while completed < n_chunks {
+            // Recycle slabs whose copies are done, without waiting.
+            while let Some(&(slab, bytes)) = inflight.front() {
+                if !stage.is_done(slab)? {
                     break;
                 }
-                let msg = if inflight.is_empty() {
-                    Some(filled_rx.recv().map_err(|_| Error::Cuda {
-                        call: "reader thread".into(),
-                        message: "readers stopped before reading every chunk".into(),
-                    })?)
-                } else {
-                    filled_rx.try_recv().ok()
-                };
-                match msg {
-                    Some(filled) => {
-                        let f = filled?;
-                        let c = &plan.chunks[f.chunk];
-                        let base = slab_ptrs[f.slab] + f.skew;
-                        for p in &c.pieces {
-                            // SAFETY: the source lies in the slab (piece inside the chunk,
-                            // chunk read at `skew` in a slab of `slab_bytes`); readers do
-                            // not touch the slab until its marker completes; destinations
-                            // per this function's contract.
-                            unsafe {
-                                stage.copy(
-                                    p.dest,
-                                    (base + p.offset as usize) as *const u8,
-                                    p.len as usize,
-                                )
-                            }?;
-                        }
-                        stage.record(f.slab)?;
-                        inflight.push_back((f.slab, c.delivered()));
-                    }
-                    None => {
-                        // Nothing new to send: wait for the oldest copy in flight.
-                        let &(slab, _) = inflight.front().expect("copies in flight");
-                        stage.wait(slab)?;
-                    }
+                inflight.pop_front();
+                completed += 1;
+                stop.free.give(slab);
+                if !reporter.add(bytes) {
+                    return Ok(Outcome::Cancelled);
                 }
             }
-            Ok(Outcome::Done)
-        };
-        let r = run(stage);
-        // Stop the readers: set the flag and close the free channel (a reader waiting for
-        // a slab then wakes up and leaves). Then wait for every queued copy, whatever
-        // happened, before the slabs and destinations are handed back.
-        abort.store(true, Ordering::Relaxed);
-        free_tx.take();
-        let synced = stage.synchronize();
-        let out = r?;
-        synced?;
-        Ok(out)
-    })
+            if completed == n_chunks {
+                break;
+            }
+            let msg = if inflight.is_empty() {
+                Some(filled_rx.recv().map_err(|_| {
+                    Error::Internal("the reader threads stopped before reading every chunk".into())
+                })?)
+            } else {
+                filled_rx.try_recv().ok()
+            };
+            match msg {
+                Some(filled) => {
+                    let f = filled?;
+                    let c = &plan.chunks[f.chunk];
+                    let base = slab_ptrs[f.slab] + f.skew;
+                    for p in &c.pieces {
+                        // SAFETY: the source lies in the slab (piece inside the chunk, chunk
+                        // read at `skew` in a slab of `slab_bytes`); readers do not touch
+                        // the slab until its marker completes; destinations per this
+                        // function's contract.
+                        unsafe {
+                            stage.copy(
+                                p.dest,
+                                (base + p.offset as usize) as *const u8,
+                                p.len as usize,
+                            )
+                        }?;
+                    }
+                    stage.record(f.slab)?;
+                    inflight.push_back((f.slab, c.delivered()));
+                }
+                None => {
+                    // Nothing new to send: wait for the oldest copy in flight.
+                    let &(slab, _) = inflight.front().expect("copies in flight");
+                    stage.wait(slab)?;
+                }
+            }
+        }
+        Ok(Outcome::Done)
+    };
+    let r = run(stage, &stop);
+    // Stop the readers, then wait for every queued copy, whatever happened, before the
+    // slabs and destinations are handed back; dropping `stop` waits for the readers.
+    stop.stop();
+    let synced = stage.synchronize();
+    drop(stop);
+    let out = r?;
+    synced?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -815,18 +1398,8 @@ mod tests {
                 dest: d.as_mut_ptr() as u64,
             })
             .collect();
-        let source = if direct {
-            match open_direct(m.path()) {
-                Some(f) => Source::Direct(f),
-                None => Source::Buffered(m.file()),
-            }
-        } else {
-            Source::Buffered(m.file())
-        };
-        let max_chunk = match source {
-            Source::Direct(_) => slab_bytes as u64 - 2 * ALIGN,
-            Source::Buffered(_) => slab_bytes as u64,
-        };
+        let source = Source::open(m, direct).unwrap();
+        let max_chunk = max_chunk(source.direct, slab_bytes);
         let plan = Plan::new(
             &reqs,
             m.len(),
@@ -855,21 +1428,23 @@ mod tests {
         };
         let mut reporter = Reporter::start(&mut cb, plan.total_bytes).unwrap();
         let mut stage = FakeStage::new(n_slabs);
+        let mut pool = ReaderPool::default();
         // SAFETY: slabs are live, aligned, `slab_bytes` long and private to this call;
         // destinations are live Vecs sized to their requests.
         let r = unsafe {
             pipeline(
                 &mut stage,
-                &plan,
-                &source,
-                m.path(),
+                Arc::new(plan),
+                Arc::new(source),
                 &slab_ptrs,
                 slab_bytes,
                 readers,
+                &mut pool,
                 &mut reporter,
             )
         };
         assert!(stage.ops.is_empty(), "copies left queued after return");
+        assert_eq!(pool.readers.len(), readers.max(1), "one thread per reader");
         drop(backing);
         (r, dests, calls)
     }
@@ -943,6 +1518,27 @@ mod tests {
             );
         }
         assert_eq!(ring_geometry(256 << 20), (16 << 20, 16));
+    }
+
+    #[test]
+    fn a_panic_of_ours_is_an_internal_error_and_cudarcs_a_driver_error() {
+        let e = guarded::<()>(|| panic!("index out of bounds: the len is 3")).unwrap_err();
+        assert!(
+            matches!(&e, Error::Internal(m) if m.contains("index out of bounds")),
+            "{e}"
+        );
+        assert!(e.to_string().contains("bug in zeroload"), "{e}");
+        let e =
+            guarded::<()>(|| panic!("Missing symbol cuMemcpyHtoDAsync_v2: undefined")).unwrap_err();
+        assert!(
+            matches!(&e, Error::Cuda { call, message }
+                if call.contains("driver library") && message.contains("cuMemcpyHtoDAsync_v2")),
+            "{e}"
+        );
+        let e = guarded::<()>(|| panic!("Unable to dynamically load the \"cuda\" shared library"))
+            .unwrap_err();
+        assert!(matches!(e, Error::Cuda { .. }), "{e}");
+        assert_eq!(guarded(|| Ok(5)).unwrap(), 5);
     }
 
     #[test]
