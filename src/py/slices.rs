@@ -194,15 +194,17 @@ where
 /// (see `SliceTuple`); `destinations`: dense CPU tensors (anything exporting DLPack).
 /// Reads are planned across all slices, coalesced over small gaps while they read at
 /// most twice the bytes delivered, and run on `threads` threads (default: up to 8).
+/// `max_gap`: the largest hole read through (default `host::SLICE_MAX_GAP`).
 /// Returns `(bytes delivered, bytes read from the file)`.
 #[pyfunction]
-#[pyo3(signature = (ckpt, destinations, slices, threads=None))]
+#[pyo3(signature = (ckpt, destinations, slices, threads=None, max_gap=None))]
 fn copy_slices_to_host(
     py: Python<'_>,
     ckpt: PyRef<'_, PyCheckpoint>,
     destinations: &Bound<'_, PyAny>,
     slices: Vec<SliceTuple>,
     threads: Option<usize>,
+    max_gap: Option<u64>,
 ) -> PyResult<(u64, u64)> {
     let inner = ckpt.inner.clone();
     drop(ckpt);
@@ -214,10 +216,14 @@ fn copy_slices_to_host(
     let path = inner.path.clone();
     let (jobs, plan) = py.detach(|| -> Result<_> {
         let jobs = plan_jobs(&inner, &slices, &dests)?;
+        let mut opts = host::slice_plan_options();
+        if let Some(g) = max_gap {
+            opts.max_gap = g;
+        }
         let plan = Plan::bounded(
             &requests(&jobs),
             inner.mapping.len(),
-            host::slice_plan_options(),
+            opts,
             &path.display().to_string(),
         )?;
         Ok((jobs, plan))

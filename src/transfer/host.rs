@@ -23,8 +23,16 @@ use crate::mapping::Mapping;
 pub const HOST_CHUNK: u64 = 16 << 20;
 
 /// Largest hole a sliced read reads through (and throws away) rather than issuing another
-/// read; the plan's 2x bound applies on top.
-pub const SLICE_MAX_GAP: u64 = 64 << 10;
+/// read; the plan's 2x bound applies on top. A `pread` costs about as much as copying
+/// 10-20 KiB from the page cache, so larger holes are cheaper skipped (and skipping them
+/// keeps `Shard(0)` plans, whose holes are other ranks' shards, at 1x).
+pub const SLICE_MAX_GAP: u64 = 16 << 10;
+
+/// Threads claim chunks in batches of at least this many bytes (or [`BATCH_CHUNKS`]
+/// chunks), so that plans of many small reads (a `Shard(1)` slice is one read per row)
+/// do not pay a hand-off per read.
+const BATCH_BYTES: u64 = 1 << 20;
+const BATCH_CHUNKS: usize = 256;
 
 /// The options of a sliced host copy's plan.
 pub fn slice_plan_options() -> PlanOptions {
@@ -118,22 +126,35 @@ pub unsafe fn copy_planned(
         return Ok(Outcome::Done);
     }
 
-    let n_chunks = plan.chunks.len();
+    // Batches of consecutive chunks: `bounds[b]..bounds[b + 1]`.
+    let mut bounds = vec![0usize];
+    let (mut bytes, mut count) = (0u64, 0usize);
+    for (i, c) in plan.chunks.iter().enumerate() {
+        bytes += c.len;
+        count += 1;
+        if bytes >= BATCH_BYTES || count >= BATCH_CHUNKS || i + 1 == plan.chunks.len() {
+            bounds.push(i + 1);
+            (bytes, count) = (0, 0);
+        }
+    }
+    let n_batches = bounds.len() - 1;
+    let threads = threads.min(n_batches);
     let next = AtomicUsize::new(0);
     let abort = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel::<Result<u64>>();
     std::thread::scope(|s| {
         for _ in 0..threads {
             let tx = tx.clone();
-            let (next, abort, run_chunk) = (&next, &abort, &run_chunk);
+            let (next, abort, run_chunk, bounds) = (&next, &abort, &run_chunk, &bounds);
             s.spawn(move || {
                 let mut scratch = Vec::new();
                 while !abort.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= n_chunks {
+                    let b = next.fetch_add(1, Ordering::Relaxed);
+                    if b >= n_batches {
                         break;
                     }
-                    let r = run_chunk(i, &mut scratch);
+                    let r = (bounds[b]..bounds[b + 1])
+                        .try_fold(0u64, |sum, i| Ok(sum + run_chunk(i, &mut scratch)?));
                     let failed = r.is_err();
                     if tx.send(r).is_err() || failed {
                         break;
