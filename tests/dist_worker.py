@@ -347,11 +347,11 @@ def warm_up(work: Path, world: int) -> None:
 # ---------------------------------------------------------------------- scenarios
 
 
-def _tp_model(ctx: Ctx, device: str) -> nn.Module:
+def _tp_model(ctx: Ctx, device: str, mesh_device: str = "cpu") -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import parallelize_module
 
-    mesh = init_device_mesh("cpu", (ctx.world,))
+    mesh = init_device_mesh(mesh_device, (ctx.world,))
     if device == "meta":
         with torch.device("meta"):
             model = TinyLM(TP_VOCAB)
@@ -402,6 +402,17 @@ def tp_meta_safetensors(ctx: Ctx) -> None:
 def tp_materialised_pth(ctx: Ctx) -> None:
     model = _tp_model(ctx, "cpu")
     _load_into_scenario(ctx, model, ctx.ckpt / "tp.pth", trained(TinyLM, TP_VOCAB), TP_VOCAB)
+
+
+def tp_meta_cuda(ctx: Ctx) -> None:
+    """Meta model on a CUDA mesh: local shards land on the GPU through the staging ring
+    (every rank on the current device; gloo is enough, loading does not communicate)."""
+    torch.cuda.set_device(ctx.rank % torch.cuda.device_count())
+    model = _tp_model(ctx, "meta", mesh_device="cuda")
+    _load_into_scenario(ctx, model, ctx.ckpt / "tp.safetensors", None, TP_VOCAB)
+    for k, v in model.state_dict().items():
+        if _local(v).device.type != "cuda":
+            ctx.problem(f"{k} is not on the GPU")
 
 
 def _fsdp_model(ctx: Ctx, cls: type, materialise: bool) -> nn.Module:
@@ -542,6 +553,10 @@ SCENARIOS: dict[str, Callable[[Ctx], None]] = {
 }
 
 
+# Run only when named (they need a GPU).
+CUDA_SCENARIOS: dict[str, Callable[[Ctx], None]] = {"tp_meta_cuda": tp_meta_cuda}
+
+
 def rank_main(rank: int, world: int, out: str, names: list[str]) -> None:
     out_dir = Path(out)
     torch.set_num_threads(1)
@@ -556,7 +571,7 @@ def rank_main(rank: int, world: int, out: str, names: list[str]) -> None:
         for name in names:
             ctx = Ctx(rank, world, out_dir / "ckpt", work)
             try:
-                SCENARIOS[name](ctx)
+                {**SCENARIOS, **CUDA_SCENARIOS}[name](ctx)
             except Exception:
                 ctx.problem("scenario raised:\n" + traceback.format_exc())
             reports[name] = ctx.report

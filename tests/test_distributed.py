@@ -117,12 +117,12 @@ def test_partial_placements_are_refused() -> None:
 # ---------------------------------------------------------------- multi-process runs
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    """Runs every scenario of dist_worker.py on WORLD gloo ranks; one report per rank."""
-    out = tmp_path_factory.mktemp("distributed")
+def run_worker(out: Path, *scenarios: str) -> list[dict[str, Any]]:
+    """Runs scenarios of dist_worker.py (default: all CPU ones) on WORLD gloo ranks under
+    a timeout; one report per rank."""
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "dist_worker.py"), str(out), str(WORLD)],
+        [sys.executable, str(HERE / "dist_worker.py"), str(out), str(WORLD)]
+        + ([",".join(scenarios)] if scenarios else []),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -144,6 +144,11 @@ def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     if proc.returncode != 0:
         pytest.fail(f"the worker exited with {proc.returncode}:\n{log.decode()[-4000:]}")
     return reports
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_worker(tmp_path_factory.mktemp("distributed"))
 
 
 def scenario(ranks: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
@@ -237,6 +242,13 @@ def test_dcp_load_with_storage_reader_from_pth(ranks: list) -> None:
 def test_dcp_load_with_storage_reader_from_bin_shard_set(ranks: list) -> None:
     reps = scenario(ranks, "dcp_fsdp2_bin_shards")
     assert_reads_only_its_shard(reps, 1.1)
+
+
+@pytest.mark.gpu
+def test_tensor_parallel_meta_model_on_a_cuda_mesh(tmp_path: Path) -> None:
+    reps = scenario(run_worker(tmp_path, "tp_meta_cuda"), "tp_meta_cuda")
+    for rep in reps:
+        assert rep["local_bytes"] < 0.6 * rep["file_bytes"]
 
 
 # --------------------------------------------------- StorageReader in a single process

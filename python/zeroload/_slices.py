@@ -16,6 +16,7 @@ them through a temporary tensor of the rectangle, one tensor at a time, and `cop
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -132,14 +133,29 @@ def check_ranges(name: str, ckpt: _core.Checkpoint, i: int, ranges: Ranges) -> N
                 )
 
 
+def host_threads() -> int | None:
+    """Reader threads for host copies: this rank's share of the cores when several ranks
+    share the machine (torchrun's LOCAL_WORLD_SIZE), else None (the core's default)."""
+    try:
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ""))
+    except ValueError:
+        return None
+    if local_ranks <= 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // local_ranks)
+
+
 def read(reads: Sequence[SliceRead], *, threads: int | None = None) -> Stats:
     """Carries out `reads`: one planned copy per (file, device) for the reads the copy
-    engine can write in place, a temporary and `copy_` for the others.
+    engine can write in place, a temporary and `copy_` for the others. `threads`: host
+    reader threads (default: `host_threads()`).
 
     Raises:
         ValueError: a selection outside its tensor, or `out` shaped unlike the selection.
         CheckpointError: the file is broken, or shrank while being read (naming the tensor).
     """
+    if threads is None:
+        threads = host_threads()
     stats = Stats()
     direct: dict[tuple[int, torch.device], list[tuple[SliceRead, tuple]]] = {}
     ckpts: dict[int, _core.Checkpoint] = {}
