@@ -32,6 +32,7 @@ before each method.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -264,6 +265,8 @@ def rank_main(rank: int, world: int, args: dict) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
+    # What torchrun sets: zeroload gives each rank its share of the cores.
+    os.environ["LOCAL_WORLD_SIZE"] = str(world)
     store = Path(args["work"]) / f"store-{args['tag']}"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
@@ -275,27 +278,34 @@ def rank_main(rank: int, world: int, args: dict) -> None:
     apply_plan(warm, plan, mesh)
     run_method(method, warm, Path(args["tiny"]), mesh)
 
-    with torch.device("meta"):
-        model = LM(*SIZES[size])
-    apply_plan(model, plan, mesh)
-    # Set the page cache right before the timed block (see `Pinned`).
-    if rank == 0:
-        set_cache(Path(args["dir"]), args["cold"])
-    dist.barrier()
-    io0 = proc_io()
-    with Sampler() as s:
-        t0 = time.perf_counter()
-        run_method(method, model, Path(args["dir"]), mesh)
-        elapsed = time.perf_counter() - t0
-    io1 = proc_io()
-    report = {
-        "time": elapsed,
-        "rchar": io1["rchar"] - io0["rchar"],
-        "read_bytes": io1["read_bytes"] - io0["read_bytes"],
-        "anon": s.peak[0] - s.base[0],
-        "local": local_bytes(model),
-        "checksum": checksum(model),
-    }
+    reports = []
+    for _ in range(args["repeat"]):
+        with torch.device("meta"):
+            model = LM(*SIZES[size])
+        apply_plan(model, plan, mesh)
+        # Set the page cache right before the timed block (see `Pinned`).
+        if rank == 0:
+            set_cache(Path(args["dir"]), args["cold"])
+        dist.barrier()
+        io0 = proc_io()
+        with Sampler() as s:
+            t0 = time.perf_counter()
+            run_method(method, model, Path(args["dir"]), mesh)
+            elapsed = time.perf_counter() - t0
+        io1 = proc_io()
+        reports.append(
+            {
+                "time": elapsed,
+                "rchar": io1["rchar"] - io0["rchar"],
+                "read_bytes": io1["read_bytes"] - io0["read_bytes"],
+                "anon": s.peak[0] - s.base[0],
+                "local": local_bytes(model),
+                "checksum": checksum(model),
+            }
+        )
+        del model
+        gc.collect()
+    report = {k: [r[k] for r in reports] for k in reports[0]}
     out = Path(args["work"]) / f"{args['tag']}-rank{rank}.json"
     out.write_text(json.dumps(report))
     dist.barrier()
@@ -362,6 +372,12 @@ def main() -> None:
     )
     ap.add_argument("--json", type=Path, help="also write the raw per-rank figures here")
     ap.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="loads per method, each into fresh memory, in the same ranks (median shown)",
+    )
+    ap.add_argument(
         "--cold",
         action="store_true",
         help="evict the model's files from the page cache before each method (default: warm)",
@@ -395,6 +411,10 @@ def main() -> None:
         pinned = None if args.cold else Pinned(sorted(model_dir.glob("*.safetensors")))
         if pinned is not None and not pinned.locked:
             print("could not mlock the files: warming them before each method instead")
+        # Every allocation of 64 KiB or more gets its own mapping, returned to the OS when
+        # freed: each repeat writes into fresh pages, as a first load does (glibc would
+        # otherwise recycle the previous repeat's heap and skip the page faults).
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(64 << 10)
         results: dict[str, Any] = {}
         for world in [int(w) for w in args.worlds.split(",")]:
             for plan in args.plans.split(","):
@@ -410,6 +430,7 @@ def main() -> None:
                         tiny=str(tiny_dir),
                         work=str(work),
                         cold=args.cold,
+                        repeat=args.repeat,
                     )
                     mp.spawn(rank_main, args=(world, spec), nprocs=world, join=True)
                     rows[method] = [
@@ -428,31 +449,43 @@ def main() -> None:
             shutil.rmtree(base, ignore_errors=True)
 
 
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
 def print_table(plan: str, world: int, rows: dict[str, list[dict]], total: int) -> None:
+    """One row per method: the median over repeats of the slowest rank's time; bytes and
+    memory of each rank's first load (every repeat reads the same)."""
     print(f"\n### {plan}, world size {world} (file {fmt_bytes(total)})\n")
     print(
-        "| method | time (max rank) | vs zeroload | read syscalls/rank (rchar) | "
+        "| method | time (slowest rank, median) | vs zeroload | read syscalls/rank (rchar) | "
         "disk reads/rank (read_bytes) | all ranks' reads / file | peak RssAnon incr. "
         "(max rank) | local shard | check |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+
+    def slowest(reps: list[dict]) -> float:
+        return median([max(r["time"][i] for r in reps) for i in range(len(reps[0]["time"]))])
+
     ref = rows.get("zeroload") or next(iter(rows.values()))
-    ref_time = max(r["time"] for r in ref)
-    ref_sum = [r["checksum"] for r in ref]
+    ref_time = slowest(ref)
+    ref_sum = [r["checksum"][0] for r in ref]
     for method, reps in rows.items():
-        tmax = max(r["time"] for r in reps)
-        rchar = sum(r["rchar"] for r in reps) / len(reps)
-        disk = sum(r["read_bytes"] for r in reps) / len(reps)
+        t = slowest(reps)
+        rchar = sum(r["rchar"][0] for r in reps) / len(reps)
+        disk = sum(r["read_bytes"][0] for r in reps) / len(reps)
         # Read syscalls, or for mmap readers (no read syscalls) what came from disk.
-        reads = sum(max(r["rchar"], r["read_bytes"]) for r in reps) / total
-        anon = max(r["anon"] for r in reps)
-        local = max(r["local"] for r in reps)
+        reads = sum(max(r["rchar"][0], r["read_bytes"][0]) for r in reps) / total
+        anon = max(max(r["anon"]) for r in reps)
+        local = max(r["local"][0] for r in reps)
         same = all(
             abs(a - b) <= 1e-6 * max(1.0, abs(b))
-            for a, b in zip((r["checksum"] for r in reps), ref_sum)
+            for r, b in zip(reps, ref_sum)
+            for a in r["checksum"]
         )
         print(
-            f"| {method} | {tmax:.2f} s | {tmax / ref_time:.2f}x | {fmt_bytes(rchar)} | "
+            f"| {method} | {t:.2f} s | {t / ref_time:.2f}x | {fmt_bytes(rchar)} | "
             f"{fmt_bytes(disk)} | {reads:.2f}x | {fmt_bytes(anon)} | {fmt_bytes(local)} | "
             f"{'equal' if same else 'DIFFERS'} |",
             flush=True,

@@ -553,8 +553,35 @@ SCENARIOS: dict[str, Callable[[Ctx], None]] = {
 }
 
 
-# Run only when named (they need a GPU).
-CUDA_SCENARIOS: dict[str, Callable[[Ctx], None]] = {"tp_meta_cuda": tp_meta_cuda}
+def fsdp2_on_tp_2x2(ctx: Ctx) -> None:
+    """FSDP2 over tensor parallelism on a (dp=2, tp=2) mesh: colwise weights end up
+    `(_StridedShard(0, sf=2), Shard(0))`, rowwise ones `(Shard(0), Shard(1))`."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    placements: set[str] = set()
+    for device in ("meta", "cpu"):
+        with torch.device(device):
+            model = TinyLM(TP_VOCAB)
+        parallelize_module(model, mesh["tp"], tp_plan(model))
+        fully_shard_model(model, mesh["dp"])
+        sub = Ctx(ctx.rank, ctx.world, ctx.ckpt, ctx.work)
+        path = ctx.ckpt / "tp.safetensors"
+        _load_into_scenario(sub, model.eval(), path, trained(TinyLM, TP_VOCAB), TP_VOCAB)
+        ctx.report["problems"] += [f"{device}: {p}" for p in sub.report["problems"]]
+        if sub.report["load_error"]:
+            ctx.report["load_error"] = f"{device}: {sub.report['load_error']}"
+            ctx.report["load_traceback"] = sub.report.get("load_traceback")
+        placements |= {str(v.placements) for v in model.state_dict().values()}
+    ctx.report["placements"] = sorted(placements)
+
+
+# Run only when named: they need a GPU, or 4 ranks.
+CUDA_SCENARIOS: dict[str, Callable[[Ctx], None]] = {
+    "tp_meta_cuda": tp_meta_cuda,
+    "fsdp2_on_tp_2x2": fsdp2_on_tp_2x2,
+}
 
 
 def rank_main(rank: int, world: int, out: str, names: list[str]) -> None:

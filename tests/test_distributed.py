@@ -117,11 +117,11 @@ def test_partial_placements_are_refused() -> None:
 # ---------------------------------------------------------------- multi-process runs
 
 
-def run_worker(out: Path, *scenarios: str) -> list[dict[str, Any]]:
-    """Runs scenarios of dist_worker.py (default: all CPU ones) on WORLD gloo ranks under
-    a timeout; one report per rank."""
+def run_worker(out: Path, *scenarios: str, world: int = WORLD) -> list[dict[str, Any]]:
+    """Runs scenarios of dist_worker.py (default: all CPU ones) on `world` gloo ranks
+    under a timeout; one report per rank."""
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "dist_worker.py"), str(out), str(WORLD)]
+        [sys.executable, str(HERE / "dist_worker.py"), str(out), str(world)]
         + ([",".join(scenarios)] if scenarios else []),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -137,7 +137,7 @@ def run_worker(out: Path, *scenarios: str) -> list[dict[str, Any]]:
             + log.decode(errors="replace")[-4000:]
         )
     reports = []
-    for r in range(WORLD):
+    for r in range(world):
         f = out / f"rank{r}.json"
         assert f.exists(), f"rank {r} wrote no report:\n{log.decode(errors='replace')[-4000:]}"
         reports.append(json.loads(f.read_text()))
@@ -242,6 +242,15 @@ def test_dcp_load_with_storage_reader_from_pth(ranks: list) -> None:
 def test_dcp_load_with_storage_reader_from_bin_shard_set(ranks: list) -> None:
     reps = scenario(ranks, "dcp_fsdp2_bin_shards")
     assert_reads_only_its_shard(reps, 1.1)
+
+
+@pytest.mark.slow
+def test_fsdp2_on_top_of_tensor_parallel_on_a_2x2_mesh(tmp_path: Path) -> None:
+    # Four ranks: FSDP2's _StridedShard placements, meta and materialised models, and the
+    # 2-D-sharded model's output equals the unsharded one's.
+    reps = scenario(run_worker(tmp_path, "fsdp2_on_tp_2x2", world=4), "fsdp2_on_tp_2x2")
+    assert "(_StridedShard(dim=0, sf=2), Shard(dim=0))" in reps[0]["placements"]
+    assert "(Shard(dim=0), Shard(dim=1))" in reps[0]["placements"]
 
 
 @pytest.mark.gpu
