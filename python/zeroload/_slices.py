@@ -142,7 +142,9 @@ def host_threads() -> int | None:
         return None
     if local_ranks <= 1:
         return None
-    return max(1, len(os.sched_getaffinity(0)) // local_ranks)
+    affinity = getattr(os, "sched_getaffinity", None)
+    cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    return max(1, cores // local_ranks)
 
 
 def read(reads: Sequence[SliceRead], *, threads: int | None = None) -> Stats:
@@ -260,8 +262,8 @@ def _read_via_temporary(r: SliceRead, threads: int | None) -> tuple[int, int]:
         ranges = [list(rs) for rs in r.ranges]
         one = [(r.name, 0, 0, None, offset, itemsize, fshape, fstride, ranges)]
         delivered, read_bytes = _copy(r.ckpt, dev, [tmp], one, threads)
-    if r.via is not None and file_dtype.is_floating_point and r.via != file_dtype:
-        tmp = tmp.to(r.via)
+    if r.via not in (None, file_dtype, r.out.dtype) and file_dtype.is_floating_point:
+        tmp = tmp.to(r.via)  # then copy_ casts to out's dtype
     with torch.no_grad():
         r.out.copy_(tmp)
     return delivered, read_bytes

@@ -2,7 +2,9 @@
 //! file order, each knowing which destination pieces it scatters to.
 //!
 //! A plan is pure arithmetic: it never touches the file or the destinations, so it can be
-//! checked exhaustively. Every range is overflow-checked and must lie inside the file;
+//! checked exhaustively. [`Plan::new`] reads through any gap up to `max_gap` (fewer, larger
+//! reads for the CUDA staging ring); [`Plan::bounded`] also never reads more than twice the
+//! bytes it delivers (sliced reads: DTensor shards, slices). Every range is overflow-checked and must lie inside the file;
 //! destinations must not overlap one another (two writers into the same bytes would race),
 //! except for exact duplicates, which are copied once.
 
