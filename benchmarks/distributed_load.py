@@ -382,7 +382,23 @@ def main() -> None:
         action="store_true",
         help="evict the model's files from the page cache before each method (default: warm)",
     )
+    ap.add_argument(
+        "--report",
+        type=Path,
+        help="print the tables of a --json file written earlier (with --model for its size)",
+    )
     args = ap.parse_args()
+    if args.report:
+        saved = json.loads(args.report.read_text())
+        meta = saved.pop("_meta", {})
+        total = meta.get("total")
+        if total is None:
+            index = json.loads((args.model / "model.safetensors.index.json").read_text())
+            total = index["metadata"]["total_size"]
+        for key, rows in saved.items():
+            plan, world = key.split(" world=")
+            print_table(plan, int(world), rows, total)
+        return
 
     base = Path(tempfile.mkdtemp(prefix="zeroload-dist-", dir=args.dir))
     try:
@@ -439,6 +455,7 @@ def main() -> None:
                 results[f"{plan} world={world}"] = rows
                 print_table(plan, world, rows, total)
         if args.json:
+            results["_meta"] = {"total": total, "cold": args.cold, "repeat": args.repeat}
             args.json.write_text(json.dumps(results, indent=1))
         if pinned is not None:
             pinned.close()
@@ -455,15 +472,18 @@ def median(xs: list[float]) -> float:
 
 
 def print_table(plan: str, world: int, rows: dict[str, list[dict]], total: int) -> None:
-    """One row per method: the median over repeats of the slowest rank's time; bytes and
+    """One row per method: the median over repeats of the slowest rank's time (what a job
+    waits for), the median over all ranks and repeats (what one rank typically takes: on
+    a busy machine one rank of a collective-free load can be descheduled while the others
+    finish; DCP's final collectives make every rank wait for the slowest), and bytes and
     memory of each rank's first load (every repeat reads the same)."""
     print(f"\n### {plan}, world size {world} (file {fmt_bytes(total)})\n")
     print(
-        "| method | time (slowest rank, median) | vs zeroload | read syscalls/rank (rchar) | "
-        "disk reads/rank (read_bytes) | all ranks' reads / file | peak RssAnon incr. "
-        "(max rank) | local shard | check |"
+        "| method | time (slowest rank, median) | vs zeroload | time (any rank, median) | "
+        "read syscalls/rank (rchar) | disk reads/rank (read_bytes) | all ranks' reads / file "
+        "| peak RssAnon incr. (max rank) | local shard | check |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
 
     def slowest(reps: list[dict]) -> float:
         return median([max(r["time"][i] for r in reps) for i in range(len(reps[0]["time"]))])
@@ -473,6 +493,7 @@ def print_table(plan: str, world: int, rows: dict[str, list[dict]], total: int) 
     ref_sum = [r["checksum"][0] for r in ref]
     for method, reps in rows.items():
         t = slowest(reps)
+        typical = median([x for r in reps for x in r["time"]])
         rchar = sum(r["rchar"][0] for r in reps) / len(reps)
         disk = sum(r["read_bytes"][0] for r in reps) / len(reps)
         # Read syscalls, or for mmap readers (no read syscalls) what came from disk.
@@ -485,8 +506,9 @@ def print_table(plan: str, world: int, rows: dict[str, list[dict]], total: int) 
             for a in r["checksum"]
         )
         print(
-            f"| {method} | {t:.2f} s | {t / ref_time:.2f}x | {fmt_bytes(rchar)} | "
-            f"{fmt_bytes(disk)} | {reads:.2f}x | {fmt_bytes(anon)} | {fmt_bytes(local)} | "
+            f"| {method} | {t:.2f} s | {t / ref_time:.2f}x | {typical:.2f} s | "
+            f"{fmt_bytes(rchar)} | {fmt_bytes(disk)} | {reads:.2f}x | {fmt_bytes(anon)} | "
+            f"{fmt_bytes(local)} | "
             f"{'equal' if same else 'DIFFERS'} |",
             flush=True,
         )
