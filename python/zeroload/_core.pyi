@@ -9,6 +9,8 @@ __all__ = [
     "CheckpointError",
     "CudaError",
     "DLPackView",
+    "copy_slices_to_cuda",
+    "copy_slices_to_host",
     "copy_to_cuda",
     "copy_to_host",
     "cuda_available",
@@ -93,3 +95,33 @@ def copy_to_host(
     threads: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> None: ...
+
+# (name, destination index, destination byte offset, destination element strides or None
+# for dense, file offset of element 0, bytes per element, shape, element strides in the
+# file, per-dimension lists of (start, stop) index ranges)
+_SliceTuple = tuple[
+    str,
+    int,
+    int,
+    Sequence[int] | None,
+    int,
+    int,
+    Sequence[int],
+    Sequence[int],
+    Sequence[Sequence[tuple[int, int]]],
+]
+
+def copy_slices_to_host(
+    ckpt: Checkpoint,
+    destinations: Sequence[Any],
+    slices: Sequence[_SliceTuple],
+    threads: int | None = None,
+    max_gap: int | None = None,
+) -> tuple[int, int]: ...
+def copy_slices_to_cuda(
+    ckpt: Checkpoint,
+    destinations: Sequence[Any],
+    slices: Sequence[_SliceTuple],
+    device_index: int,
+    budget: int | None = None,
+) -> int: ...

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
-from zeroload import _core, _shards
+from zeroload import _core, _dtensor, _shards
 from zeroload._core import CheckpointError
 from zeroload._device import DeviceLike
 
@@ -130,6 +130,9 @@ def load_into(
     if msgs:
         raise _error(module, msgs)
 
+    shared, dtensors = _dtensor.partition(targets, shared)
+    if dtensors:  # each rank reads only its shard
+        _dtensor.load(module, targets, entries, dtensors, device=device, dtype=dtype)
     meta = [k for k in shared if targets[k].is_meta]
     live = [k for k in shared if not targets[k].is_meta]
     if live:

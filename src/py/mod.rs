@@ -5,6 +5,7 @@
 mod checkpoint;
 mod dlpack;
 mod errors;
+mod slices;
 mod transfer;
 
 use pyo3::prelude::*;
@@ -14,5 +15,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     checkpoint::register(m)?;
     transfer::register(m)?;
+    slices::register(m)?;
     Ok(())
 }

@@ -2,8 +2,11 @@
 //!
 //! - [`plan`]: requests sorted by file offset, coalesced into bounded reads that know where
 //!   each of their bytes goes. Pure arithmetic, fully checked.
+//! - [`slice`]: a rectangle of a strided tensor (a DTensor shard, a slice) as the fewest
+//!   contiguous byte runs; they become copy requests like any other.
 //! - [`host`]: worker threads `pread` straight into destination host memory (existing CPU
-//!   tensors: `load_into` on a materialised module).
+//!   tensors: `load_into` on a materialised module); reads coalesced across small gaps
+//!   scatter with one `preadv`, the gaps going to a scratch buffer.
 //! - [`cuda`]: reader threads `pread` into a process-wide ring of pinned host slabs, each
 //!   full slab goes to the GPU with an async copy on a non-blocking stream, an event per
 //!   slab recycles it; one synchronisation at the end.
@@ -15,6 +18,7 @@
 pub mod cuda;
 pub mod host;
 pub mod plan;
+pub mod slice;
 
 use std::fs::File;
 use std::os::unix::io::AsRawFd;

@@ -2,7 +2,9 @@
 //! file order, each knowing which destination pieces it scatters to.
 //!
 //! A plan is pure arithmetic: it never touches the file or the destinations, so it can be
-//! checked exhaustively. Every range is overflow-checked and must lie inside the file;
+//! checked exhaustively. [`Plan::new`] reads through any gap up to `max_gap` (fewer, larger
+//! reads for the CUDA staging ring); [`Plan::bounded`] also never reads more than twice the
+//! bytes it delivers (sliced reads: DTensor shards, slices). Every range is overflow-checked and must lie inside the file;
 //! destinations must not overlap one another (two writers into the same bytes would race),
 //! except for exact duplicates, which are copied once.
 
@@ -88,6 +90,30 @@ impl Plan {
         opts: PlanOptions,
         what: &str,
     ) -> Result<Plan> {
+        Plan::build(requests, file_len, opts, false, what)
+    }
+
+    /// Like [`Plan::new`], but a gap is read through only if the range after it is at
+    /// least as long, so every chunk reads at most twice the bytes it delivers and
+    /// `read_bytes <= 2 * total_bytes` whatever the requests (the bound sliced reads
+    /// promise: a `Shard(1)` of a row-major tensor over two ranks reads whole rows, over
+    /// three or more it reads each run on its own).
+    pub fn bounded(
+        requests: &[CopyRequest],
+        file_len: u64,
+        opts: PlanOptions,
+        what: &str,
+    ) -> Result<Plan> {
+        Plan::build(requests, file_len, opts, true, what)
+    }
+
+    fn build(
+        requests: &[CopyRequest],
+        file_len: u64,
+        opts: PlanOptions,
+        bounded: bool,
+        what: &str,
+    ) -> Result<Plan> {
         let max_chunk = opts.max_chunk.max(1);
         let mut reqs: Vec<CopyRequest> =
             requests.iter().copied().filter(|r| r.nbytes > 0).collect();
@@ -123,9 +149,15 @@ impl Plan {
                 // when overlapping requests were split: then it opens a new chunk.)
                 let joins = cur.as_ref().is_some_and(|c| {
                     let c_end = c.file_offset + c.len;
-                    pos >= c.file_offset
+                    let fits = pos >= c.file_offset
                         && pos <= c_end.saturating_add(opts.max_gap)
-                        && pos < c.file_offset + max_chunk
+                        && pos < c.file_offset + max_chunk;
+                    // A gap is read only if the bytes after it pay for it: then no chunk
+                    // reads more than twice what it delivers.
+                    fits && (!bounded || pos <= c_end || {
+                        let take = end.min(c.file_offset + max_chunk) - pos;
+                        pos - c_end <= take
+                    })
                 });
                 if !joins {
                     if let Some(c) = cur.take() {
@@ -206,8 +238,16 @@ mod tests {
 
     /// Simulates the plan on a byte file and checks every destination gets its bytes.
     fn simulate(reqs: &[CopyRequest], file_len: u64, o: PlanOptions) -> Plan {
+        check_deliveries(
+            Plan::new(reqs, file_len, o, "test").unwrap(),
+            reqs,
+            file_len,
+            o,
+        )
+    }
+
+    fn check_deliveries(plan: Plan, reqs: &[CopyRequest], file_len: u64, o: PlanOptions) -> Plan {
         let file: Vec<u8> = (0..file_len).map(|i| (i * 7 + 3) as u8).collect();
-        let plan = Plan::new(reqs, file_len, o, "test").unwrap();
         let mut mem = std::collections::HashMap::<u64, u8>::new();
         let mut last_start = 0;
         for c in &plan.chunks {
@@ -283,6 +323,64 @@ mod tests {
         assert_eq!(p.total_bytes, 30);
         let p = simulate(&reqs, 300, opts(1 << 20, 0));
         assert_eq!(p.chunks.len(), 3);
+    }
+
+    fn simulate_bounded(reqs: &[CopyRequest], file_len: u64, o: PlanOptions) -> Plan {
+        let p = Plan::bounded(reqs, file_len, o, "test").unwrap();
+        let p = check_deliveries(p, reqs, file_len, o);
+        for c in &p.chunks {
+            assert!(c.len <= 2 * c.delivered(), "{c:?}");
+        }
+        assert!(p.read_bytes <= 2 * p.total_bytes);
+        p
+    }
+
+    #[test]
+    fn bounded_plans_read_gaps_only_within_twice_the_bytes_delivered() {
+        // Every other run of 10 bytes (a Shard(1) over two ranks): whole rows are read.
+        let reqs: Vec<_> = (0..8).map(|i| req(i * 20, 10, 0x1000 + i * 10)).collect();
+        let p = simulate_bounded(&reqs, 200, opts(1 << 20, 64));
+        assert_eq!(p.chunks.len(), 1);
+        assert_eq!(p.read_bytes, 150);
+        // One run in four (four ranks): each run is its own read.
+        let reqs: Vec<_> = (0..8).map(|i| req(i * 40, 10, 0x1000 + i * 10)).collect();
+        let p = simulate_bounded(&reqs, 400, opts(1 << 20, 64));
+        assert_eq!(p.chunks.len(), 8);
+        assert_eq!(p.read_bytes, 80);
+        // max_gap still applies.
+        let reqs = [req(0, 100, 0x1000), req(150, 100, 0x2000)];
+        assert_eq!(
+            simulate_bounded(&reqs, 300, opts(1 << 20, 49)).chunks.len(),
+            2
+        );
+        assert_eq!(
+            simulate_bounded(&reqs, 300, opts(1 << 20, 50)).chunks.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn bounded_plans_pseudo_random() {
+        let mut s = 0x853c49e6748fea9bu64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for _ in 0..100 {
+            let file_len = 4096;
+            let mut reqs = Vec::new();
+            let mut dest = 0x100000u64;
+            for _ in 0..(next() % 60) {
+                let off = next() % file_len;
+                let n = next() % (file_len - off).min(100);
+                reqs.push(req(off, n, dest));
+                dest += n;
+            }
+            let o = opts(1 + next() % 900, next() % 300);
+            simulate_bounded(&reqs, file_len, o);
+        }
     }
 
     #[test]
