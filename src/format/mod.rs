@@ -159,6 +159,38 @@ impl ObjectGraph {
         self.nodes.push(v);
         self.nodes.len() - 1
     }
+
+    /// The storages that the object tree holds as objects (`Value::Storage` nodes
+    /// reachable from the root, each once); the storage arguments of tensor rebuilds
+    /// stay behind in `nodes` but are not part of what a load returns.
+    pub fn reachable_storages(&self) -> Vec<usize> {
+        let mut seen = vec![false; self.nodes.len()];
+        let mut stack = vec![self.root];
+        let mut out = Vec::new();
+        while let Some(id) = stack.pop() {
+            match seen.get_mut(id) {
+                Some(s) if !*s => *s = true,
+                _ => continue,
+            }
+            match &self.nodes[id] {
+                Value::Storage(i) => out.push(*i),
+                Value::Tuple(items)
+                | Value::List(items)
+                | Value::Set(items)
+                | Value::FrozenSet(items) => stack.extend(items),
+                Value::Dict(items) | Value::Counter(items) => {
+                    stack.extend(items.iter().flat_map(|&(k, v)| [k, v]))
+                }
+                Value::OrderedDict { items, attrs } => {
+                    stack.extend(items.iter().flat_map(|&(k, v)| [k, v]));
+                    stack.extend(attrs.iter().map(|&(_, v)| v));
+                }
+                Value::Parameter { tensor, .. } => stack.push(*tensor),
+                _ => {}
+            }
+        }
+        out
+    }
 }
 
 /// What a parser returns: everything about the checkpoint except the open file.
@@ -198,10 +230,7 @@ pub fn parse_mapped(path: &Path, mapping: &Mapping) -> Result<Parsed> {
             mapping.read_at(&mut json, 8)?;
             safetensors::parse_header(path, &json, mapping.len())?
         }
-        Format::TorchZip => {
-            let reader = std::io::BufReader::with_capacity(4096, mapping.reader());
-            torchzip::parse(path, reader, mapping.len())?
-        }
+        Format::TorchZip => torchzip::parse(path, mapping.reader(), mapping.len())?,
     };
     validate(path, mapping.len(), &parsed)?;
     Ok(parsed)
@@ -350,6 +379,8 @@ pub struct Checkpoint {
     pub path: PathBuf,
     pub mapping: Arc<Mapping>,
     pub parsed: Parsed,
+    /// How many tensors, and storage objects of the object tree, refer to each storage.
+    storage_users: Vec<u32>,
 }
 
 impl Checkpoint {
@@ -357,17 +388,104 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let mapping = Mapping::open(path)?;
         let parsed = parse_mapped(path, &mapping)?;
-        Ok(Checkpoint {
+        Ok(Checkpoint::new(path, mapping, parsed))
+    }
+
+    /// A checkpoint from a mapping and what was parsed from it (`validate`d).
+    pub fn new(path: &Path, mapping: Arc<Mapping>, parsed: Parsed) -> Checkpoint {
+        let mut storage_users = vec![0u32; parsed.storages.len()];
+        let refs = parsed
+            .tensors
+            .iter()
+            .map(|t| t.storage)
+            .chain(parsed.objects.reachable_storages());
+        for i in refs {
+            if let Some(n) = storage_users.get_mut(i) {
+                *n = n.saturating_add(1);
+            }
+        }
+        Checkpoint {
             path: path.to_path_buf(),
             mapping,
             parsed,
-        })
+            storage_users,
+        }
+    }
+
+    /// Whether tensor `i` is its storage, byte for byte: no offset, C-contiguous, and as
+    /// long as the storage. Such a tensor can be exported with its own dtype and shape,
+    /// and the storage its consumer makes for it is the one the file describes.
+    pub fn covers_storage(&self, i: usize) -> bool {
+        let Some(t) = self.parsed.tensors.get(i) else {
+            return false;
+        };
+        let Some(s) = self.parsed.storages.get(t.storage) else {
+            return false;
+        };
+        t.storage_offset == 0
+            && t.is_contiguous()
+            && t.numel()
+                .and_then(|n| n.checked_mul(t.dtype.size() as u64))
+                .is_some_and(|bytes| bytes == s.nbytes)
+    }
+
+    /// Whether anything besides one tensor refers to storage `i` (another tensor, or the
+    /// storage itself as an object): then loads must make one storage object and share it.
+    pub fn storage_shared(&self, i: usize) -> bool {
+        self.storage_users.get(i).is_some_and(|&n| n > 1)
+    }
+
+    /// Starts reading the given storages (all when `None`) into the page cache in the
+    /// background, unless that is more than `max_bytes`; see `Mapping::readahead`.
+    /// Returns the bytes scheduled.
+    pub fn readahead(&self, storages: Option<&[usize]>, max_bytes: Option<u64>) -> u64 {
+        let all = &self.parsed.storages;
+        let ranges: Vec<(u64, u64)> = match storages {
+            None => all.iter().map(|s| (s.offset, s.nbytes)).collect(),
+            Some(ids) => ids
+                .iter()
+                .filter_map(|&i| all.get(i))
+                .map(|s| (s.offset, s.nbytes))
+                .collect(),
+        };
+        self.mapping.readahead(&ranges, max_bytes)
     }
 
     /// The `(name, tensor index)` pairs when the root is a flat dict of str to tensor (a
     /// state dict or a safetensors file), in the dict's order; `None` otherwise.
     pub fn flat_tensors(&self) -> Option<Vec<(String, usize)>> {
         flat_tensors(&self.parsed.objects)
+    }
+}
+
+/// Parses with at least this many objects and tensors are freed on a thread of their own.
+const BACKGROUND_DROP_MIN: usize = 4096;
+
+impl Drop for Checkpoint {
+    fn drop(&mut self) {
+        // Freeing the parse of a checkpoint of many tensors is one `free` per object and
+        // takes a good part of the time parsing took; a load drops its checkpoint as it
+        // returns, so hand big parses to a thread and return now. (If no thread can be
+        // started, the closure, and the parse with it, is dropped here instead.)
+        let size = self.parsed.objects.nodes.len() + self.parsed.tensors.len();
+        if size >= BACKGROUND_DROP_MIN {
+            let parsed = std::mem::replace(&mut self.parsed, Parsed::empty());
+            let _ = std::thread::Builder::new()
+                .name("zeroload-drop".into())
+                .spawn(move || drop(parsed));
+        }
+    }
+}
+
+impl Parsed {
+    fn empty() -> Parsed {
+        Parsed {
+            format: Format::Safetensors,
+            storages: Vec::new(),
+            tensors: Vec::new(),
+            objects: ObjectGraph::default(),
+            metadata: None,
+        }
     }
 }
 
@@ -393,4 +511,29 @@ pub fn flat_tensors(g: &ObjectGraph) -> Option<Vec<(String, usize)>> {
         out.push((name.clone(), tensor));
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_storages_the_tree_holds_count_as_objects() {
+        let mut g = ObjectGraph::default();
+        let dangling = g.push(Value::Storage(0)); // a rebuild argument, left behind
+        let held = g.push(Value::Storage(1));
+        let t = g.push(Value::Tensor(0));
+        let p = g.push(Value::Parameter {
+            tensor: t,
+            requires_grad: true,
+        });
+        let list = g.push(Value::List(vec![held, p, held]));
+        let key = g.push(Value::Str("k".into()));
+        g.root = g.push(Value::OrderedDict {
+            items: vec![(key, list)],
+            attrs: vec![("_metadata".into(), held)],
+        });
+        assert_eq!(g.reachable_storages(), vec![1]);
+        let _ = dangling;
+    }
 }
