@@ -160,36 +160,82 @@ impl ObjectGraph {
         self.nodes.len() - 1
     }
 
-    /// The storages that the object tree holds as objects (`Value::Storage` nodes
-    /// reachable from the root, each once); the storage arguments of tensor rebuilds
-    /// stay behind in `nodes` but are not part of what a load returns.
-    pub fn reachable_storages(&self) -> Vec<usize> {
-        let mut seen = vec![false; self.nodes.len()];
+    /// Keeps only the nodes reachable from the root, renumbered densely (the root
+    /// first), and returns the old node vector (the nodes kept replaced by `None`). A pickle leaves many nodes behind that no load
+    /// returns (each tensor's persistent id, rebuild arguments, sizes and strides: about
+    /// 20 nodes per tensor of a state dict), which would otherwise stay in memory as long
+    /// as the checkpoint.
+    pub fn compact(&mut self) -> Vec<Value> {
+        const UNSEEN: usize = usize::MAX;
+        let n = self.nodes.len();
+        let mut new_id = vec![UNSEEN; n];
+        let mut order: Vec<ObjId> = Vec::new();
         let mut stack = vec![self.root];
-        let mut out = Vec::new();
         while let Some(id) = stack.pop() {
-            match seen.get_mut(id) {
-                Some(s) if !*s => *s = true,
-                _ => continue,
+            if id >= n || new_id[id] != UNSEEN {
+                continue;
             }
-            match &self.nodes[id] {
-                Value::Storage(i) => out.push(*i),
-                Value::Tuple(items)
-                | Value::List(items)
-                | Value::Set(items)
-                | Value::FrozenSet(items) => stack.extend(items),
-                Value::Dict(items) | Value::Counter(items) => {
-                    stack.extend(items.iter().flat_map(|&(k, v)| [k, v]))
-                }
-                Value::OrderedDict { items, attrs } => {
-                    stack.extend(items.iter().flat_map(|&(k, v)| [k, v]));
-                    stack.extend(attrs.iter().map(|&(_, v)| v));
-                }
-                Value::Parameter { tensor, .. } => stack.push(*tensor),
-                _ => {}
-            }
+            new_id[id] = order.len();
+            order.push(id);
+            for_each_child(&self.nodes[id], |c| stack.push(c));
         }
-        out
+        if order.len() == n && order.iter().enumerate().all(|(i, &id)| i == id) {
+            return Vec::new();
+        }
+        let mut old = std::mem::take(&mut self.nodes);
+        self.nodes = order
+            .iter()
+            .map(|&id| {
+                let mut v = std::mem::replace(&mut old[id], Value::None);
+                // Ids the walk never reached are out of range (`finish` rules them out).
+                for_each_child_mut(&mut v, |c| *c = new_id.get(*c).copied().unwrap_or(UNSEEN));
+                v
+            })
+            .collect();
+        self.root = new_id.get(self.root).copied().unwrap_or(UNSEEN);
+        old
+    }
+}
+
+fn for_each_child(v: &Value, mut f: impl FnMut(ObjId)) {
+    match v {
+        Value::Tuple(items) | Value::List(items) | Value::Set(items) | Value::FrozenSet(items) => {
+            items.iter().for_each(|&c| f(c))
+        }
+        Value::Dict(items) | Value::Counter(items) => items.iter().for_each(|&(k, v)| {
+            f(k);
+            f(v)
+        }),
+        Value::OrderedDict { items, attrs } => {
+            items.iter().for_each(|&(k, v)| {
+                f(k);
+                f(v)
+            });
+            attrs.iter().for_each(|&(_, v)| f(v));
+        }
+        Value::Parameter { tensor, .. } => f(*tensor),
+        _ => {}
+    }
+}
+
+fn for_each_child_mut(v: &mut Value, mut f: impl FnMut(&mut ObjId)) {
+    match v {
+        Value::Tuple(items) | Value::List(items) | Value::Set(items) | Value::FrozenSet(items) => {
+            items.iter_mut().for_each(f)
+        }
+        Value::Dict(items) | Value::Counter(items) => items.iter_mut().for_each(|(k, v)| {
+            f(k);
+            f(v)
+        }),
+        Value::OrderedDict { items, attrs } => {
+            items.iter_mut().for_each(|(k, v)| {
+                f(k);
+                f(v)
+            });
+            attrs.iter_mut().for_each(|(_, v)| f(v));
+        }
+        Value::Parameter { tensor, .. } => f(tensor),
+        _ => {}
     }
 }
 
@@ -391,14 +437,22 @@ impl Checkpoint {
         Ok(Checkpoint::new(path, mapping, parsed))
     }
 
-    /// A checkpoint from a mapping and what was parsed from it (`validate`d).
-    pub fn new(path: &Path, mapping: Arc<Mapping>, parsed: Parsed) -> Checkpoint {
+    /// A checkpoint from a mapping and what was parsed from it (`validate`d). Nodes of
+    /// the object graph that nothing returns are dropped (see `ObjectGraph::compact`).
+    pub fn new(path: &Path, mapping: Arc<Mapping>, mut parsed: Parsed) -> Checkpoint {
+        let unused = parsed.objects.compact();
+        let count = unused.len();
+        drop_soon(unused, count);
         let mut storage_users = vec![0u32; parsed.storages.len()];
-        let refs = parsed
-            .tensors
-            .iter()
-            .map(|t| t.storage)
-            .chain(parsed.objects.reachable_storages());
+        let refs =
+            parsed
+                .tensors
+                .iter()
+                .map(|t| t.storage)
+                .chain(parsed.objects.nodes.iter().filter_map(|v| match v {
+                    Value::Storage(i) => Some(*i),
+                    _ => None,
+                }));
         for i in refs {
             if let Some(n) = storage_users.get_mut(i) {
                 *n = n.saturating_add(1);
@@ -458,22 +512,26 @@ impl Checkpoint {
     }
 }
 
-/// Parses with at least this many objects and tensors are freed on a thread of their own.
+/// Collections of at least this many objects are freed on a thread of their own.
 const BACKGROUND_DROP_MIN: usize = 4096;
+
+/// Drops a parse's objects, on a thread of its own when there are many: freeing them is
+/// one `free` per object and takes a good part of the time parsing took, and loads drop
+/// what they are done with on their way to returning. (If no thread can be started, the
+/// closure, and the objects with it, are dropped here instead.)
+fn drop_soon<T: Send + 'static>(objects: T, count: usize) {
+    if count >= BACKGROUND_DROP_MIN {
+        let _ = std::thread::Builder::new()
+            .name("zeroload-drop".into())
+            .spawn(move || drop(objects));
+    }
+}
 
 impl Drop for Checkpoint {
     fn drop(&mut self) {
-        // Freeing the parse of a checkpoint of many tensors is one `free` per object and
-        // takes a good part of the time parsing took; a load drops its checkpoint as it
-        // returns, so hand big parses to a thread and return now. (If no thread can be
-        // started, the closure, and the parse with it, is dropped here instead.)
-        let size = self.parsed.objects.nodes.len() + self.parsed.tensors.len();
-        if size >= BACKGROUND_DROP_MIN {
-            let parsed = std::mem::replace(&mut self.parsed, Parsed::empty());
-            let _ = std::thread::Builder::new()
-                .name("zeroload-drop".into())
-                .spawn(move || drop(parsed));
-        }
+        let parsed = std::mem::replace(&mut self.parsed, Parsed::empty());
+        let count = parsed.objects.nodes.len() + parsed.tensors.len();
+        drop_soon(parsed, count);
     }
 }
 
@@ -518,7 +576,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_storages_the_tree_holds_count_as_objects() {
+    fn compaction_keeps_the_tree_and_drops_what_it_does_not_reach() {
         let mut g = ObjectGraph::default();
         let dangling = g.push(Value::Storage(0)); // a rebuild argument, left behind
         let held = g.push(Value::Storage(1));
@@ -533,7 +591,29 @@ mod tests {
             items: vec![(key, list)],
             attrs: vec![("_metadata".into(), held)],
         });
-        assert_eq!(g.reachable_storages(), vec![1]);
-        let _ = dangling;
+        let before = g.clone();
+        let dropped = g.compact();
+        // The old nodes, emptied where they moved to the new numbering.
+        assert_eq!(dropped[dangling], Value::Storage(0));
+        assert_eq!(dropped.iter().filter(|v| **v != Value::None).count(), 1);
+        assert_eq!(g.root, 0);
+        assert_eq!(g.nodes.len(), 6);
+        // The same tree, renumbered.
+        let Value::OrderedDict { items, attrs } = &g.nodes[g.root] else {
+            panic!("{:?}", g.nodes[g.root]);
+        };
+        assert_eq!(g.nodes[items[0].0], Value::Str("k".into()));
+        let Value::List(list) = &g.nodes[items[0].1] else {
+            panic!()
+        };
+        assert_eq!(list[0], list[2]);
+        assert_eq!(list[0], attrs[0].1);
+        assert_eq!(g.nodes[list[0]], Value::Storage(1));
+        let Value::Parameter { tensor, .. } = &g.nodes[list[1]] else {
+            panic!()
+        };
+        assert_eq!(g.nodes[*tensor], Value::Tensor(0));
+        assert_eq!(flat_tensors(&g), flat_tensors(&before));
+        assert!(g.compact().is_empty());
     }
 }
