@@ -174,7 +174,8 @@ const READAHEAD_MAX_PIECE: u64 = 8 << 20;
 
 impl Mapping {
     /// Starts reading `ranges` (`(offset, len)` pairs) of the file into the page cache on a
-    /// background thread, in file order, so that touching the mapping afterwards finds its
+    /// background thread, in the order given (the order the caller expects them to be
+    /// used in; neighbours are merged), so that touching the mapping afterwards finds its
     /// pages in memory instead of faulting them in from disk one readahead window at a
     /// time. Nothing is mapped into the process, so the RSS does not change until the
     /// pages are touched; each piece is a `posix_fadvise(POSIX_FADV_WILLNEED)`, which
@@ -228,22 +229,21 @@ impl Mapping {
     }
 }
 
-/// Sorts `ranges`, clips them to `[0, file_len)`, drops empty ones and merges those less
-/// than `gap` bytes apart.
+/// Clips `ranges` to `[0, file_len)`, drops empty ones and merges each into the one
+/// before it when it starts at most `gap` bytes after it (or inside it). The order is
+/// kept: it is the order the caller expects the bytes to be used in.
 fn coalesce(ranges: &[(u64, u64)], file_len: u64, gap: u64) -> Vec<(u64, u64)> {
-    let mut sorted: Vec<(u64, u64)> = ranges
-        .iter()
-        .filter_map(|&(offset, len)| {
-            let end = offset.saturating_add(len).min(file_len);
-            (offset < end).then_some((offset, end))
-        })
-        .collect();
-    sorted.sort_unstable();
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for (start, end) in sorted {
+    for &(offset, len) in ranges {
+        let end = offset.saturating_add(len).min(file_len);
+        if offset >= end {
+            continue;
+        }
         match out.last_mut() {
-            Some(last) if start <= last.1.saturating_add(gap) => last.1 = last.1.max(end),
-            _ => out.push((start, end)),
+            Some(last) if offset >= last.0 && offset <= last.1.saturating_add(gap) => {
+                last.1 = last.1.max(end)
+            }
+            _ => out.push((offset, end)),
         }
     }
     out.into_iter().map(|(s, e)| (s, e - s)).collect()
@@ -445,7 +445,7 @@ mod tests {
     }
 
     #[test]
-    fn readahead_ranges_are_sorted_clipped_and_merged() {
+    fn readahead_ranges_keep_their_order_and_merge_forward() {
         let ranges = [
             (500, 100),
             (0, 10),
@@ -456,9 +456,10 @@ mod tests {
         ];
         assert_eq!(
             coalesce(&ranges, 1000, 15),
-            vec![(0, 30), (500, 100), (990, 10)]
+            vec![(500, 100), (0, 30), (990, 10)]
         );
-        assert_eq!(coalesce(&ranges, 1000, 1000), vec![(0, 1000)]);
+        assert_eq!(coalesce(&ranges, 1000, 1000), vec![(500, 100), (0, 1000)]);
+        assert_eq!(coalesce(&[(0, 10), (5, 3), (12, 4)], 100, 2), vec![(0, 16)]);
         assert!(coalesce(&[(5, 0), (2000, 1)], 1000, 0).is_empty());
         assert_eq!(coalesce(&[(0, u64::MAX)], 10, 0), vec![(0, 10)]);
     }

@@ -489,9 +489,9 @@ impl Checkpoint {
         self.storage_users.get(i).is_some_and(|&n| n > 1)
     }
 
-    /// Starts reading the given storages (all when `None`) into the page cache in the
-    /// background, unless that is more than `max_bytes`; see `Mapping::readahead`.
-    /// Returns the bytes scheduled.
+    /// Starts reading the given storages (all when `None`, in table order: the order a
+    /// load returns their tensors) into the page cache in the background, unless that is
+    /// more than `max_bytes`; see `Mapping::readahead`. Returns the bytes scheduled.
     pub fn readahead(&self, storages: Option<&[usize]>, max_bytes: Option<u64>) -> u64 {
         let all = &self.parsed.storages;
         let ranges: Vec<(u64, u64)> = match storages {
