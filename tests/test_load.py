@@ -370,3 +370,34 @@ def test_auto_readahead_stays_within_available_memory(
 def test_readahead_takes_only_booleans_or_none(model_file: Path) -> None:
     with pytest.raises(TypeError, match="readahead must be True, False or None"):
         zeroload.load(model_file, readahead="yes")  # type: ignore[arg-type]
+
+
+def test_device_loads_build_torchs_views_on_one_copy_per_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The GPU path's glue, without a GPU: the copy engine's allocation and copy (tested
+    # in test_gpu.py on CUDA) is replaced by CPU copies of each storage's bytes.
+    import zeroload._device
+    from zeroload import _core
+
+    copies: list[list[int]] = []
+
+    def fake_copy(ckpt: _core.Checkpoint, ids: list[int], device: torch.device, **_: object):
+        assert device.type == "cuda"
+        copies.append(list(ids))
+        return [torch.from_dlpack(ckpt.storage_view(i)).clone() for i in ids]
+
+    monkeypatch.setattr(zeroload._device, "materialize_storages", fake_copy)
+    path = save(tmp_path, training_checkpoint())
+    ref = torch.load(path, weights_only=True)
+    for device in ("cuda", {"cpu": "cuda:0"}):
+        copies.clear()
+        ours = zeroload.load(path, map_location=device)
+        assert_same(ours, ref)
+        assert_sharing_same(ours, ref)
+        assert len(copies) == 1 and sorted(copies[0]) == sorted(set(copies[0]))
+    sd_path = save(tmp_path, TiedNet().state_dict(), "tied.pth")
+    with zeroload.open(sd_path, device="cuda") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            assert torch.equal(t, torch.load(sd_path, weights_only=True)[name])
