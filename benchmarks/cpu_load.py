@@ -178,6 +178,30 @@ def run_child(spec: Dict[str, Any], timeout: float = 1800) -> Dict[str, Any]:
     return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
 
 
+def resident(path: Path) -> float | None:
+    """The share of the file's pages in the page cache (mincore on a mapping; reads
+    nothing), or None where that cannot be asked."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    try:
+        buf = (ctypes.c_char * size).from_buffer(m)
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * pages)()
+        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec)
+        del buf
+        return sum(bytes(vec)) / pages if rc == 0 else None
+    finally:
+        m.close()
+
+
 class Cache:
     """Puts the page cache in the state a run asks for."""
 
@@ -227,22 +251,37 @@ def measure(
             else:
                 cache_ctl.warm([path])
             spec = {"method": m, "path": str(path), "warmup": str(warmup), "touch": touch}
+            before = resident(path)
             res = run_child(spec)
+            # Other processes (memory pressure, another benchmark dropping caches) can
+            # empty the cache under a "warm" run: record how cached the file was.
+            res["cached"] = before
+            if cache == "warm" and before is not None and before < 0.99:
+                res["not_warm"] = True
             out[m].append(res)
             shown = res.get("error") or (
                 f"dict {res.get('dict_s') or 0:.3f} s, touched {res.get('touched_s') or 0:.3f} s"
+                f", {100 * (before or 0):.0f}% cached at start"
             )
             print(f"  [{cache} {r + 1}/{repeat}] {m}: {shown}", file=sys.stderr, flush=True)
     return out
 
 
+def _valid(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Runs without errors, and for warm runs those that started with the file cached
+    (all runs if none did)."""
+    ok = [r for r in runs if "error" not in r]
+    warm = [r for r in ok if not r.get("not_warm")]
+    return warm or ok
+
+
 def _median(runs: List[Dict[str, Any]], key: str) -> float | None:
-    vals = [r[key] for r in runs if r.get(key) is not None and "error" not in r]
+    vals = [r[key] for r in _valid(runs) if r.get(key) is not None]
     return statistics.median(vals) if vals else None
 
 
 def _spread(runs: List[Dict[str, Any]], key: str) -> str:
-    vals = [r[key] for r in runs if r.get(key) is not None and "error" not in r]
+    vals = [r[key] for r in _valid(runs) if r.get(key) is not None]
     if len(vals) < 2:
         return ""
     return f" ({min(vals):.2f}-{max(vals):.2f})"
@@ -271,6 +310,9 @@ def table(
     }
     ref = next((next(iter(s)) for s in sums.values() if s), None)
     lines = [f"**{title}**", ""]
+    dropped = sum(bool(r.get("not_warm")) for runs in results.values() for r in runs)
+    if dropped:
+        lines[0] += f" ({dropped} run(s) found the file partly evicted and are left out)"
     head = "| method | time-to-dict |"
     if touch:
         head += " time-to-touched | raw read time / touched |"

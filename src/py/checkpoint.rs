@@ -33,6 +33,8 @@ const MAX_NESTING: usize = 1000;
 #[pyclass(module = "zeroload._core", name = "Checkpoint", frozen)]
 pub struct PyCheckpoint {
     pub(crate) inner: Arc<Checkpoint>,
+    /// The mapping, as the owner every export keeps alive.
+    owner: crate::dlpack::Owner,
 }
 
 impl PyCheckpoint {
@@ -81,9 +83,8 @@ impl PyCheckpoint {
         }
         let s = self.storage_at(t.storage)?;
         let (shape, strides) = check_dims(&t.shape, &t.strides)?;
-        let owner: crate::dlpack::Owner = self.inner.mapping.clone();
         let export = Export {
-            owner: &owner,
+            owner: &self.owner,
             data: self.data_ptr(s.offset),
             byte_offset: 0,
             dtype: t.dtype,
@@ -115,8 +116,10 @@ impl PyCheckpoint {
                 Checkpoint::open(&path).map_err(PyErr::from)
             })
         })?;
+        let owner: crate::dlpack::Owner = inner.mapping.clone();
         Ok(PyCheckpoint {
             inner: Arc::new(inner),
+            owner,
         })
     }
 
@@ -235,9 +238,9 @@ impl PyCheckpoint {
     }
 
     /// Starts reading the given storages (all when None) into the page cache on a
-    /// background thread (`posix_fadvise(WILLNEED)` in file order; nothing is mapped, so
-    /// RSS does not grow), unless they add up to more than `max_bytes`. Returns the bytes
-    /// scheduled.
+    /// background thread (`posix_fadvise(WILLNEED)`, in the order given; nothing is
+    /// mapped, so RSS does not grow), unless they add up to more than `max_bytes`.
+    /// Returns the bytes scheduled.
     #[pyo3(signature = (storages=None, max_bytes=None))]
     fn readahead(&self, storages: Option<Vec<usize>>, max_bytes: Option<u64>) -> u64 {
         self.inner.readahead(storages.as_deref(), max_bytes)
