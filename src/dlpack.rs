@@ -2,9 +2,9 @@
 //! and the legacy layout, and the reading of tensors other producers hand us (the
 //! destinations of copies). Hand-written `repr(C)` structs following dlpack.h 1.x.
 //!
-//! Ownership: each exported tensor boxes a `Context` that holds an `Arc` of the owner (the
-//! mapping), the shape and the strides. The consumer calls `deleter` exactly once when it
-//! is done, which drops the box and with it the owner's reference. A tensor never consumed
+//! Ownership: each exported tensor is one boxed `Holder`: the managed tensor, an `Arc` of
+//! the owner (the mapping), the shape and the strides. The consumer calls `deleter` exactly
+//! once when it is done, which drops the box and with it the owner's reference. A tensor never consumed
 //! is freed by `free_unconsumed` (the capsule destructor in the Python layer).
 
 use std::ffi::c_void;
@@ -72,24 +72,67 @@ pub const FLAG_READ_ONLY: u64 = 1 << 0;
 pub type Owner = Arc<dyn Send + Sync>;
 
 /// What a tensor export describes: `data + byte_offset` is the first element.
-pub struct Export {
-    pub owner: Owner,
+pub struct Export<'a> {
+    pub owner: &'a Owner,
     pub data: *mut u8,
     pub byte_offset: u64,
     pub dtype: DType,
-    pub shape: Vec<i64>,
+    pub shape: &'a [i64],
     /// In elements, as DLPack counts them.
-    pub strides: Vec<i64>,
+    pub strides: &'a [i64],
 }
 
-/// Lives in `manager_ctx`; owns the shape/stride arrays the DLTensor points into.
-struct Context {
+/// Tensors of up to this many dimensions keep shape and strides inside the export's one
+/// allocation (loads of 100k small tensors make 100k exports; each costs one `malloc`).
+const INLINE_DIMS: usize = 6;
+
+/// Shape then strides.
+enum Dims {
+    Inline([i64; 2 * INLINE_DIMS]),
+    Heap(Box<[i64]>),
+}
+
+impl Dims {
+    fn new(shape: &[i64], strides: &[i64]) -> Dims {
+        let n = shape.len();
+        if n <= INLINE_DIMS && strides.len() == n {
+            let mut a = [0i64; 2 * INLINE_DIMS];
+            a[..n].copy_from_slice(shape);
+            a[n..2 * n].copy_from_slice(strides);
+            Dims::Inline(a)
+        } else {
+            Dims::Heap(shape.iter().chain(strides).copied().collect())
+        }
+    }
+
+    /// Pointers to the shape and the strides of a `Dims` that will not move again.
+    ///
+    /// # Safety
+    /// `dims` must point to a live `Dims` nothing else accesses, made from a shape of
+    /// `ndim` dimensions.
+    unsafe fn pointers(dims: *mut Dims, ndim: usize) -> (*mut i64, *mut i64) {
+        // SAFETY: the caller's contract; both halves lie inside the array.
+        unsafe {
+            let base = match &mut *dims {
+                Dims::Inline(a) => a.as_mut_ptr(),
+                Dims::Heap(b) => b.as_mut_ptr(),
+            };
+            (base, base.add(ndim))
+        }
+    }
+}
+
+/// One allocation per export: the managed tensor DLPack hands around (first, so a pointer
+/// to it is a pointer to the holder), the owner keeping the memory alive, and the
+/// shape/strides arrays the DLTensor points into.
+#[repr(C)]
+struct Holder<M> {
+    managed: M,
     _owner: Owner,
-    shape: Vec<i64>,
-    strides: Vec<i64>,
+    dims: Dims,
 }
 
-fn dl_tensor(e: &Export, ctx: &mut Context) -> DLTensor {
+fn dl_tensor(e: &Export<'_>) -> DLTensor {
     let (code, bits, lanes) = e.dtype.dlpack();
     DLTensor {
         data: e.data.cast(),
@@ -97,72 +140,98 @@ fn dl_tensor(e: &Export, ctx: &mut Context) -> DLTensor {
             device_type: DL_CPU,
             device_id: 0,
         },
-        ndim: ctx.shape.len() as i32,
+        ndim: e.shape.len() as i32,
         dtype: DLDataType { code, bits, lanes },
-        shape: ctx.shape.as_mut_ptr(),
-        strides: ctx.strides.as_mut_ptr(),
+        // Set once the holder is boxed (see `finish`).
+        shape: std::ptr::null_mut(),
+        strides: std::ptr::null_mut(),
         byte_offset: e.byte_offset,
     }
 }
 
-fn context(e: &Export) -> Box<Context> {
-    Box::new(Context {
+/// Boxes `managed` with the export's owner and dims, points its DLTensor at the boxed
+/// dims and its `manager_ctx` at the holder, and leaks it to the caller.
+fn finish<M>(
+    e: &Export<'_>,
+    managed: M,
+    fields: impl FnOnce(*mut M) -> (*mut DLTensor, *mut *mut c_void),
+) -> *mut M {
+    let holder = Box::into_raw(Box::new(Holder {
+        managed,
         _owner: e.owner.clone(),
-        shape: e.shape.clone(),
-        strides: e.strides.clone(),
-    })
+        dims: Dims::new(e.shape, e.strides),
+    }));
+    // SAFETY: `holder` is the unique pointer to a live box just leaked; the field pointers
+    // are derived from it, and the dims live in the same allocation, which stays put until
+    // the deleter frees it.
+    unsafe {
+        let (shape, strides) =
+            Dims::pointers(std::ptr::addr_of_mut!((*holder).dims), e.shape.len());
+        let managed = std::ptr::addr_of_mut!((*holder).managed);
+        let (tensor, ctx) = fields(managed);
+        (*tensor).shape = shape;
+        (*tensor).strides = strides;
+        *ctx = holder.cast();
+        managed
+    }
 }
 
 /// Builds a versioned managed tensor. The caller must hand the pointer to exactly one
 /// consumer (which calls its deleter) or free it with `free_versioned`.
-pub fn export_versioned(e: &Export) -> *mut DLManagedTensorVersioned {
-    let mut ctx = context(e);
-    let dl = dl_tensor(e, &mut ctx);
-    let managed = Box::new(DLManagedTensorVersioned {
+pub fn export_versioned(e: &Export<'_>) -> *mut DLManagedTensorVersioned {
+    let managed = DLManagedTensorVersioned {
         version: VERSION,
-        manager_ctx: Box::into_raw(ctx).cast(),
+        manager_ctx: std::ptr::null_mut(),
         deleter: Some(delete_versioned),
         // Writable: the memory is a private copy-on-write mapping, and torch ignores the
         // flag anyway (it would give writable tensors over read-only pages otherwise).
         flags: 0,
-        dl_tensor: dl,
-    });
-    Box::into_raw(managed)
+        dl_tensor: dl_tensor(e),
+    };
+    finish(e, managed, |m| {
+        // SAFETY: `m` points to the boxed managed tensor (see `finish`).
+        unsafe {
+            (
+                std::ptr::addr_of_mut!((*m).dl_tensor),
+                std::ptr::addr_of_mut!((*m).manager_ctx),
+            )
+        }
+    })
 }
 
 /// Builds a legacy (unversioned) managed tensor; same contract as `export_versioned`.
-pub fn export_legacy(e: &Export) -> *mut DLManagedTensor {
-    let mut ctx = context(e);
-    let dl = dl_tensor(e, &mut ctx);
-    let managed = Box::new(DLManagedTensor {
-        dl_tensor: dl,
-        manager_ctx: Box::into_raw(ctx).cast(),
+pub fn export_legacy(e: &Export<'_>) -> *mut DLManagedTensor {
+    let managed = DLManagedTensor {
+        dl_tensor: dl_tensor(e),
+        manager_ctx: std::ptr::null_mut(),
         deleter: Some(delete_legacy),
-    });
-    Box::into_raw(managed)
+    };
+    finish(e, managed, |m| {
+        // SAFETY: `m` points to the boxed managed tensor (see `finish`).
+        unsafe {
+            (
+                std::ptr::addr_of_mut!((*m).dl_tensor),
+                std::ptr::addr_of_mut!((*m).manager_ctx),
+            )
+        }
+    })
 }
 
 unsafe extern "C" fn delete_versioned(p: *mut DLManagedTensorVersioned) {
     if p.is_null() {
         return;
     }
-    // SAFETY: `p` came from `Box::into_raw` in `export_versioned` and DLPack guarantees the
-    // deleter runs once; `manager_ctx` came from `Box::into_raw(Context)` there.
-    unsafe {
-        let managed = Box::from_raw(p);
-        drop(Box::from_raw(managed.manager_ctx.cast::<Context>()));
-    }
+    // SAFETY: `p` is the first field of a `Holder` leaked by `export_versioned`
+    // (`repr(C)`, so the addresses coincide), and DLPack guarantees the deleter runs once.
+    unsafe { drop(Box::from_raw(p.cast::<Holder<DLManagedTensorVersioned>>())) }
 }
 
 unsafe extern "C" fn delete_legacy(p: *mut DLManagedTensor) {
     if p.is_null() {
         return;
     }
-    // SAFETY: as in `delete_versioned`, for the box made by `export_legacy`.
-    unsafe {
-        let managed = Box::from_raw(p);
-        drop(Box::from_raw(managed.manager_ctx.cast::<Context>()));
-    }
+    // SAFETY: as in `delete_versioned`, for the holder made by `export_legacy`.
+    unsafe { drop(Box::from_raw(p.cast::<Holder<DLManagedTensor>>())) }
 }
 
 /// Frees a versioned tensor nobody consumed.
@@ -317,17 +386,18 @@ mod tests {
     #[test]
     fn deleter_releases_the_owner() {
         let owner: Arc<Vec<u8>> = Arc::new(vec![0u8; 16]);
+        let dyn_owner: Owner = owner.clone();
         let e = Export {
-            owner: owner.clone(),
+            owner: &dyn_owner,
             data: owner.as_ptr() as *mut u8,
             byte_offset: 4,
             dtype: DType::F32,
-            shape: vec![3],
-            strides: vec![1],
+            shape: &[3],
+            strides: &[1],
         };
         let v = export_versioned(&e);
         let l = export_legacy(&e);
-        drop(e);
+        drop(dyn_owner);
         assert_eq!(Arc::strong_count(&owner), 3);
         // SAFETY: both pointers come from the exports above and were never consumed.
         unsafe {
@@ -336,6 +406,37 @@ mod tests {
             assert_eq!((*l).dl_tensor.byte_offset, 4);
             free_versioned(v);
             free_legacy(l);
+        }
+        assert_eq!(Arc::strong_count(&owner), 1);
+    }
+
+    #[test]
+    fn shapes_and_strides_of_any_rank_survive_the_export() {
+        let owner: Owner = Arc::new(vec![0u8; 64]);
+        for ndim in [0usize, 1, 6, 7, 12] {
+            let shape: Vec<i64> = (1..=ndim as i64).collect();
+            let strides: Vec<i64> = (0..ndim as i64).map(|d| 100 + d).collect();
+            let e = Export {
+                owner: &owner,
+                data: std::ptr::null_mut(),
+                byte_offset: 0,
+                dtype: DType::BF16,
+                shape: &shape,
+                strides: &strides,
+            };
+            let v = export_versioned(&e);
+            let l = export_legacy(&e);
+            // SAFETY: fresh exports, never consumed; their arrays hold `ndim` values each.
+            unsafe {
+                for t in [&(*v).dl_tensor, &(*l).dl_tensor] {
+                    assert_eq!(t.ndim as usize, ndim);
+                    assert_eq!(std::slice::from_raw_parts(t.shape, ndim), &shape[..]);
+                    assert_eq!(std::slice::from_raw_parts(t.strides, ndim), &strides[..]);
+                }
+                assert_eq!((*v).manager_ctx, v.cast());
+                free_versioned(v);
+                free_legacy(l);
+            }
         }
         assert_eq!(Arc::strong_count(&owner), 1);
     }

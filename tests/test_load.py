@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import collections
+import ctypes
 import hashlib
+import mmap
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +202,202 @@ def test_module_saved_whole_is_refused_naming_the_class(tmp_path: Path) -> None:
     with pytest.raises(zeroload.CheckpointError, match=r"TiedNet|allow-list") as e:
         zeroload.load(path)
     assert str(path) in str(e.value)
+
+
+# ----------------------------------------------------------------------------- how CPU
+# tensors are made: a tensor that is its whole storage comes from one typed DLPack export,
+# the others are views on one shared storage object. Both must match torch.load exactly.
+
+
+def test_whole_storage_tensors_match_torch_whatever_their_strides(tmp_path: Path) -> None:
+    sd = {
+        # Size-1 dimensions may carry any stride; torch keeps them, and so must we.
+        "odd_unit_stride": torch.arange(3.0).reshape(3, 1).as_strided((3, 1), (1, 7)),
+        "unit_dims": torch.arange(6, dtype=torch.int16).reshape(1, 6, 1),
+        "scalar": torch.tensor(1.5, dtype=torch.float64),
+        "empty": torch.empty(0, 4),
+        "grad": torch.ones(2, requires_grad=True),
+        "fortran": torch.arange(6.0).reshape(2, 3).t(),  # whole storage, not contiguous
+    }
+    ours = check_against_torch(save(tmp_path, sd))
+    assert ours["odd_unit_stride"].stride() == (1, 7)
+    assert ours["grad"].requires_grad
+
+
+def test_a_storage_saved_beside_its_tensors_is_one_storage(tmp_path: Path) -> None:
+    t = torch.arange(8, dtype=torch.uint8)  # torch.save wants the same dtype for both
+    path = save(tmp_path, {"t": t, "storage": t.untyped_storage()})
+    ours, ref = zeroload.load(path), torch.load(path, weights_only=True)
+    assert_same(ours["t"], ref["t"])
+    # (torch.load wraps the storage in a TypedStorage; zeroload gives the UntypedStorage.)
+    assert ours["storage"].data_ptr() == ours["t"].untyped_storage().data_ptr()
+    assert ours["storage"].tolist() == ref["t"].tolist()
+    alone = zeroload.load(save(tmp_path, {"s": torch.ones(3).untyped_storage()}, "s.pth"))
+    assert alone["s"].nbytes() == 12
+
+
+REFUSED_DTYPE_CHILD = r"""
+import sys, torch, zeroload
+from zeroload import _core
+
+path = sys.argv[1]
+ckpt = _core.Checkpoint.open(path)
+calls = []
+
+def refuse(capsule):
+    calls.append(1)
+    raise BufferError("this torch cannot import float64")
+
+# A consumer refusing a dtype once makes every later export of it fall back ...
+assert ckpt.export_tensor(0, refuse) is None and calls == [1]
+assert ckpt.export_tensor(0, torch.from_dlpack) is None
+assert ckpt.export_tensors([0], refuse) == [None, None] and calls == [1]
+# ... to storages and views, which give the same tensors; other dtypes still export.
+assert ckpt.export_tensor(1, torch.from_dlpack) is not None
+sd = zeroload.load(path)
+ref = torch.load(path, weights_only=True)
+for k in ref:
+    assert torch.equal(sd[k], ref[k]) and sd[k].stride() == ref[k].stride(), k
+
+def interrupt(capsule):
+    raise KeyboardInterrupt
+
+try:
+    ckpt.export_tensor(1, interrupt)
+except KeyboardInterrupt:
+    print("ok")
+"""
+
+
+def test_dtypes_torch_cannot_import_fall_back_to_storage_views(tmp_path: Path) -> None:
+    path = save(tmp_path, {"d": torch.arange(4.0, dtype=torch.float64), "f": torch.ones(2)})
+    out = subprocess.run(
+        [sys.executable, "-c", REFUSED_DTYPE_CHILD, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "ok"
+
+
+# ----------------------------------------------------------------------------- readahead
+
+
+PAGE = mmap.PAGESIZE
+
+
+def resident_fraction(path: Path) -> float:
+    """The share of the file's pages in the page cache (mincore; reads nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        buf = (ctypes.c_char * size).from_buffer(m)
+        pages = (size + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * pages)()
+        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(buf)), ctypes.c_size_t(size), vec)
+        del buf
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        return sum(v & 1 for v in vec) / pages
+    finally:
+        m.close()
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.fixture
+def evicted_file(tmp_path: Path) -> Path:
+    """A 32 MiB checkpoint whose pages are not in the page cache."""
+    path = tmp_path / "cold.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({f"w{i}": torch.full((1 << 20,), float(i)) for i in range(8)}, path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    if resident_fraction(path) > 0.1:
+        pytest.skip("this file system keeps the file cached (tmpfs?): cannot test readahead")
+    return path
+
+
+def wait_until_resident(path: Path, fraction: float, seconds: float = 20.0) -> float:
+    deadline = time.monotonic() + seconds
+    while (now := resident_fraction(path)) < fraction and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return now
+
+
+@pytest.mark.parametrize("setting", [True, None])
+def test_readahead_reads_the_file_into_the_page_cache_not_into_rss(
+    evicted_file: Path, setting: bool | None
+) -> None:
+    before = rss_kib()
+    sd = zeroload.load(evicted_file, readahead=setting)
+    # Background readahead fills the cache without anything touching the tensors...
+    assert wait_until_resident(evicted_file, 0.99) >= 0.99
+    # ... and without mapping the pages into the process.
+    assert rss_kib() - before < 8 << 10
+    assert torch.equal(sd["w7"], torch.full((1 << 20,), 7.0))
+
+
+def test_without_readahead_nothing_is_read_until_touched(evicted_file: Path) -> None:
+    sd = zeroload.load(evicted_file, readahead=False)
+    time.sleep(0.5)
+    assert resident_fraction(evicted_file) < 0.5
+    assert torch.equal(sd["w3"], torch.full((1 << 20,), 3.0))
+
+
+def test_auto_readahead_stays_within_available_memory(
+    evicted_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zeroload._torch
+
+    # Half of 40 MiB "available" is less than the 32 MiB file: auto does not read ahead.
+    monkeypatch.setattr(zeroload._torch, "_mem_available", lambda: 40 << 20)
+    zeroload.load(evicted_file)
+    time.sleep(0.5)
+    assert resident_fraction(evicted_file) < 0.5
+    # With keys=, only the selected tensors count (and only they are read).
+    zeroload.load(evicted_file, keys=["w1"])
+    assert wait_until_resident(evicted_file, 0.1) >= 0.1
+    assert resident_fraction(evicted_file) < 0.5
+
+
+def test_readahead_takes_only_booleans_or_none(model_file: Path) -> None:
+    with pytest.raises(TypeError, match="readahead must be True, False or None"):
+        zeroload.load(model_file, readahead="yes")  # type: ignore[arg-type]
+
+
+def test_device_loads_build_torchs_views_on_one_copy_per_storage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The GPU path's glue, without a GPU: the copy engine's allocation and copy (tested
+    # in test_gpu.py on CUDA) is replaced by CPU copies of each storage's bytes.
+    import zeroload._device
+    from zeroload import _core
+
+    copies: list[list[int]] = []
+
+    def fake_copy(ckpt: _core.Checkpoint, ids: list[int], device: torch.device, **_: object):
+        assert device.type == "cuda"
+        copies.append(list(ids))
+        return [torch.from_dlpack(ckpt.storage_view(i)).clone() for i in ids]
+
+    monkeypatch.setattr(zeroload._device, "materialize_storages", fake_copy)
+    path = save(tmp_path, training_checkpoint())
+    ref = torch.load(path, weights_only=True)
+    for device in ("cuda", {"cpu": "cuda:0"}):
+        copies.clear()
+        ours = zeroload.load(path, map_location=device)
+        assert_same(ours, ref)
+        assert_sharing_same(ours, ref)
+        assert len(copies) == 1 and sorted(copies[0]) == sorted(set(copies[0]))
+    sd_path = save(tmp_path, TiedNet().state_dict(), "tied.pth")
+    with zeroload.open(sd_path, device="cuda") as f:
+        for name in f.keys():
+            t = f.get_tensor(name)
+            assert torch.equal(t, torch.load(sd_path, weights_only=True)[name])

@@ -138,3 +138,23 @@ def test_keys_and_dtype(st_file: Path) -> None:
     assert list(ours) == ["t.float32", "t.int32"]
     assert torch.equal(ours["t.float32"], ref["t.float32"].half())
     assert ours["t.int32"].dtype == torch.int32
+
+
+def test_open_takes_safe_opens_arguments_in_order(st_file: Path) -> None:
+    with safe_open(st_file, "np", "cpu") as ref, zeroload.open(st_file, "np", "cpu") as f:
+        np.testing.assert_array_equal(f.get_tensor("t.int32"), ref.get_tensor("t.int32"))
+    with zeroload.open(st_file, "pt") as f:
+        assert isinstance(f.get_tensor("t.int32"), torch.Tensor)
+    with zeroload.open(st_file, framework="pt", device="cpu") as f:
+        assert f.get_tensor("t.int32").device.type == "cpu"
+    # The old order (device second) gets a pointed message.
+    with pytest.raises(ValueError, match=r"framework.*pass device='cuda'"):
+        zeroload.open(st_file, "cuda")
+
+
+def test_open_tensors_are_whole_storage_views_like_safe_open(st_file: Path) -> None:
+    with safe_open(st_file, "pt") as ref, zeroload.open(st_file) as f:
+        for name in ref.keys():
+            ours, theirs = f.get_tensor(name), ref.get_tensor(name)
+            assert ours.untyped_storage().nbytes() == theirs.untyped_storage().nbytes()
+            assert ours.storage_offset() == 0 and ours.is_contiguous()

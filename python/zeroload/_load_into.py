@@ -9,6 +9,9 @@
   tensors, other devices) load that tensor and `copy_` it, as `load_state_dict` would.
 - Missing and unexpected keys and size mismatches are reported like
   `Module.load_state_dict` reports them, but before anything is written.
+
+Each file is opened and parsed once; everything after works from that parse, and every
+step costs O(1) per tensor.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
-from zeroload import _core, _dtensor, _shards
+from zeroload import _core, _dtensor, _shards, _torch
 from zeroload._core import CheckpointError
 from zeroload._device import DeviceLike
 
@@ -138,20 +141,45 @@ def load_into(
     if live:
         _fill_in_place(targets, entries, live, dtype)
     if meta:
-        _assign(module, path, meta, device, dtype)
+        _assign(module, entries, meta, device, dtype)
     return _IncompatibleKeys(missing, unexpected)
+
+
+def _load_entries(
+    entries: dict[str, _Entry],
+    names: list[str],
+    device: DeviceLike,
+    dtype: torch.dtype | None,
+) -> dict[str, torch.Tensor]:
+    """`zeroload.load(..., keys=names)` on the already parsed files."""
+    by_file: dict[Path, list[str]] = {}
+    for k in names:
+        by_file.setdefault(entries[k].file, []).append(k)
+    target = _torch.resolve_target(device, None)
+    readahead = _torch.Readahead(None)
+    loaded: dict[str, torch.Tensor] = {}
+    for keys in by_file.values():
+        loaded.update(
+            _torch.load_checkpoint(
+                entries[keys[0]].ckpt,
+                target,
+                dtype=dtype,
+                keys=set(keys).__contains__,
+                progress=None,
+                readahead=readahead,
+            )
+        )
+    return loaded
 
 
 def _assign(
     module: torch.nn.Module,
-    path: str | os.PathLike,
+    entries: dict[str, _Entry],
     names: list[str],
     device: DeviceLike | None,
     dtype: torch.dtype | None,
 ) -> None:
-    import zeroload
-
-    sd = zeroload.load(path, device="cpu" if device is None else device, dtype=dtype, keys=names)
+    sd = _load_entries(entries, names, "cpu" if device is None else device, dtype)
     result = module.load_state_dict(sd, strict=False, assign=True)
     # Everything asked for is in `sd` and the module: nothing can be missing here that
     # the caller did not already hear about.
@@ -218,7 +246,8 @@ def _fill_in_place(
 
                 _device.copy_into(ckpt, dests, requests, dev)
         if fallback:
-            _copy_fallback(targets, entries, [k for k in names if k in set(fallback)], dtype)
+            slow = set(fallback)
+            _copy_fallback(targets, entries, [k for k in names if k in slow], dtype)
 
 
 def _copy_fallback(
@@ -228,13 +257,6 @@ def _copy_fallback(
     dtype: torch.dtype | None,
 ) -> None:
     """Loads the tensors as zero-copy CPU views (cast if asked) and `copy_`s them."""
-    import zeroload
-
-    by_file: dict[Path, list[str]] = {}
-    for k in names:
-        by_file.setdefault(entries[k].file, []).append(k)
-    loaded: dict[str, torch.Tensor] = {}
-    for file, keys in by_file.items():
-        loaded.update(zeroload.load(file, device="cpu", dtype=dtype, keys=keys))
+    loaded = _load_entries(entries, names, "cpu", dtype)
     for k in names:
         targets[k].copy_(loaded[k])

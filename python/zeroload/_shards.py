@@ -27,6 +27,20 @@ class ShardSet:
     index: Path | None = None
     metadata: dict = field(default_factory=dict)
 
+    def names_by_file(self) -> dict[Path, list[str]]:
+        """The index's tensor names grouped by file (one pass over the weight map)."""
+        if self.index is None or self.weight_map is None:
+            return {}
+        folder = self.index.parent
+        path_of: dict[str, Path] = {}
+        out: dict[Path, list[str]] = {f: [] for f in self.files}
+        for name, shard in self.weight_map.items():
+            file = path_of.get(shard)
+            if file is None:
+                file = path_of[shard] = folder / shard
+            out.setdefault(file, []).append(name)
+        return out
+
 
 def resolve(path: str | os.PathLike) -> ShardSet:
     """Finds the checkpoint files behind `path` (a file, a shard index or a directory)."""

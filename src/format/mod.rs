@@ -159,6 +159,84 @@ impl ObjectGraph {
         self.nodes.push(v);
         self.nodes.len() - 1
     }
+
+    /// Keeps only the nodes reachable from the root, renumbered densely (the root
+    /// first), and returns the old node vector (the nodes kept replaced by `None`). A pickle leaves many nodes behind that no load
+    /// returns (each tensor's persistent id, rebuild arguments, sizes and strides: about
+    /// 20 nodes per tensor of a state dict), which would otherwise stay in memory as long
+    /// as the checkpoint.
+    pub fn compact(&mut self) -> Vec<Value> {
+        const UNSEEN: usize = usize::MAX;
+        let n = self.nodes.len();
+        let mut new_id = vec![UNSEEN; n];
+        let mut order: Vec<ObjId> = Vec::new();
+        let mut stack = vec![self.root];
+        while let Some(id) = stack.pop() {
+            if id >= n || new_id[id] != UNSEEN {
+                continue;
+            }
+            new_id[id] = order.len();
+            order.push(id);
+            for_each_child(&self.nodes[id], |c| stack.push(c));
+        }
+        if order.len() == n && order.iter().enumerate().all(|(i, &id)| i == id) {
+            return Vec::new();
+        }
+        let mut old = std::mem::take(&mut self.nodes);
+        self.nodes = order
+            .iter()
+            .map(|&id| {
+                let mut v = std::mem::replace(&mut old[id], Value::None);
+                // Ids the walk never reached are out of range (`finish` rules them out).
+                for_each_child_mut(&mut v, |c| *c = new_id.get(*c).copied().unwrap_or(UNSEEN));
+                v
+            })
+            .collect();
+        self.root = new_id.get(self.root).copied().unwrap_or(UNSEEN);
+        old
+    }
+}
+
+fn for_each_child(v: &Value, mut f: impl FnMut(ObjId)) {
+    match v {
+        Value::Tuple(items) | Value::List(items) | Value::Set(items) | Value::FrozenSet(items) => {
+            items.iter().for_each(|&c| f(c))
+        }
+        Value::Dict(items) | Value::Counter(items) => items.iter().for_each(|&(k, v)| {
+            f(k);
+            f(v)
+        }),
+        Value::OrderedDict { items, attrs } => {
+            items.iter().for_each(|&(k, v)| {
+                f(k);
+                f(v)
+            });
+            attrs.iter().for_each(|&(_, v)| f(v));
+        }
+        Value::Parameter { tensor, .. } => f(*tensor),
+        _ => {}
+    }
+}
+
+fn for_each_child_mut(v: &mut Value, mut f: impl FnMut(&mut ObjId)) {
+    match v {
+        Value::Tuple(items) | Value::List(items) | Value::Set(items) | Value::FrozenSet(items) => {
+            items.iter_mut().for_each(f)
+        }
+        Value::Dict(items) | Value::Counter(items) => items.iter_mut().for_each(|(k, v)| {
+            f(k);
+            f(v)
+        }),
+        Value::OrderedDict { items, attrs } => {
+            items.iter_mut().for_each(|(k, v)| {
+                f(k);
+                f(v)
+            });
+            attrs.iter_mut().for_each(|(_, v)| f(v));
+        }
+        Value::Parameter { tensor, .. } => f(tensor),
+        _ => {}
+    }
 }
 
 /// What a parser returns: everything about the checkpoint except the open file.
@@ -198,10 +276,7 @@ pub fn parse_mapped(path: &Path, mapping: &Mapping) -> Result<Parsed> {
             mapping.read_at(&mut json, 8)?;
             safetensors::parse_header(path, &json, mapping.len())?
         }
-        Format::TorchZip => {
-            let reader = std::io::BufReader::with_capacity(4096, mapping.reader());
-            torchzip::parse(path, reader, mapping.len())?
-        }
+        Format::TorchZip => torchzip::parse(path, mapping.reader(), mapping.len())?,
     };
     validate(path, mapping.len(), &parsed)?;
     Ok(parsed)
@@ -350,6 +425,8 @@ pub struct Checkpoint {
     pub path: PathBuf,
     pub mapping: Arc<Mapping>,
     pub parsed: Parsed,
+    /// How many tensors, and storage objects of the object tree, refer to each storage.
+    storage_users: Vec<u32>,
 }
 
 impl Checkpoint {
@@ -357,17 +434,116 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let mapping = Mapping::open(path)?;
         let parsed = parse_mapped(path, &mapping)?;
-        Ok(Checkpoint {
+        Ok(Checkpoint::new(path, mapping, parsed))
+    }
+
+    /// A checkpoint from a mapping and what was parsed from it (`validate`d). Nodes of
+    /// the object graph that nothing returns are dropped (see `ObjectGraph::compact`).
+    pub fn new(path: &Path, mapping: Arc<Mapping>, mut parsed: Parsed) -> Checkpoint {
+        let unused = parsed.objects.compact();
+        let count = unused.len();
+        drop_soon(unused, count);
+        let mut storage_users = vec![0u32; parsed.storages.len()];
+        let refs =
+            parsed
+                .tensors
+                .iter()
+                .map(|t| t.storage)
+                .chain(parsed.objects.nodes.iter().filter_map(|v| match v {
+                    Value::Storage(i) => Some(*i),
+                    _ => None,
+                }));
+        for i in refs {
+            if let Some(n) = storage_users.get_mut(i) {
+                *n = n.saturating_add(1);
+            }
+        }
+        Checkpoint {
             path: path.to_path_buf(),
             mapping,
             parsed,
-        })
+            storage_users,
+        }
+    }
+
+    /// Whether tensor `i` is its storage, byte for byte: no offset, C-contiguous, and as
+    /// long as the storage. Such a tensor can be exported with its own dtype and shape,
+    /// and the storage its consumer makes for it is the one the file describes.
+    pub fn covers_storage(&self, i: usize) -> bool {
+        let Some(t) = self.parsed.tensors.get(i) else {
+            return false;
+        };
+        let Some(s) = self.parsed.storages.get(t.storage) else {
+            return false;
+        };
+        t.storage_offset == 0
+            && t.is_contiguous()
+            && t.numel()
+                .and_then(|n| n.checked_mul(t.dtype.size() as u64))
+                .is_some_and(|bytes| bytes == s.nbytes)
+    }
+
+    /// Whether anything besides one tensor refers to storage `i` (another tensor, or the
+    /// storage itself as an object): then loads must make one storage object and share it.
+    pub fn storage_shared(&self, i: usize) -> bool {
+        self.storage_users.get(i).is_some_and(|&n| n > 1)
+    }
+
+    /// Starts reading the given storages (all when `None`, in table order: the order a
+    /// load returns their tensors) into the page cache in the background, unless that is
+    /// more than `max_bytes`; see `Mapping::readahead`. Returns the bytes scheduled.
+    pub fn readahead(&self, storages: Option<&[usize]>, max_bytes: Option<u64>) -> u64 {
+        let all = &self.parsed.storages;
+        let ranges: Vec<(u64, u64)> = match storages {
+            None => all.iter().map(|s| (s.offset, s.nbytes)).collect(),
+            Some(ids) => ids
+                .iter()
+                .filter_map(|&i| all.get(i))
+                .map(|s| (s.offset, s.nbytes))
+                .collect(),
+        };
+        self.mapping.readahead(&ranges, max_bytes)
     }
 
     /// The `(name, tensor index)` pairs when the root is a flat dict of str to tensor (a
     /// state dict or a safetensors file), in the dict's order; `None` otherwise.
     pub fn flat_tensors(&self) -> Option<Vec<(String, usize)>> {
         flat_tensors(&self.parsed.objects)
+    }
+}
+
+/// Collections of at least this many objects are freed on a thread of their own.
+const BACKGROUND_DROP_MIN: usize = 4096;
+
+/// Drops a parse's objects, on a thread of its own when there are many: freeing them is
+/// one `free` per object and takes a good part of the time parsing took, and loads drop
+/// what they are done with on their way to returning. (If no thread can be started, the
+/// closure, and the objects with it, are dropped here instead.)
+fn drop_soon<T: Send + 'static>(objects: T, count: usize) {
+    if count >= BACKGROUND_DROP_MIN {
+        let _ = std::thread::Builder::new()
+            .name("zeroload-drop".into())
+            .spawn(move || drop(objects));
+    }
+}
+
+impl Drop for Checkpoint {
+    fn drop(&mut self) {
+        let parsed = std::mem::replace(&mut self.parsed, Parsed::empty());
+        let count = parsed.objects.nodes.len() + parsed.tensors.len();
+        drop_soon(parsed, count);
+    }
+}
+
+impl Parsed {
+    fn empty() -> Parsed {
+        Parsed {
+            format: Format::Safetensors,
+            storages: Vec::new(),
+            tensors: Vec::new(),
+            objects: ObjectGraph::default(),
+            metadata: None,
+        }
     }
 }
 
@@ -393,4 +569,51 @@ pub fn flat_tensors(g: &ObjectGraph) -> Option<Vec<(String, usize)>> {
         out.push((name.clone(), tensor));
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compaction_keeps_the_tree_and_drops_what_it_does_not_reach() {
+        let mut g = ObjectGraph::default();
+        let dangling = g.push(Value::Storage(0)); // a rebuild argument, left behind
+        let held = g.push(Value::Storage(1));
+        let t = g.push(Value::Tensor(0));
+        let p = g.push(Value::Parameter {
+            tensor: t,
+            requires_grad: true,
+        });
+        let list = g.push(Value::List(vec![held, p, held]));
+        let key = g.push(Value::Str("k".into()));
+        g.root = g.push(Value::OrderedDict {
+            items: vec![(key, list)],
+            attrs: vec![("_metadata".into(), held)],
+        });
+        let before = g.clone();
+        let dropped = g.compact();
+        // The old nodes, emptied where they moved to the new numbering.
+        assert_eq!(dropped[dangling], Value::Storage(0));
+        assert_eq!(dropped.iter().filter(|v| **v != Value::None).count(), 1);
+        assert_eq!(g.root, 0);
+        assert_eq!(g.nodes.len(), 6);
+        // The same tree, renumbered.
+        let Value::OrderedDict { items, attrs } = &g.nodes[g.root] else {
+            panic!("{:?}", g.nodes[g.root]);
+        };
+        assert_eq!(g.nodes[items[0].0], Value::Str("k".into()));
+        let Value::List(list) = &g.nodes[items[0].1] else {
+            panic!()
+        };
+        assert_eq!(list[0], list[2]);
+        assert_eq!(list[0], attrs[0].1);
+        assert_eq!(g.nodes[list[0]], Value::Storage(1));
+        let Value::Parameter { tensor, .. } = &g.nodes[list[1]] else {
+            panic!()
+        };
+        assert_eq!(g.nodes[*tensor], Value::Tensor(0));
+        assert_eq!(flat_tensors(&g), flat_tensors(&before));
+        assert!(g.compact().is_empty());
+    }
 }

@@ -1,6 +1,7 @@
 //! `zeroload._core.Checkpoint`: an open, parsed checkpoint, and the conversion of its
 //! object graph into Python objects.
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyIndexError;
@@ -8,9 +9,20 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyFrozenSet, PyList, PySet, PyTuple};
 use pyo3::IntoPyObjectExt;
 
-use super::dlpack::{check_dims, DLPackView};
+use super::dlpack::{capsule, check_dims, DLPackView};
 use super::errors::{catch_panic, CheckpointError};
+use crate::dlpack::Export;
+use crate::dtype::DType;
 use crate::format::{Checkpoint, ObjId, Value};
+
+/// Dtypes whose typed DLPack export a consumer refused (bit `dtype as u32`): older torch
+/// builds cannot import some (float8, uint16 and wider). Once refused, tensors of that
+/// dtype are left to the caller's storage-and-view path without asking again.
+static REFUSED_DTYPES: AtomicU32 = AtomicU32::new(0);
+
+fn dtype_bit(d: DType) -> u32 {
+    1u32 << (d as u32)
+}
 
 /// How deep containers may nest before the conversion refuses (a legitimate checkpoint
 /// nests a handful of levels; the graph itself is bounded by the pickle's size).
@@ -21,6 +33,8 @@ const MAX_NESTING: usize = 1000;
 #[pyclass(module = "zeroload._core", name = "Checkpoint", frozen)]
 pub struct PyCheckpoint {
     pub(crate) inner: Arc<Checkpoint>,
+    /// The mapping, as the owner every export keeps alive.
+    owner: crate::dlpack::Owner,
 }
 
 impl PyCheckpoint {
@@ -48,6 +62,46 @@ impl PyCheckpoint {
             .get(i)
             .ok_or_else(|| PyIndexError::new_err(format!("no tensor #{i}")))
     }
+
+    /// `make(capsule)` for tensor `i`, exported with its own dtype, shape and strides,
+    /// if it covers its storage exactly, does not require grad, and its dtype was not
+    /// refused before; `None` otherwise. An `Exception` from `make` marks the dtype
+    /// refused and gives `None` (the caller then builds the tensor from its storage);
+    /// other `BaseException`s (KeyboardInterrupt) propagate.
+    fn make_typed(
+        &self,
+        py: Python<'_>,
+        i: usize,
+        make: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let t = self.tensor_at(i)?;
+        if t.requires_grad
+            || REFUSED_DTYPES.load(Ordering::Relaxed) & dtype_bit(t.dtype) != 0
+            || !self.inner.covers_storage(i)
+        {
+            return Ok(None);
+        }
+        let s = self.storage_at(t.storage)?;
+        let (shape, strides) = check_dims(&t.shape, &t.strides)?;
+        let export = Export {
+            owner: &self.owner,
+            data: self.data_ptr(s.offset),
+            byte_offset: 0,
+            dtype: t.dtype,
+            shape: &shape,
+            strides: &strides,
+        };
+        // Legacy capsules: every torch since 1.x imports them.
+        let cap = capsule(py, &export, false)?;
+        match make.call1((cap,)) {
+            Ok(tensor) => Ok(Some(tensor.unbind())),
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(py) => {
+                REFUSED_DTYPES.fetch_or(dtype_bit(t.dtype), Ordering::Relaxed);
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 type TensorTuple = (usize, &'static str, Vec<u64>, Vec<i64>, u64, bool);
@@ -62,8 +116,10 @@ impl PyCheckpoint {
                 Checkpoint::open(&path).map_err(PyErr::from)
             })
         })?;
+        let owner: crate::dlpack::Owner = inner.mapping.clone();
         Ok(PyCheckpoint {
             inner: Arc::new(inner),
+            owner,
         })
     }
 
@@ -127,6 +183,67 @@ impl PyCheckpoint {
     /// `[(name, tensor index)]` when the checkpoint is a flat dict of tensors, else None.
     fn flat_tensors(&self) -> Option<Vec<(String, usize)>> {
         self.inner.flat_tensors()
+    }
+
+    /// `{name: tensor index}` when the checkpoint is a flat dict of tensors (in the dict's
+    /// order), else None: the index a lazy handle looks names up in.
+    fn flat_index<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(flat) = self.inner.flat_tensors() else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        for (name, i) in flat {
+            d.set_item(name, i)?;
+        }
+        Ok(Some(d))
+    }
+
+    /// Tensor `i` as `make(capsule)` of a typed DLPack export (`make` is e.g.
+    /// `torch.from_dlpack`), when the tensor is its whole storage and needs nothing
+    /// more (see `covers_storage`); None otherwise: build it from `storage_view`.
+    fn export_tensor(
+        &self,
+        py: Python<'_>,
+        i: usize,
+        make: &Bound<'_, PyAny>,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        self.make_typed(py, i, make)
+    }
+
+    /// `export_tensor` for many tensors at once, for loads: a list indexed like the
+    /// tensor table, holding `make(capsule)` for each tensor of `indices` (all when None)
+    /// that `export_tensor` can make and whose storage nothing else uses (shared storages
+    /// must come out as one storage object), None everywhere else.
+    #[pyo3(signature = (indices, make))]
+    fn export_tensors<'py>(
+        &self,
+        py: Python<'py>,
+        indices: Option<Vec<usize>>,
+        make: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let n = self.inner.parsed.tensors.len();
+        let mut out: Vec<Option<Py<PyAny>>> = (0..n).map(|_| None).collect();
+        let mut one = |i: usize| -> PyResult<()> {
+            let t = self.tensor_at(i)?;
+            if !self.inner.storage_shared(t.storage) {
+                out[i] = self.make_typed(py, i, make)?;
+            }
+            Ok(())
+        };
+        match indices {
+            None => (0..n).try_for_each(&mut one)?,
+            Some(ids) => ids.into_iter().try_for_each(&mut one)?,
+        }
+        PyList::new(py, out)
+    }
+
+    /// Starts reading the given storages (all when None) into the page cache on a
+    /// background thread (`posix_fadvise(WILLNEED)`, in the order given; nothing is
+    /// mapped, so RSS does not grow), unless they add up to more than `max_bytes`.
+    /// Returns the bytes scheduled.
+    #[pyo3(signature = (storages=None, max_bytes=None))]
+    fn readahead(&self, storages: Option<Vec<usize>>, max_bytes: Option<u64>) -> u64 {
+        self.inner.readahead(storages.as_deref(), max_bytes)
     }
 
     /// Storage `i` as a 1-D uint8 DLPack view over the copy-on-write mapping.

@@ -43,15 +43,29 @@ impl DLPackView {
         }
     }
 
-    fn export(&self) -> Export {
+    fn export(&self) -> Export<'_> {
         Export {
-            owner: self.owner.clone(),
+            owner: &self.owner,
             data: self.base as *mut u8,
             byte_offset: self.byte_offset,
             dtype: self.dtype,
-            shape: self.shape.clone(),
-            strides: self.strides.clone(),
+            shape: &self.shape,
+            strides: &self.strides,
         }
+    }
+}
+
+/// A fresh DLPack capsule of `export`: `dltensor_versioned` or legacy `dltensor`.
+pub fn capsule(py: Python<'_>, export: &Export<'_>, versioned: bool) -> PyResult<Py<PyAny>> {
+    if versioned {
+        let p = dlpack::export_versioned(export);
+        // SAFETY: a fresh export handed to exactly one capsule, whose destructor frees it
+        // only if no consumer took it.
+        unsafe { new_capsule(py, p.cast(), NAME_VERSIONED, destroy_versioned) }
+    } else {
+        let p = dlpack::export_legacy(export);
+        // SAFETY: as above.
+        unsafe { new_capsule(py, p.cast(), NAME_LEGACY, destroy_legacy) }
     }
 }
 
@@ -82,17 +96,7 @@ impl DLPackView {
             ));
         }
         let versioned = max_version.is_some_and(|(major, _)| major >= 1);
-        let export = self.export();
-        if versioned {
-            let p = dlpack::export_versioned(&export);
-            // SAFETY: a fresh export handed to exactly one capsule, whose destructor frees
-            // it only if no consumer took it.
-            unsafe { new_capsule(py, p.cast(), NAME_VERSIONED, destroy_versioned) }
-        } else {
-            let p = dlpack::export_legacy(&export);
-            // SAFETY: as above.
-            unsafe { new_capsule(py, p.cast(), NAME_LEGACY, destroy_legacy) }
-        }
+        capsule(py, &self.export(), versioned)
     }
 
     fn __dlpack_device__(&self) -> (i32, i32) {
