@@ -1,5 +1,6 @@
 """Typed stub of the native module `zeroload._core` (built from src/py/)."""
 
+import pickle
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any, final
@@ -9,6 +10,7 @@ __all__ = [
     "CheckpointError",
     "CudaError",
     "DLPackView",
+    "ForbiddenGlobalError",
     "copy_to_cuda",
     "copy_to_host",
     "cuda_available",
@@ -19,6 +21,9 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """A checkpoint file is malformed, truncated, hostile or unsupported."""
+
+class ForbiddenGlobalError(CheckpointError, pickle.UnpicklingError):
+    """The pickle asks for a global outside the allow-list; nothing was executed."""
 
 class CudaError(RuntimeError):
     """A CUDA driver call failed, or CUDA is not available."""
