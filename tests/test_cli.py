@@ -158,6 +158,19 @@ def test_help_inspect_and_convert_never_import_torch(files: dict, tmp_path: Path
     )
 
 
+def test_dtype_tables_agree_with_torch_and_safetensors() -> None:
+    # inspect and convert work without torch, from these tables.
+    from zeroload import _core
+    from zeroload._convert import SAFETENSORS_DTYPES
+    from zeroload._inspect import DTYPE_ITEMSIZE
+
+    for name, size in DTYPE_ITEMSIZE.items():
+        assert getattr(torch, name).itemsize == size, name
+    for name, st in SAFETENSORS_DTYPES.items():
+        assert _core.safetensors_dtype_name(name) == st, name
+        assert safetensors_torch._TYPES[st] == getattr(torch, name), name
+
+
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main([])
