@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "scalar": torch.tensor(3),
             "empty": torch.zeros(0, 3),
             "flag": torch.tensor([True, False]),
+            "expanded": torch.randn(3, 1).expand(3, 4),  # stride 0
+            "bf16_t": torch.randn(4, 3, dtype=torch.bfloat16).t(),  # numpy has no bfloat16
+            "every_other": torch.arange(10, dtype=torch.int16)[::2],
         },
         out["weird"],
     )
@@ -99,6 +103,74 @@ def test_help_everywhere() -> None:
         assert f"zeroload {cmd}" in sub.stdout
 
 
+def test_sizes_match_the_model_configs() -> None:
+    from zeroload import _gptmodel
+
+    assert cli._SIZES == tuple(_gptmodel.SIZES)
+
+
+TORCH_FREE_CHILD = textwrap.dedent(
+    """
+    import json, sys
+    from zeroload.cli import main
+    try:
+        rc = main(sys.argv[1:])
+    except SystemExit as e:  # --help
+        rc = e.code
+    print(json.dumps({"rc": rc, "torch": "torch" in sys.modules}), file=sys.stderr)
+    """
+)
+
+
+def _run_torch_free(*args: str) -> dict:
+    env = dict(os.environ)
+    pkg = str(Path(zeroload.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg, env.get("PYTHONPATH")) if p)
+    r = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE_CHILD, *args], capture_output=True, text=True, env=env
+    )
+    return json.loads(r.stderr.strip().splitlines()[-1])
+
+
+def test_help_inspect_and_convert_never_import_torch(files: dict, tmp_path: Path) -> None:
+    # The core is torch-free, so the quick commands start in a fraction of torch's import.
+    runs = {
+        "--help": ["--help"],
+        "inspect --help": ["inspect", "--help"],
+        "inspect .pth": ["inspect", str(files["weird"])],
+        "inspect nested .pth": ["inspect", str(files["train"])],
+        "inspect .safetensors": ["inspect", "--json", str(files["st"])],
+        "inspect shards": ["inspect", str(files["sharded"])],
+        "convert .pth": ["convert", str(files["weird"]), str(tmp_path / "a.safetensors")],
+        "convert --key": [
+            "convert",
+            "--key",
+            "state_dict",
+            str(files["train"]),
+            str(tmp_path / "b.safetensors"),
+        ],
+        "convert shards": ["convert", str(files["sharded"]), str(tmp_path / "c.safetensors")],
+    }
+    for what, args in runs.items():
+        assert _run_torch_free(*args) == {"rc": 0, "torch": False}, what
+    assert set(safetensors_torch.load_file(tmp_path / "c.safetensors")) == set(
+        files["model"].state_dict()
+    )
+
+
+def test_dtype_tables_agree_with_torch_and_safetensors() -> None:
+    # inspect and convert work without torch, from these tables.
+    from zeroload import _core
+    from zeroload._convert import SAFETENSORS_DTYPES
+    from zeroload._inspect import DTYPE_ITEMSIZE
+
+    for name, size in DTYPE_ITEMSIZE.items():
+        assert getattr(torch, name).itemsize == size, name
+    for name, st in SAFETENSORS_DTYPES.items():
+        assert _core.safetensors_dtype_name(name) == st, name
+        assert safetensors_torch._TYPES[st] == getattr(torch, name), name
+
+
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         cli.main([])
@@ -121,7 +193,7 @@ def test_inspect_matches_torch_load(files: dict, capsys: pytest.CaptureFixture) 
     tot = info["totals"]
     assert tot["tensors"] == len(ref)
     assert tot["bytes"] == sum(r.numel() * r.element_size() for r in ref.values())
-    assert tot["by_dtype"]["bfloat16"] == {"tensors": 1, "elements": 4, "bytes": 8}
+    assert tot["by_dtype"]["bfloat16"] == {"tensors": 2, "elements": 16, "bytes": 32}
     assert tot["file_bytes"] == files["weird"].stat().st_size
 
 
@@ -215,6 +287,44 @@ def test_convert_shared_noncontiguous_and_dtypes(
         assert torch.equal(got[k], v), k
 
 
+def test_convert_safetensors_and_shard_sets(files: dict, tmp_path: Path) -> None:
+    dst = tmp_path / "st.safetensors"
+    assert cli.main(["convert", str(files["st"]), str(dst)]) == 0
+    ref = safetensors_torch.load_file(files["st"])
+    got = safetensors_torch.load_file(dst)
+    assert set(got) == set(ref) and all(torch.equal(got[k], v) for k, v in ref.items())
+    dst = tmp_path / "merged.safetensors"
+    assert cli.main(["convert", str(files["sharded"]), str(dst)]) == 0
+    got = safetensors_torch.load_file(dst)
+    sd = files["model"].state_dict()
+    assert set(got) == set(sd) and all(torch.equal(got[k], v) for k, v in sd.items())
+
+
+def test_convert_refuses_an_output_not_named_safetensors(
+    files: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    dst = tmp_path / "model.pth"
+    assert cli.main(["convert", str(files["gpt"]), str(dst)]) == 2
+    err = capsys.readouterr().err
+    assert "model.pth" in err and ".safetensors" in err and "--force" in err
+    assert "torch.load" in err  # why: loaders pick the format by the name
+    assert not dst.exists()
+    assert cli.main(["convert", "--force", str(files["gpt"]), str(dst)]) == 0
+    got = safetensors_torch.load_file(dst)
+    assert set(got) == set(files["model"].state_dict())
+    assert list(tmp_path.iterdir()) == [dst]  # no temporary file left beside it
+
+
+def test_convert_refuses_to_write_over_its_source(
+    files: dict, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    src = tmp_path / "same.safetensors"
+    src.write_bytes(files["st"].read_bytes())
+    assert cli.main(["convert", "--force", str(src), str(src)]) == 2
+    assert "source" in capsys.readouterr().err
+    assert src.read_bytes() == files["st"].read_bytes()
+
+
 def test_convert_dedupe_drops_aliases(files: dict, tmp_path: Path, capsys) -> None:
     dst = tmp_path / "dedup.safetensors"
     assert cli.main(["convert", "--dedupe", str(files["weird"]), str(dst)]) == 0
@@ -266,6 +376,8 @@ def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for method in ("baseline", "sequential", "meta", "mmap_assign", "per_tensor", "zeroload"):
         assert method in out
     assert "ratios" in out
+    assert "all read" in out  # the time until every weight has been read
+    assert "Fair CPU comparison: mmap_assign" in out
     rows = json.loads((tmp_path / "zeroload-demo-tiny-cpu.json").read_text())
     assert [r["method"] for r in rows] == [
         "baseline",
@@ -279,8 +391,32 @@ def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         assert r["ok"], r
         assert r["check"] == "equal", r
         assert r["cpu_peak"] is not None and r["wall_s"] > 0
+        assert r["touched_s"] >= r["wall_s"]
     png = tmp_path / "zeroload-demo-tiny-cpu.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_writes_nothing_unless_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    work, scratch = tmp_path / "cwd", tmp_path / "scratch"
+    work.mkdir()
+    scratch.mkdir()
+    monkeypatch.chdir(work)
+    args = ["demo", "--size", "tiny", "--methods", "zeroload", "--tmpdir", str(scratch)]
+    assert cli.main(args) == 0
+    out = capsys.readouterr()
+    assert "tiny test model" in out.err and "0.17M parameters" in out.err
+    assert list(work.iterdir()) == [] and list(scratch.iterdir()) == []
+
+
+def test_model_labels_say_why_gpt2_small_has_163m_parameters() -> None:
+    from zeroload._gptmodel import describe
+
+    assert describe("small") == (
+        "gpt2-small config, 163M parameters (124M as in GPT-2 + 38.6M untied output head)"
+    )
+    assert describe("xl").startswith("gpt2-xl config, 1638M parameters (1558M as in GPT-2")
 
 
 def test_bench_state_dict(files: dict, capsys: pytest.CaptureFixture) -> None:
@@ -298,3 +434,52 @@ def test_cuda_without_cuda_is_a_clear_error(files: dict, capsys, cmd: str) -> No
     args = ["demo", "--size", "tiny"] if cmd == "demo" else ["bench", str(files["gpt"])]
     assert cli.main([*args, "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+# -- scale: every cost O(number of tensors) ---------------------------------------------
+# A quadratic path (a name set or the tensor table rebuilt per tensor) takes hours at
+# 100,000 tensors; linear ones take seconds. The timeouts are generous on purpose.
+
+
+@pytest.fixture(scope="module", params=[20_000, 100_000], ids=["20k", "100k"])
+def many(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    # n names: n/2 tensors, each also saved under a second name (tied), so that --dedupe
+    # drops n/2 names.
+    n = request.param
+    d = tmp_path_factory.mktemp(f"many{n}")
+    half = {f"layers.{i}.w": torch.full((2,), float(i)) for i in range(n // 2)}
+    sd = {**half, **{f"tied.{i}.w": half[f"layers.{i}.w"] for i in range(n // 2)}}
+    torch.save(sd, d / "many.pth")
+    safetensors_torch.save_file(half, d / "many.safetensors")
+    return {"n": n, "dir": d, "sd": sd}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_inspect_scales_linearly(many: dict, fmt: str, capsys: pytest.CaptureFixture) -> None:
+    info = _inspect_json(capsys, many["dir"] / f"many.{fmt}")
+    names = [t["name"] for t in info["tensors"]]
+    if fmt == "pth":
+        assert names == list(many["sd"])
+    else:
+        with safetensors_torch.safe_open(many["dir"] / "many.safetensors", "pt") as f:
+            assert names == list(f.keys())
+    assert all(t["shape"] == [2] and t["bytes"] == 8 for t in info["tensors"])
+    assert info["totals"]["tensors"] == len(names)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_convert_scales_linearly(many: dict, tmp_path: Path, capsys) -> None:
+    src, n = many["dir"] / "many.pth", many["n"]
+    dst = tmp_path / "out.safetensors"
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    with safetensors_torch.safe_open(dst, "pt") as f:
+        assert sorted(f.keys()) == sorted(many["sd"])
+        for i in range(0, n // 2, 997):
+            assert torch.equal(f.get_tensor(f"tied.{i}.w"), many["sd"][f"layers.{i}.w"])
+    assert cli.main(["convert", "--dedupe", "--force", str(src), str(dst)]) == 0
+    assert "dropped aliases: tied.0.w, tied.1.w" in capsys.readouterr().err
+    with safetensors_torch.safe_open(dst, "pt") as f:
+        assert len(f.keys()) == n // 2

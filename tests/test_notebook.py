@@ -1,4 +1,5 @@
-"""examples/quickstart.ipynb runs top to bottom (tiny model) so it never rots."""
+"""examples/quickstart.ipynb runs top to bottom (tiny model) so it never rots, uses only the
+public API, and leaves nothing behind: not in the temp dir, not in its working directory."""
 
 from __future__ import annotations
 
@@ -15,18 +16,40 @@ pytest.importorskip("matplotlib")
 NOTEBOOK = Path(__file__).resolve().parent.parent / "examples" / "quickstart.ipynb"
 
 
-def test_quickstart_notebook_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_quickstart_uses_only_the_public_api() -> None:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "class GPTModel" in code  # defines its model, as the seed notebook does
+    assert "zeroload._" not in code and "from zeroload import _" not in code
+    assert not any(c.get("outputs") for c in nb.cells if c.cell_type == "code"), (
+        "commit the notebook without outputs"
+    )
+
+
+def test_quickstart_notebook_runs_and_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     import zeroload
 
+    # The kernel's temp dir and working directory are empty directories of this test's own,
+    # so anything the notebook forgets to remove shows up there.
+    kernel_tmp = tmp_path / "tmp"
+    kernel_cwd = tmp_path / "cwd"
+    kernel_tmp.mkdir()
+    kernel_cwd.mkdir()
     pkg = str(Path(zeroload.__file__).resolve().parent.parent)
+    monkeypatch.setenv("TMPDIR", str(kernel_tmp))
+    # Building a model on the meta device imports torch._dynamo, which creates torch's own
+    # compile cache dir ($TMPDIR/torchinductor_<user>, reused by every torch program): not
+    # the notebook's litter, so it goes elsewhere here.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch-cache"))
     monkeypatch.setenv("ZEROLOAD_NOTEBOOK_SIZE", "tiny")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(p for p in (pkg, os.environ.get("PYTHONPATH")) if p)
     )
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(kernel_cwd)}}
     )
     try:
         client.execute()
@@ -37,6 +60,10 @@ def test_quickstart_notebook_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         str(o.get("text", "")) + str(o.get("data", {}).get("text/plain", "")) for o in outputs
     )
     assert "output equals the original model's: True" in text
+    assert "untied output head" in text
     assert "peak CPU RSS" in text  # the track() reports
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
-    assert any("<table" in h for h in html)
+    assert sum("<table" in h for h in html) == 3  # one report per recipe
+    assert any("image/png" in o.get("data", {}) for o in outputs)  # the chart
+    assert sorted(p.name for p in kernel_tmp.iterdir()) == []
+    assert sorted(p.name for p in kernel_cwd.iterdir()) == []

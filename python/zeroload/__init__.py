@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from zeroload._core import CheckpointError, CudaError
+from zeroload._core import CheckpointError, CudaError, ForbiddenGlobalError
 
 if TYPE_CHECKING:
     from zeroload._load import load
@@ -36,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError",
     "CudaError",
+    "ForbiddenGlobalError",
     "SafeOpen",
     "load",
     "load_into",

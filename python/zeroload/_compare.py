@@ -11,6 +11,12 @@ weights, as the seed notebook's ``memory_usage_in_gb`` measured it. The correctn
 every tensor in state-dict mode) runs after the measurement, so touching mmap-backed pages
 for the check is not counted as loading.
 
+Loaders that map the file (``torch.load(mmap=True)``, safetensors, zeroload on the CPU)
+return before reading the weights; the first forward pass then pays for the reads. So each
+child also times reading every byte of every tensor right after loading (a sum per tensor,
+as a first forward pass would touch them): ``touched_s`` is load plus that, the time until
+every weight has been read, which is what a user waits for.
+
 Model mode methods (the seed notebook's, plus zeroload):
     baseline     ``GPTModel(cfg).to(dev); load_state_dict(torch.load(p, map_location=dev))``
     sequential   model on ``dev``; ``torch.load`` on CPU; copy tensor by tensor
@@ -83,6 +89,7 @@ class Row:
     gpu_peak_allocated: int | None = None
     gpu_peak_used: int | None = None
     wall_s: float | None = None
+    touched_s: float | None = None  # wall_s plus reading every byte of every tensor
     check: str = ""  # "equal", "differs (...)", "" when not checked
     error: str | None = None
     extra: Dict[str, Any] = field(default_factory=dict)
@@ -210,6 +217,30 @@ def digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+def touch_all(obj: Any) -> None:
+    """Read every byte of every tensor of ``obj`` (a module's state dict, or tensors in
+    nested containers): a sum per tensor, synchronised on CUDA. Pages of mmap-backed
+    tensors are faulted in here, as a first forward pass would."""
+    import torch
+
+    if isinstance(obj, torch.nn.Module):
+        tensors: Iterable[Any] = obj.state_dict().values()
+    else:
+        tensors = (t for _, t in named_tensors(obj))
+    cuda = False
+    for t in tensors:
+        if not t.numel():
+            continue
+        cuda = cuda or t.is_cuda
+        t = t.detach()
+        try:
+            t.sum()
+        except (RuntimeError, TypeError):  # dtypes without a sum kernel (float8, ...)
+            t.clone()
+    if cuda:
+        torch.cuda.synchronize()
+
+
 def _warm_up(method: str, spec: Dict[str, Any]) -> None:
     """Pay one-time costs (lazy imports, first use of the meta device and of each loader)
     on a tiny file before the baseline, so the measurement is of loading, not of them."""
@@ -218,6 +249,7 @@ def _warm_up(method: str, spec: Dict[str, Any]) -> None:
     import torch
 
     small = {"w": torch.zeros(2, 2)}
+    small["w"].sum()  # start the intra-op thread pool that touch_all's sums use
     buf = io.BytesIO()
     torch.save(small, buf)
     if spec.get("mode") == "model":
@@ -247,6 +279,7 @@ def _warm_up(method: str, spec: Dict[str, Any]) -> None:
 
 def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
     import gc
+    import time
 
     import torch
 
@@ -266,6 +299,9 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
         else:
             obj = _load_state_dict(method, spec, dev)
     result: Dict[str, Any] = {k: v for k, v in t.as_dict().items() if k != "label"}
+    start = time.perf_counter()
+    touch_all(obj)
+    result["touched_s"] = result["wall_s"] + (time.perf_counter() - start)
     if spec["mode"] == "model":
         out = obj(ref["input"].to(dev)).cpu()
         if ref.get("output_device") == dev.type or dev.type == "cpu":
@@ -337,6 +373,7 @@ def _row(method: str, description: str, result: Dict[str, Any]) -> Row:
         "gpu_peak_allocated",
         "gpu_peak_used",
         "wall_s",
+        "touched_s",
     ):
         setattr(row, name, result.get(name))
     row.check = result.get("check", "")
@@ -575,19 +612,28 @@ def _ratio(value: float | None, base: float | None, floor: float) -> str:
 
 
 def format_table(rows: Sequence[Row], *, title: str = "", against: str = "zeroload") -> str:
-    """One aligned text table of the rows, then ratios against ``against``."""
+    """One aligned text table of the rows, then ratios against ``against``.
+
+    ``load`` is the time until the model (or dict) is returned; ``all read`` adds reading
+    every byte of every tensor, which mmap-based loaders defer to first use.
+    """
     show_gpu = any(r.gpu_peak_allocated is not None for r in rows)
-    headers = ["method", "peak CPU RSS", "time"]
+    show_touched = any(r.touched_s is not None for r in rows)
+    headers = ["method", "peak CPU RSS", "load"] + (["all read"] if show_touched else [])
     if show_gpu:
         headers[2:2] = ["peak GPU alloc", "peak GPU used"]
     headers += ["check", "what it does"]
+    n_times = 2 if show_touched else 1
     table = []
     for r in rows:
         if not r.ok:
-            cells = [r.method, "-", "-"] + (["-", "-"] if show_gpu else [])
+            cells = [r.method, "-"] + ["-"] * n_times + (["-", "-"] if show_gpu else [])
             cells += ["FAILED", (r.error or "")[:90]]
         else:
-            cells = [r.method, _gib(r.cpu_peak), f"{r.wall_s:.2f} s"]
+            times = [f"{r.wall_s:.2f} s"]
+            if show_touched:
+                times.append(f"{r.touched_s:.2f} s" if r.touched_s is not None else "-")
+            cells = [r.method, _gib(r.cpu_peak), *times]
             if show_gpu:
                 cells[2:2] = [_gib(r.gpu_peak_allocated), _gib(r.gpu_peak_used)]
             cells += [r.check or "-", r.description]
@@ -613,7 +659,9 @@ def format_table(rows: Sequence[Row], *, title: str = "", against: str = "zerolo
             parts = [f"CPU {_ratio(r.cpu_peak, base.cpu_peak, mib)}"]
             if show_gpu:
                 parts.append(f"GPU {_ratio(r.gpu_peak_allocated, base.gpu_peak_allocated, mib)}")
-            parts.append(f"time {_ratio(r.wall_s, base.wall_s, 1e-3)}")
+            parts.append(f"load {_ratio(r.wall_s, base.wall_s, 1e-3)}")
+            if show_touched:
+                parts.append(f"all read {_ratio(r.touched_s, base.touched_s, 1e-3)}")
             out.append(f"  {r.method:<{widths[0]}}  " + ", ".join(parts))
     return "\n".join(out)
 
@@ -632,7 +680,9 @@ def plot(rows: Sequence[Row], path: PathLike, *, title: str = "") -> Path:
         panels.append(
             ("peak GPU allocated (GiB)", [(r.gpu_peak_allocated or 0) / (1 << 30) for r in ok])
         )
-    panels.append(("time (s)", [r.wall_s or 0.0 for r in ok]))
+    panels.append(("time to load (s)", [r.wall_s or 0.0 for r in ok]))
+    if any(r.touched_s is not None for r in ok):
+        panels.append(("time until all weights read (s)", [r.touched_s or 0.0 for r in ok]))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     colors = ["#d62728" if n == "zeroload" else "#7f7f7f" for n in names]
     for ax, (label, values) in zip(axes[0], panels):

@@ -1,5 +1,6 @@
 """Typed stub of the native module `zeroload._core` (built from src/py/)."""
 
+import pickle
 from collections.abc import Callable, Sequence
 from os import PathLike
 from typing import Any, TypeVar, final
@@ -13,6 +14,7 @@ __all__ = [
     "DLPackView",
     "copy_slices_to_cuda",
     "copy_slices_to_host",
+    "ForbiddenGlobalError",
     "copy_to_cuda",
     "copy_to_host",
     "cuda_available",
@@ -24,6 +26,9 @@ __all__ = [
 
 class CheckpointError(ValueError):
     """A checkpoint file is malformed, truncated, hostile or unsupported."""
+
+class ForbiddenGlobalError(CheckpointError, pickle.UnpicklingError):
+    """The pickle asks for a global outside the allow-list; nothing was executed."""
 
 class CudaError(RuntimeError):
     """A CUDA driver call failed, or CUDA is not available."""

@@ -17,7 +17,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-__all__ = ["CONFIGS", "SIZES", "GPTModel", "config", "num_parameters"]
+__all__ = ["CONFIGS", "SIZES", "GPTModel", "config", "describe", "num_parameters"]
 
 #: Settings shared by every size (GPT-2's vocabulary and context length).
 BASE_CONFIG: Dict[str, Any] = {
@@ -198,3 +198,23 @@ def num_parameters(cfg: Dict[str, Any]) -> int:
     with torch.device("meta"):
         model = GPTModel(cfg)
     return sum(p.numel() for p in model.parameters())
+
+
+def describe(name: str) -> str:
+    """A label for the model of this size that says what its parameter count is.
+
+    GPT-2's names count 124M..1558M parameters with the output head tied to the token
+    embedding; the seed's ``GPTModel`` has its own output head (``out_head``,
+    vocab_size x emb_dim more parameters), so e.g. "gpt2-small (124M)" has 163M here.
+    """
+    full = SIZES.get(name, name)
+    cfg = config(name)
+    n = num_parameters(cfg)
+    if full == "tiny":
+        return f"tiny test model ({n / 1e6:.2f}M parameters)"
+    head = cfg["vocab_size"] * cfg["emb_dim"]
+    gpt2 = full.split(" ", 1)[0]
+    return (
+        f"{gpt2} config, {n / 1e6:.0f}M parameters "
+        f"({(n - head) / 1e6:.0f}M as in GPT-2 + {head / 1e6:.1f}M untied output head)"
+    )

@@ -17,9 +17,67 @@ pyo3::create_exception!(
     "A CUDA driver call failed, or CUDA is not available."
 );
 
+/// A refusal of pickled code (a global outside the allow-list): a `CheckpointError` that is
+/// also a `pickle.UnpicklingError`, which is what `torch.load(weights_only=True)` raises,
+/// so existing `except pickle.UnpicklingError` clauses keep working. `create_exception!`
+/// takes one base, so the type is made by calling `type(name, bases, namespace)` once.
+#[repr(transparent)]
+pub struct ForbiddenGlobalError(PyAny);
+
+// SAFETY: `type_object_raw` returns a type object that lives for the rest of the process
+// (owned by the static `PyOnceLock`), and it is an exception type (a subclass of
+// `CheckpointError` and `pickle.UnpicklingError`), which is all `PyErr::new` relies on.
+unsafe impl pyo3::type_object::PyTypeInfo for ForbiddenGlobalError {
+    fn type_object_raw(py: Python<'_>) -> *mut pyo3::ffi::PyTypeObject {
+        // `register` made the type when the module was imported; this cannot fail after.
+        forbidden_global_type(py)
+            .expect("zeroload.ForbiddenGlobalError is created when zeroload._core is imported")
+            .as_ptr()
+            .cast()
+    }
+}
+
+static FORBIDDEN_GLOBAL_TYPE: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> =
+    pyo3::sync::PyOnceLock::new();
+
+fn forbidden_global_type(py: Python<'_>) -> PyResult<&Py<pyo3::types::PyType>> {
+    FORBIDDEN_GLOBAL_TYPE.get_or_try_init(py, || make_forbidden_global_type(py))
+}
+
+impl ForbiddenGlobalError {
+    pub fn new_err(msg: String) -> PyErr {
+        PyErr::new::<ForbiddenGlobalError, _>(msg)
+    }
+}
+
+fn make_forbidden_global_type(py: Python<'_>) -> PyResult<Py<pyo3::types::PyType>> {
+    let unpickling = py.import("pickle")?.getattr("UnpicklingError")?;
+    let bases = pyo3::types::PyTuple::new(
+        py,
+        [py.get_type::<CheckpointError>().into_any(), unpickling],
+    )?;
+    let namespace = pyo3::types::PyDict::new(py);
+    namespace.set_item("__module__", "zeroload")?;
+    namespace.set_item(
+        "__doc__",
+        "The checkpoint's pickle asks for a global outside zeroload's allow-list (code, or a \
+         class that is not a tensor, container or plain value); nothing was executed. A \
+         CheckpointError that is also a pickle.UnpicklingError, as torch.load raises.",
+    )?;
+    Ok(py
+        .get_type::<pyo3::types::PyType>()
+        .call1(("ForbiddenGlobalError", bases, namespace))?
+        .cast_into::<pyo3::types::PyType>()?
+        .unbind())
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CheckpointError", m.py().get_type::<CheckpointError>())?;
     m.add("CudaError", m.py().get_type::<CudaError>())?;
+    m.add(
+        "ForbiddenGlobalError",
+        forbidden_global_type(m.py())?.clone_ref(m.py()),
+    )?;
     Ok(())
 }
 
@@ -46,9 +104,8 @@ impl From<Error> for PyErr {
                     },
                 }
             }
-            Error::Malformed { .. } | Error::ForbiddenGlobal { .. } | Error::Unsupported { .. } => {
-                CheckpointError::new_err(msg)
-            }
+            Error::ForbiddenGlobal { .. } => ForbiddenGlobalError::new_err(msg),
+            Error::Malformed { .. } | Error::Unsupported { .. } => CheckpointError::new_err(msg),
             Error::Cuda { .. } | Error::CudaUnavailable(_) => CudaError::new_err(msg),
             Error::Internal(_) => PyRuntimeError::new_err(msg),
             Error::InvalidArgument(_) => PyValueError::new_err(msg),

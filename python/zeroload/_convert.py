@@ -1,0 +1,256 @@
+"""Write a ``.safetensors`` file from a checkpoint: ``convert``.
+
+Torch-free and streaming: tensor layouts come from the Rust core's tables (see
+``zeroload._inspect``), tensor bytes are read from the source with plain positioned reads
+(never through a mapping, so a source truncated meanwhile is an error, not SIGBUS) and
+written out one tensor at a time through a fixed buffer. Only a non-contiguous tensor (a
+transposed or strided view) is gathered in memory, with numpy, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Dict, List, Tuple
+
+from zeroload import _core, _shards
+from zeroload._inspect import TensorRef, checkpoint_objects, checkpoint_tensors
+
+__all__ = ["ConvertError", "SAFETENSORS_DTYPES", "convert"]
+
+#: torch dtype name -> safetensors dtype, for every dtype both sides read.
+SAFETENSORS_DTYPES: Dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e4m3fn": "F8_E4M3",
+    "int16": "I16",
+    "uint16": "U16",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int32": "I32",
+    "uint32": "U32",
+    "float32": "F32",
+    "float64": "F64",
+    "int64": "I64",
+    "uint64": "U64",
+    "complex64": "C64",
+}
+
+_CHUNK = 16 << 20  # bytes per read/write of contiguous tensor data
+
+
+class ConvertError(ValueError):
+    """The checkpoint cannot be converted as asked (not a dict of tensors, a dtype
+    safetensors lacks, an output name that is not ``.safetensors``...)."""
+
+
+def _select(obj: Any, key: str | None, src: Path) -> Dict[str, TensorRef]:
+    if key:
+        parts = [key] if isinstance(obj, dict) and key in obj else key.split(".")
+        for part in parts:
+            if not isinstance(obj, dict) or part not in obj:
+                have = ", ".join(map(repr, list(obj)[:10])) if isinstance(obj, dict) else "-"
+                raise ConvertError(f"{src}: no key {key!r} (top-level keys: {have})")
+            obj = obj[part]
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{src}: holds a {type(obj).__name__}, not a dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, TensorRef) or not isinstance(k, str)]
+    if bad:
+        dicts = [k for k, v in obj.items() if isinstance(v, dict)]
+        hint = f"; pick a state dict with --key (e.g. --key {dicts[0]})" if dicts else ""
+        raise ConvertError(
+            f"{src}: not a flat dict of tensors (entries that are not tensors: "
+            f"{', '.join(map(repr, bad[:5]))}){hint}"
+        )
+    return obj
+
+
+def _source_tensors(src: Path, key: str | None) -> Tuple[List[Path], List[Tuple[str, TensorRef]]]:
+    """The source's files, and (name, tensor) of every tensor to write, in checkpoint
+    order."""
+    shard_set = _shards.resolve(src)
+    if key is not None and len(shard_set.files) > 1:
+        raise ConvertError(f"{src}: --key selects inside one file, not in a shard set")
+    out: List[Tuple[str, TensorRef]] = []
+    seen: set = set()
+    for f in shard_set.files:
+        ckpt = _core.Checkpoint.open(os.fspath(f))
+        if key is None:
+            named, flat = checkpoint_tensors(ckpt)
+            if not flat:
+                # Name what is there and how to pick a state dict.
+                _select(checkpoint_objects(ckpt), None, f)
+        else:
+            named = list(_select(checkpoint_objects(ckpt), key, f).items())
+        for name, t in named:
+            if name in seen:
+                raise _core.CheckpointError(f"{f}: tensor {name!r} also appears in another shard")
+            seen.add(name)
+            out.append((name, t))
+    return shard_set.files, out
+
+
+def _read_exact(f: IO[bytes], path: str, offset: int, view: memoryview, name: str) -> None:
+    f.seek(offset)
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise _core.CheckpointError(
+                f"{path}: the file ends before tensor {name!r} does (byte {offset + got}); "
+                "was it truncated while converting?"
+            )
+        got += n
+
+
+def _write_tensor(t: TensorRef, name: str, src: IO[bytes], out: IO[bytes], buf: memoryview) -> None:
+    nbytes = t.nbytes
+    if nbytes == 0:
+        return
+    storage_offset = t.ckpt.storage(t.storage)[1]
+    itemsize = t.itemsize
+    start = storage_offset + t.storage_offset * itemsize
+    if t.is_contiguous():
+        done = 0
+        while done < nbytes:
+            n = min(len(buf), nbytes - done)
+            _read_exact(src, t.ckpt.path, start + done, buf[:n], name)
+            out.write(buf[:n])
+            done += n
+        return
+    # A strided view: read the span it covers and gather it (strides are >= 0, checked
+    # by the core, and the span lies inside the storage).
+    import numpy as np
+
+    span = (sum((d - 1) * s for d, s in zip(t.shape, t.stride)) + 1) * itemsize
+    raw = bytearray(span)
+    _read_exact(src, t.ckpt.path, start, memoryview(raw), name)
+    src_bytes = np.frombuffer(raw, dtype=np.uint8)
+    view = np.lib.stride_tricks.as_strided(
+        src_bytes,
+        shape=(*t.shape, itemsize),
+        strides=(*(s * itemsize for s in t.stride), 1),
+        writeable=False,
+    )
+    out.write(memoryview(np.ascontiguousarray(view)).cast("B"))
+
+
+def convert(
+    src: os.PathLike | str,
+    dst: os.PathLike | str,
+    *,
+    key: str | None = None,
+    force: bool = False,
+    dedupe: bool = False,
+    metadata: Dict[str, str] | None = None,
+) -> Dict[str, Any]:
+    """Write a ``.safetensors`` file from a checkpoint, one tensor at a time.
+
+    ``src`` is a torch file (``.pt``, ``.pth``, ``.bin``) holding a flat dict of tensors
+    (or one inside it, chosen with ``key``: ``"state_dict"`` or a dotted path such as
+    ``"model.state_dict"``), a safetensors file, or a shard set (index or directory),
+    which becomes one file. Needs no torch: layouts come from the parsed checkpoint and
+    bytes are copied straight from the source file through a fixed 16 MiB buffer, so the
+    model is never held in RAM; a non-contiguous tensor is gathered in memory on its own.
+
+    safetensors stores no aliasing, so tensors that share storage (tied weights) are
+    written as separate copies, or, with ``dedupe=True``, exact aliases (same storage,
+    offset, dtype, shape and strides) are written once and the later names dropped (as
+    ``safetensors.torch.save_model`` does). Tensors are ordered by element size, largest
+    first, so every tensor is aligned. The header's ``__metadata__`` is
+    ``{"format": "pt"}`` updated with ``metadata``. The file is written beside ``dst``
+    under a temporary name and renamed over it when complete.
+
+    Returns a summary dict (``src``, ``dst``, ``tensors``, ``bytes``, ``shared`` groups,
+    ``dropped`` names).
+
+    Raises:
+        FileExistsError: ``dst`` exists and ``force`` is false.
+        ConvertError: ``dst`` does not end in ``.safetensors`` (unless ``force``), or the
+            source is not a dict of tensors, or holds a dtype safetensors lacks.
+        CheckpointError: the source is malformed, truncated or unsupported.
+    """
+    src, dst = Path(src), Path(dst)
+    if dst.suffix != ".safetensors" and not force:
+        raise ConvertError(
+            f"{dst}: the output is a safetensors file, but its name does not end in "
+            ".safetensors; loaders choose the format by that suffix (torch.load would fail "
+            "on it). Rename it, or pass --force (force=True) to keep the name."
+        )
+    if dst.exists() and not force:
+        raise FileExistsError(f"{dst} exists; pass --force to overwrite it")
+    files, named = _source_tensors(src, key)
+    if dst.exists() and any(dst.resolve() == f.resolve() for f in files):
+        raise ConvertError(f"{dst}: is the source itself; write to another file")
+
+    # Group tensors by the memory they view: same file and storage -> shared; same
+    # storage, offset, dtype, shape and strides -> exact aliases.
+    by_storage: Dict[Tuple[str, int], List[str]] = {}
+    aliases: Dict[Tuple[Any, ...], List[str]] = {}
+    for name, t in named:
+        if t.numel == 0:
+            continue
+        where = (t.ckpt.path, t.storage)
+        by_storage.setdefault(where, []).append(name)
+        aliases.setdefault((*where, t.storage_offset, t.dtype, t.shape, t.stride), []).append(name)
+    shared = [names for names in by_storage.values() if len(names) > 1]
+    dropped: List[str] = []
+    if dedupe:
+        for names in aliases.values():
+            dropped.extend(names[1:])
+    drop = set(dropped)
+    keep = [(n, t) for n, t in named if n not in drop]
+
+    order = sorted(keep, key=lambda nt: -nt[1].itemsize)  # stable: checkpoint order within
+    header: Dict[str, Any] = {}
+    offset = 0
+    for name, t in order:
+        st_dtype = SAFETENSORS_DTYPES.get(t.dtype)
+        if st_dtype is None:
+            raise ConvertError(
+                f"{src}: tensor {name!r} has dtype {t.dtype}, which safetensors lacks"
+            )
+        nbytes = t.nbytes
+        header[name] = {
+            "dtype": st_dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    meta = {"format": "pt"}
+    meta.update(metadata or {})
+    header["__metadata__"] = meta
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+
+    # A unique temporary name beside dst (same file system for the rename; "x" mode never
+    # clobbers), created with the default permissions, removed on any failure.
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.zeroload-tmp")
+    sources: Dict[str, IO[bytes]] = {}
+    try:
+        with open(tmp, "xb") as out:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            buf = memoryview(bytearray(min(_CHUNK, max(offset, 1))))
+            for name, t in order:
+                f = sources.get(t.ckpt.path)
+                if f is None:
+                    f = sources[t.ckpt.path] = open(t.ckpt.path, "rb")
+                _write_tensor(t, name, f, out, buf)
+        os.replace(tmp, dst)
+    finally:
+        for f in sources.values():
+            f.close()
+        if tmp.exists():
+            tmp.unlink()
+    return {
+        "src": str(src),
+        "dst": str(dst),
+        "tensors": len(order),
+        "bytes": offset,
+        "shared": shared,
+        "dropped": dropped,
+    }

@@ -1,0 +1,246 @@
+"""Describe a checkpoint without torch and without reading tensor data.
+
+Everything here works from the tables the Rust core parses (storages, tensors and the
+object graph), so ``zeroload inspect`` starts in a fraction of ``import torch``'s time
+and costs O(number of tensors): one pass over the tensor table, never a per-tensor rebuild
+of a name set or of the table itself.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
+
+from zeroload import _core, _shards
+
+__all__ = ["DTYPE_ITEMSIZE", "TensorRef", "checkpoint_tensors", "inspect_checkpoint"]
+
+#: Bytes per element of each dtype the core can report (named as attributes of ``torch``).
+DTYPE_ITEMSIZE: Dict[str, int] = {
+    "bool": 1,
+    "uint8": 1,
+    "int8": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "float8_e4m3fnuz": 1,
+    "float8_e5m2fnuz": 1,
+    "float8_e8m0fnu": 1,
+    "int16": 2,
+    "uint16": 2,
+    "float16": 2,
+    "bfloat16": 2,
+    "int32": 4,
+    "uint32": 4,
+    "float32": 4,
+    "complex32": 4,
+    "int64": 8,
+    "uint64": 8,
+    "float64": 8,
+    "complex64": 8,
+    "complex128": 16,
+}
+
+
+class TensorRef:
+    """A tensor of a parsed checkpoint, described without torch: where its bytes are.
+
+    ``storage`` indexes the file's storage table; ``shape``, ``stride`` and
+    ``storage_offset`` are in elements, as torch has them.
+    """
+
+    __slots__ = ("ckpt", "dtype", "index", "shape", "storage", "storage_offset", "stride")
+
+    def __init__(self, ckpt: _core.Checkpoint, index: int, row: Sequence[Any]) -> None:
+        self.ckpt = ckpt
+        self.index = index
+        self.storage: int = row[0]
+        self.dtype: str = row[1]
+        self.shape: Tuple[int, ...] = tuple(row[2])
+        self.stride: Tuple[int, ...] = tuple(row[3])
+        self.storage_offset: int = row[4]
+
+    @property
+    def itemsize(self) -> int:
+        try:
+            return DTYPE_ITEMSIZE[self.dtype]
+        except KeyError:
+            raise _core.CheckpointError(
+                f"{self.ckpt.path}: tensor #{self.index} has dtype {self.dtype!r}, "
+                "unknown to this version of zeroload's command line"
+            ) from None
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def is_contiguous(self) -> bool:
+        """Row-major dense (dimensions of size 1 may have any stride, as in torch)."""
+        expected = 1
+        for d, s in zip(reversed(self.shape), reversed(self.stride)):
+            if d != 1 and s != expected:
+                return False
+            expected *= d
+        return True
+
+    def __repr__(self) -> str:
+        return f"TensorRef(#{self.index}, {self.dtype}, shape={list(self.shape)})"
+
+
+class _Builder:
+    """What ``Checkpoint.build`` asks for, without torch: tensors stay ``TensorRef``s,
+    sizes become tuples, devices and dtypes strings; containers keep their types."""
+
+    def __init__(self, ckpt: _core.Checkpoint) -> None:
+        self.tensors = [TensorRef(ckpt, i, row) for i, row in enumerate(ckpt.tensors())]
+
+    @staticmethod
+    def storage(i: int) -> str:
+        return f"<storage #{i}>"
+
+    @staticmethod
+    def parameter(tensor: Any, requires_grad: bool) -> Any:
+        return tensor
+
+    @staticmethod
+    def size(dims: tuple) -> tuple:
+        return tuple(dims)
+
+    @staticmethod
+    def device(name: str) -> str:
+        return name
+
+    @staticmethod
+    def dtype(name: str) -> str:
+        return name
+
+    @staticmethod
+    def ordered_dict() -> collections.OrderedDict:
+        return collections.OrderedDict()
+
+    @staticmethod
+    def counter(d: dict) -> collections.Counter:
+        return collections.Counter(d)
+
+
+def checkpoint_objects(ckpt: _core.Checkpoint) -> Any:
+    """The object ``torch.load`` would return, with ``TensorRef``s in place of tensors."""
+    return ckpt.build(_Builder(ckpt))
+
+
+def named_tensor_refs(obj: Any) -> Iterator[Tuple[str, TensorRef]]:
+    """Every ``TensorRef`` in nested dicts, lists and tuples, as (dotted path, ref), depth
+    first in container order. Each container is walked once (a container shared under two
+    paths is listed under the first), so a hostile file of nested shared lists cannot make
+    this exponential; it is iterative, so deep nesting cannot overflow the stack."""
+    seen = set()
+    stack: List[Tuple[str, Any]] = [("", obj)]
+    while stack:
+        prefix, o = stack.pop()
+        if isinstance(o, TensorRef):
+            yield prefix, o
+            continue
+        if isinstance(o, dict):
+            items: Any = o.items()
+        elif isinstance(o, (list, tuple)):
+            items = enumerate(o)
+        else:
+            continue
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        children = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in items]
+        stack.extend(reversed(children))
+
+
+def checkpoint_tensors(ckpt: _core.Checkpoint) -> Tuple[List[Tuple[str, TensorRef]], bool]:
+    """The named tensors of one file and whether it is a flat dict of tensors.
+
+    Flat state dicts are named from the tensor table; other checkpoints (a training
+    checkpoint holding ``model``, ``optimizer``, ...) by their dotted path
+    (``optimizer.state.0.exp_avg``).
+    """
+    flat = ckpt.flat_tensors()
+    if flat is not None:
+        rows = ckpt.tensors()
+        return [(name, TensorRef(ckpt, i, rows[i])) for name, i in flat], True
+    return list(named_tensor_refs(checkpoint_objects(ckpt))), False
+
+
+def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
+    """Describe a checkpoint (file, shard index or directory) without reading tensor data.
+
+    Needs neither torch nor the tensor bytes: only the header (safetensors) or the zip
+    directory and pickle (torch files) are read.
+
+    Returns a dict with ``files`` (format, size, metadata, counts per file), ``metadata``
+    (the shard index's), ``tensors`` (name, dtype, shape, bytes, file; dtypes named as
+    attributes of ``torch``) and ``totals`` (tensors, elements, bytes, file bytes, and the
+    same per dtype). Tensors of nested checkpoints are named by their dotted path.
+
+    Raises:
+        CheckpointError: a file is malformed, truncated, hostile or unsupported.
+        FileNotFoundError: the path, or a shard its index names, does not exist.
+    """
+    shard_set = _shards.resolve(path)
+    index_meta: Dict[str, Any] | None = shard_set.metadata if shard_set.index is not None else None
+    out_files = []
+    tensors: List[Dict[str, Any]] = []
+    by_dtype: Dict[str, Dict[str, int]] = {}
+    for f in shard_set.files:
+        ck = _core.Checkpoint.open(os.fspath(f))
+        named, flat = checkpoint_tensors(ck)
+        storage_bytes = sum(ck.storage(i)[2] for i in range(ck.num_storages))
+        out_files.append(
+            {
+                "path": str(f),
+                "format": ck.format,
+                "file_size": ck.file_size,
+                "metadata": ck.metadata,
+                # Names, as listed below (a tied tensor saved under two names counts twice).
+                "num_tensors": len(named),
+                "num_storages": ck.num_storages,
+                "storage_bytes": storage_bytes,
+                "flat": flat,
+            }
+        )
+        fname = Path(f).name
+        for name, t in named:
+            numel = t.numel
+            nbytes = numel * t.itemsize
+            tensors.append(
+                {
+                    "name": name,
+                    "dtype": t.dtype,
+                    "shape": list(t.shape),
+                    "bytes": nbytes,
+                    "file": fname,
+                }
+            )
+            d = by_dtype.get(t.dtype)
+            if d is None:
+                d = by_dtype[t.dtype] = {"tensors": 0, "elements": 0, "bytes": 0}
+            d["tensors"] += 1
+            d["elements"] += numel
+            d["bytes"] += nbytes
+    return {
+        "path": str(path),
+        "files": out_files,
+        "metadata": index_meta,
+        "tensors": tensors,
+        "totals": {
+            "tensors": len(tensors),
+            "elements": sum(d["elements"] for d in by_dtype.values()),
+            "bytes": sum(d["bytes"] for d in by_dtype.values()),
+            "file_bytes": sum(f["file_size"] for f in out_files),
+            "by_dtype": by_dtype,
+        },
+    }
