@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING, Any
 from zeroload._core import CheckpointError, CudaError, ForbiddenGlobalError
 
 if TYPE_CHECKING:
+    from zeroload._device import release_staging
     from zeroload._load import load
     from zeroload._load_into import load_into
-    from zeroload._device import release_staging
     from zeroload._open import SafeOpen, open
     from zeroload._track import track
 
