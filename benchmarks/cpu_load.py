@@ -294,9 +294,9 @@ def _fmt_s(x: float | None) -> str:
 
 
 def _fmt_bytes(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x / GiB:.2f} GiB" if x >= GiB else f"{x / MiB:.1f} MiB"
+    from zeroload._units import format_bytes
+
+    return format_bytes(x, 2)
 
 
 def table(
@@ -363,10 +363,10 @@ def model_shapes(size: str) -> Dict[str, tuple]:
     """Names and shapes of the seed GPTModel's state dict, without allocating it."""
     import torch
 
-    from zeroload import _gptmodel
+    from zeroload.bench import gptmodel
 
     with torch.device("meta"):
-        model = _gptmodel.GPTModel(_gptmodel.config(size))
+        model = gptmodel.GPTModel(gptmodel.config(size))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
