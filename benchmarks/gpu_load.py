@@ -23,7 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cpu_load import model_shapes, pth_from_safetensors, read_through, write_safetensors_streaming
+from cpu_load import (
+    model_shapes,
+    pth_from_safetensors,
+    warm_page_cache,
+    write_safetensors_streaming,
+)
 
 from zeroload import bench
 from zeroload.bench import compare
@@ -48,13 +53,14 @@ def main(argv: List[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     st = out / f"gpt2-{args.size}.safetensors"
     pth = out / f"gpt2-{args.size}.pth"
+    shapes = model_shapes(args.size)
     if not st.exists():
         print(f"writing {st} ...")
-        write_safetensors_streaming(st, model_shapes(args.size))
+        write_safetensors_streaming(st, shapes)
     if not pth.exists():
         print(f"writing {pth} ...")
-        pth_from_safetensors(st, pth)
-    read_through(pth)
+        pth_from_safetensors(st, pth, list(shapes))
+    warm_page_cache(pth)
     name = torch.cuda.get_device_name(args.device)
     rows = compare.compare_model(pth, args.size, device=args.device, methods=args.methods)
     title = (
