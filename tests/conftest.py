@@ -187,3 +187,20 @@ def o_direct_supported(path: Path) -> bool:
     except OSError:
         return False
     return True
+
+
+def strided_views() -> dict[str, torch.Tensor]:
+    """A state dict of views of one storage (transposed, sliced, stepped, a row, an
+    expanded tensor, the storage's tail) and one tensor of its own: strides, offsets and
+    sharing a loader must keep."""
+    base = torch.arange(600, dtype=torch.float32).reshape(20, 30)
+    return {
+        "base": base,
+        "t": base.t(),
+        "slice": base[3:9, 5:],
+        "step": base[::3, ::2],
+        "row": base[7],
+        "expanded": torch.arange(4.0).reshape(4, 1).expand(4, 5),
+        "tail": base.reshape(-1)[590:],
+        "other": torch.ones(3, dtype=torch.int64),
+    }

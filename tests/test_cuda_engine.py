@@ -43,6 +43,7 @@ from conftest import (
     o_direct_supported,
     open_with_flags,
     random_tensor,
+    strided_views,
     training_checkpoint,
 )
 from reference import assert_same, assert_sharing_same
@@ -150,20 +151,6 @@ def _save(tmp: str, obj: object, name: str = "ckpt.pth") -> Path:
     return path
 
 
-def _views() -> dict[str, torch.Tensor]:
-    base = torch.arange(600, dtype=torch.float32).reshape(20, 30)
-    return {
-        "base": base,
-        "t": base.t(),
-        "slice": base[3:9, 5:],
-        "step": base[::3, ::2],
-        "row": base[7],
-        "expanded": torch.arange(4.0).reshape(4, 1).expand(4, 5),
-        "tail": base.reshape(-1)[590:],
-        "other": torch.ones(3, dtype=torch.int64),
-    }
-
-
 def _dtypes() -> dict[str, torch.Tensor]:
     sd = {}
     for i, dt in enumerate(ALL_DTYPES):
@@ -188,7 +175,7 @@ def _case_load_matches_torch(tmp: str, allocator: str) -> None:
     fake = _fake()
     files = {
         "training": _save(tmp, training_checkpoint(), "training.pth"),
-        "views": _save(tmp, _views(), "views.pth"),
+        "views": _save(tmp, strided_views(), "views.pth"),
         "dtypes": _save(tmp, _dtypes(), "dtypes.pth"),
         "big": _save(tmp, _big(), "big.pth"),
     }
@@ -574,7 +561,7 @@ def test_destinations_that_are_not_memory_of_the_device_are_refused(
 
 def _case_context_restored(tmp: str) -> None:
     fake = _fake()
-    path = _save(tmp, _views())
+    path = _save(tmp, strided_views())
     ref = torch.load(path, weights_only=True)
     for current in [None, 0, 1]:
         for device in ["cuda:0", "cuda:1"]:

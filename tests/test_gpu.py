@@ -26,6 +26,7 @@ from conftest import (
     o_direct_supported,
     open_with_flags,
     random_tensor,
+    strided_views,
     training_checkpoint,
 )
 from reference import assert_same, assert_sharing_same
@@ -84,17 +85,7 @@ def test_every_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
 
 
 def test_views_keep_stride_offset_and_sharing(tmp_path: Path) -> None:
-    base = torch.arange(600, dtype=torch.float32).reshape(20, 30)
-    sd = {
-        "base": base,
-        "t": base.t(),
-        "slice": base[3:9, 5:],
-        "step": base[::3, ::2],
-        "row": base[7],
-        "expanded": torch.arange(4.0).reshape(4, 1).expand(4, 5),
-        "narrow_storage_tail": base.reshape(-1)[590:],
-        "other": torch.ones(3, dtype=torch.int64),
-    }
+    sd = strided_views()
     ours = check_against_torch(save(tmp_path, sd))
     assert isinstance(ours, dict)
     assert ours["t"].untyped_storage().data_ptr() == ours["base"].untyped_storage().data_ptr()
