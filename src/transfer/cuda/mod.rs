@@ -95,8 +95,68 @@ pub unsafe fn copy_to_cuda(
     opts: CudaOptions,
     progress: ProgressFn<'_>,
 ) -> Result<Outcome> {
-    // SAFETY: forwarded contract.
-    guarded(|| unsafe { copy_inner(mapping, destinations, requests, opts, progress) })
+    guarded(|| {
+        let budget = staging_budget(opts.budget)?;
+        let source = Source::open(mapping, opts.direct)?;
+        let what = mapping.path().display().to_string();
+        let direct = source.direct;
+        let plan_for = |slab_bytes: usize| {
+            Plan::new(
+                requests,
+                mapping.len(),
+                PlanOptions {
+                    max_chunk: max_chunk(direct, slab_bytes),
+                    max_gap: 256 << 10,
+                },
+                &what,
+            )
+        };
+        let plan = plan_for(ring_geometry(budget).0)?;
+        let written = written_extents(requests, destinations, &what)?;
+
+        let ctx = context(opts.device)?;
+        with_context(ctx, || {
+            for &d in &written {
+                check_destination(d, opts.device)?;
+            }
+            let Some(mut reporter) = Reporter::start(progress, plan.total_bytes) else {
+                return Ok(Outcome::Cancelled);
+            };
+            if plan.chunks.is_empty() {
+                return Ok(Outcome::Done);
+            }
+            let mut guard = Staging::checkout()?;
+            let staging: &mut Staging = &mut guard;
+            let ring = staging.ensure_ring(budget, ctx)?;
+            let slab_bytes = ring.slab_bytes;
+            let slab_ptrs: Vec<usize> = ring.slabs.iter().map(|s| s.0 as usize).collect();
+            let plan = if slab_bytes == ring_geometry(budget).0 {
+                plan
+            } else {
+                plan_for(slab_bytes)?
+            };
+            let readers = reader_count(opts.readers, slab_ptrs.len(), plan.chunks.len());
+            let (stage, pool) = staging.stage_for(opts.device, ctx, slab_ptrs.len())?;
+            // SAFETY: the slabs are pinned allocations of `slab_bytes` (4 KiB multiples,
+            // page-aligned) that only this copy uses (the staging resources are checked out);
+            // chunks fit them (planned with `max_chunk`); destinations per our caller's
+            // contract.
+            unsafe {
+                run_staged(
+                    stage,
+                    Arc::new(plan),
+                    Arc::new(source),
+                    Slabs {
+                        ptrs: &slab_ptrs,
+                        bytes: slab_bytes,
+                    },
+                    readers,
+                    pool,
+                    &mut reporter,
+                )
+            }
+        })
+    })
 }
 
 fn reader_count(explicit: Option<usize>, slabs: usize, chunks: usize) -> usize {
@@ -111,75 +171,4 @@ fn reader_count(explicit: Option<usize>, slabs: usize, chunks: usize) -> usize {
     n.clamp(1, MAX_READERS)
         .min(slabs.saturating_sub(2).max(1))
         .min(chunks.max(1))
-}
-
-/// # Safety
-/// See `copy_to_cuda`.
-unsafe fn copy_inner(
-    mapping: &Mapping,
-    destinations: &[Extent],
-    requests: &[CopyRequest],
-    opts: CudaOptions,
-    progress: ProgressFn<'_>,
-) -> Result<Outcome> {
-    let budget = staging_budget(opts.budget)?;
-    let source = Source::open(mapping, opts.direct)?;
-    let what = mapping.path().display().to_string();
-    let direct = source.direct;
-    let plan_for = |slab_bytes: usize| {
-        Plan::new(
-            requests,
-            mapping.len(),
-            PlanOptions {
-                max_chunk: max_chunk(direct, slab_bytes),
-                max_gap: 256 << 10,
-            },
-            &what,
-        )
-    };
-    let plan = plan_for(ring_geometry(budget).0)?;
-    let written = written_extents(requests, destinations, &what)?;
-
-    let ctx = context(opts.device)?;
-    with_context(ctx, || {
-        for &d in &written {
-            check_destination(d, opts.device)?;
-        }
-        let Some(mut reporter) = Reporter::start(progress, plan.total_bytes) else {
-            return Ok(Outcome::Cancelled);
-        };
-        if plan.chunks.is_empty() {
-            return Ok(Outcome::Done);
-        }
-        let mut guard = Staging::checkout()?;
-        let staging: &mut Staging = &mut guard;
-        let ring = staging.ensure_ring(budget, ctx)?;
-        let slab_bytes = ring.slab_bytes;
-        let slab_ptrs: Vec<usize> = ring.slabs.iter().map(|s| s.0 as usize).collect();
-        let plan = if slab_bytes == ring_geometry(budget).0 {
-            plan
-        } else {
-            plan_for(slab_bytes)?
-        };
-        let readers = reader_count(opts.readers, slab_ptrs.len(), plan.chunks.len());
-        let (stage, pool) = staging.stage_for(opts.device, ctx, slab_ptrs.len())?;
-        // SAFETY: the slabs are pinned allocations of `slab_bytes` (4 KiB multiples,
-        // page-aligned) that only this copy uses (the staging resources are checked out);
-        // chunks fit them (planned with `max_chunk`); destinations per our caller's
-        // contract.
-        unsafe {
-            run_staged(
-                stage,
-                Arc::new(plan),
-                Arc::new(source),
-                Slabs {
-                    ptrs: &slab_ptrs,
-                    bytes: slab_bytes,
-                },
-                readers,
-                pool,
-                &mut reporter,
-            )
-        }
-    })
 }
