@@ -118,8 +118,8 @@ fn fake() -> &'static Fake {
                 let p = unsafe { libc::dlsym(h, n.as_ptr()) };
                 assert!(!p.is_null(), "fakecuda lacks {}", $name);
                 // SAFETY: the symbol is a function with the signature of the field it is
-                // stored in (see tests/fakecuda/src/lib.rs); fn pointers and data
-                // pointers have the same size here.
+                // stored in (see tests/fakecuda/src: control.rs and the driver entry
+                // points); fn pointers and data pointers have the same size here.
                 unsafe { std::mem::transmute_copy(&p) }
             }};
         }

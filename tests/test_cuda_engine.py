@@ -3,7 +3,7 @@
 No machine this project builds or tests on has a GPU, so the real copy engine runs
 against `libfakecuda.so`, a fake `libcuda.so` that executes each stream on its own thread
 after random delays, keeps device bytes where the host cannot reach them through device
-addresses, and records every misuse of the driver (see tests/fakecuda/src/lib.rs). Only
+addresses, and records every misuse of the driver (see tests/fakecuda/README.md). Only
 the allocation of destination storage is substituted (`zeroload._device.backend`): the
 destinations are fake device memory exported through DLPack, as PyTorch's CUDA tensors
 would be, and come back as CPU tensors afterwards, so that view building, tied storages,
