@@ -202,6 +202,23 @@ def resident(path: Path) -> float | None:
         m.close()
 
 
+def drop_page_cache(path: Path) -> bool:
+    """Evicts the file's clean pages from the page cache (no root needed); whether the
+    kernel took the advice."""
+    try:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())  # dirty pages cannot be dropped
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+def warm_page_cache(path: Path) -> None:
+    """Reads the whole file once, so its pages are in the page cache."""
+    _raw_read(str(path))
+
+
 class Cache:
     """Puts the page cache in the state a run asks for."""
 
@@ -220,17 +237,12 @@ class Cache:
                 f.write("3")
             return
         for p in files:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            drop_page_cache(p)
 
     @staticmethod
     def warm(files: Sequence[Path]) -> None:
         for p in files:
-            _raw_read(str(p))
+            warm_page_cache(p)
 
 
 def measure(
@@ -294,9 +306,9 @@ def _fmt_s(x: float | None) -> str:
 
 
 def _fmt_bytes(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x / GiB:.2f} GiB" if x >= GiB else f"{x / MiB:.1f} MiB"
+    from zeroload._units import format_bytes
+
+    return format_bytes(x, 2)
 
 
 def table(
@@ -363,10 +375,10 @@ def model_shapes(size: str) -> Dict[str, tuple]:
     """Names and shapes of the seed GPTModel's state dict, without allocating it."""
     import torch
 
-    from zeroload import _gptmodel
+    from zeroload.bench import gptmodel
 
     with torch.device("meta"):
-        model = _gptmodel.GPTModel(_gptmodel.config(size))
+        model = gptmodel.GPTModel(gptmodel.config(size))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -37,9 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "fakecuda"))
+sys.path[:0] = [str(ROOT / "tests" / "fakecuda"), str(ROOT / "benchmarks")]
 
 import fakecuda  # noqa: E402  (loads nothing until fakecuda.load())
+from cpu_load import drop_page_cache, warm_page_cache  # noqa: E402
 
 MIB = 1 << 20
 CHUNK = 16 * MIB
@@ -65,23 +66,6 @@ def write_file(path: Path, nbytes: int) -> None:
         f.write(hb)
         for _ in range(n * TENSOR // CHUNK):
             f.write(block)
-
-
-def drop_cache(path: Path) -> bool:
-    """Evicts the file's pages (only this file's) from the page cache."""
-    try:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        return True
-    except (AttributeError, OSError):
-        return False
-
-
-def warm(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(CHUNK):
-            pass
 
 
 def pread_gbps(path: Path, threads: int) -> float:
@@ -212,13 +196,13 @@ def run(
     budgets: list[int],
     repeat: int,
 ) -> None:
-    warm(path)
+    warm_page_cache(path)
 
     def nothing() -> None:
         pass
 
     def evict() -> None:
-        drop_cache(path)
+        drop_page_cache(path)
 
     for memcpy in (1, 0):
         fake.config("htod_memcpy", memcpy)
@@ -256,14 +240,14 @@ def run(
     print(
         f"{'cache':>5} {'read':>6} {'feed':>6} {'link':>6} {'engine':>6} {'util':>5} {'/read':>6}"
     )
-    cold_ok = drop_cache(path)
+    cold_ok = drop_page_cache(path)
     cases: list[tuple[str, float]] = [("warm", 0.5)]
     if cold_ok:
         cases += [("cold", 0.5), ("cold", 3.0)]
     for cache, factor in cases:
         before = evict if cache == "cold" else nothing
         if cache == "warm":
-            warm(path)
+            warm_page_cache(path)
         # What reads can feed: plain pread, and the engine with an unpaced link.
         fake.config("link_gbps", 0)
         read0, feed = side_by_side(

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import sys
 import tempfile
 import time
@@ -22,6 +21,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cpu_load import drop_page_cache, warm_page_cache
 
 
 def pinned_htod_gbps(nbytes: int = 1 << 30, repeat: int = 5) -> float:
@@ -64,23 +67,6 @@ def make_state_dict(size_bytes: int) -> dict[str, torch.Tensor]:
             total += t.nbytes
         layer += 1
     return sd
-
-
-def drop_page_cache(path: Path) -> bool:
-    """Evicts the file's clean pages from the page cache (no root needed)."""
-    try:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())  # dirty pages cannot be dropped
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        return True
-    except (AttributeError, OSError):
-        return False
-
-
-def warm_page_cache(path: Path) -> None:
-    with open(path, "rb") as f:
-        while f.read(64 << 20):
-            pass
 
 
 def time_load(fn: Callable[[], object], repeat: int, before: Callable[[], None]) -> float:

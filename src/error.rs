@@ -63,15 +63,6 @@ pub enum Error {
     /// The caller asked for something impossible (a key that does not exist, a bad slice).
     #[error("{0}")]
     InvalidArgument(String),
-
-    /// A key asked for is not in the checkpoint.
-    #[error("{path}: no tensor named {key:?}{hint}")]
-    KeyNotFound {
-        path: PathBuf,
-        key: String,
-        /// ", did you mean ...?" or empty.
-        hint: String,
-    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

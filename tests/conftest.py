@@ -125,3 +125,82 @@ def training_checkpoint() -> dict:
         "counts": collections.Counter({"a": 2}),
         "ba": bytearray(b"abc"),
     }
+
+
+class ProgressRecorder:
+    """A progress callback that records its calls and the threads it was called on, and
+    checks the contract every copy's progress keeps (`check`)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.threads: set[int] = set()
+
+    def __call__(self, done: int, total: int) -> None:
+        import threading
+
+        self.calls.append((done, total))
+        self.threads.add(threading.get_ident())
+
+    def check(self, total: int) -> None:
+        """First `(0, total)`, last `(total, total)`, never backwards, and only ever on the
+        thread that started the copy (this one)."""
+        import threading
+
+        assert self.calls[0] == (0, total), self.calls[:3]
+        assert self.calls[-1] == (total, total), self.calls[-3:]
+        assert all(a[0] <= b[0] for a, b in zip(self.calls, self.calls[1:])), self.calls
+        assert self.threads == {threading.get_ident()}
+
+
+@pytest.fixture
+def progress_recorder() -> ProgressRecorder:
+    """A fresh `ProgressRecorder` to pass as `progress=`."""
+    return ProgressRecorder()
+
+
+def open_with_flags(path: Path) -> list[int]:
+    """The `open` flags of every file descriptor of this process open on `path` (from
+    `/proc/self/fdinfo`), e.g. to tell whether a reader uses `O_DIRECT`."""
+    import os
+
+    want = os.path.realpath(path)
+    flags = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != want:
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                for line in info:
+                    if line.startswith("flags:"):
+                        flags.append(int(line.split()[1], 8))
+        except OSError:  # closed meanwhile
+            continue
+    return flags
+
+
+def o_direct_supported(path: Path) -> bool:
+    """Whether `path`'s filesystem lets it be opened with `O_DIRECT` (tmpfs may not)."""
+    import os
+
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    return True
+
+
+def strided_views() -> dict[str, torch.Tensor]:
+    """A state dict of views of one storage (transposed, sliced, stepped, a row, an
+    expanded tensor, the storage's tail) and one tensor of its own: strides, offsets and
+    sharing a loader must keep."""
+    base = torch.arange(600, dtype=torch.float32).reshape(20, 30)
+    return {
+        "base": base,
+        "t": base.t(),
+        "slice": base[3:9, 5:],
+        "step": base[::3, ::2],
+        "row": base[7],
+        "expanded": torch.arange(4.0).reshape(4, 1).expand(4, 5),
+        "tail": base.reshape(-1)[590:],
+        "other": torch.ones(3, dtype=torch.int64),
+    }

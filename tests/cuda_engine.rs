@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use _core::mapping::Mapping;
 use _core::transfer::cuda::{self, CudaOptions};
-use _core::transfer::{CopyRequest, Outcome};
+use _core::transfer::{CopyRequest, Extent, Outcome};
 use _core::Error;
 
 type Res = c_uint;
@@ -118,8 +118,8 @@ fn fake() -> &'static Fake {
                 let p = unsafe { libc::dlsym(h, n.as_ptr()) };
                 assert!(!p.is_null(), "fakecuda lacks {}", $name);
                 // SAFETY: the symbol is a function with the signature of the field it is
-                // stored in (see tests/fakecuda/src/lib.rs); fn pointers and data
-                // pointers have the same size here.
+                // stored in (see tests/fakecuda/src: control.rs and the driver entry
+                // points); fn pointers and data pointers have the same size here.
                 unsafe { std::mem::transmute_copy(&p) }
             }};
         }
@@ -299,10 +299,11 @@ type Copied = (Result<Outcome, Error>, Vec<(u64, u64)>);
 
 /// Runs one copy on a fresh thread that first makes device `torch_dev`'s context current
 /// (as PyTorch would have), then runs `arm` (to inject faults after that setup), then the
-/// copy, watched by the fake (context restored, no work pending on return). Fails the
-/// test if the copy does not end within two minutes.
+/// copy of `reqs` into the buffers `dests`, watched by the fake (context restored, no work
+/// pending on return). Fails the test if the copy does not end within two minutes.
 fn copy_with(
     m: &Arc<Mapping>,
+    dests: &[Extent],
     reqs: &[CopyRequest],
     opts: CudaOptions,
     torch_dev: Option<i32>,
@@ -310,7 +311,7 @@ fn copy_with(
 ) -> Copied {
     let f = fake();
     let (tx, rx) = mpsc::channel();
-    let (m, reqs) = (m.clone(), reqs.to_vec());
+    let (m, dests, reqs) = (m.clone(), dests.to_vec(), reqs.to_vec());
     std::thread::spawn(move || {
         if let Some(d) = torch_dev {
             f.bind(d);
@@ -330,7 +331,7 @@ fn copy_with(
         (f.enter)();
         // SAFETY: every destination is live device memory of the fake, sized to its
         // request, that nothing else touches during the copy.
-        let r = unsafe { cuda::copy_to_cuda(&m, &reqs, opts, &mut cb) };
+        let r = unsafe { cuda::copy_to_cuda(&m, &dests, &reqs, opts, &mut cb) };
         (f.leave)();
         let _ = tx.send((r, calls));
     });
@@ -338,8 +339,19 @@ fn copy_with(
         .expect("the copy hung (or its thread panicked)")
 }
 
+/// Each request's destination range as a destination buffer of its own (as each tensor
+/// is one in the Python bindings).
+fn own(reqs: &[CopyRequest]) -> Vec<Extent> {
+    reqs.iter()
+        .map(|r| Extent {
+            addr: r.dest,
+            nbytes: r.nbytes,
+        })
+        .collect()
+}
+
 fn copy(m: &Arc<Mapping>, reqs: &[CopyRequest], opts: CudaOptions) -> Copied {
-    copy_with(m, reqs, opts, Some(0), || {})
+    copy_with(m, &own(reqs), reqs, opts, Some(0), || {})
 }
 
 fn opts(budget: u64, readers: usize, direct: bool) -> CudaOptions {
@@ -499,7 +511,9 @@ fn the_calling_threads_context_is_restored_whatever_it_was() {
             let before = f.current();
             let mut cb = |_: u64, _: u64| true;
             // SAFETY: live device buffers sized to their requests.
-            let r = unsafe { cuda::copy_to_cuda(&m2, &reqs, opts(4 * MIB, 2, false), &mut cb) };
+            let r = unsafe {
+                cuda::copy_to_cuda(&m2, &own(&reqs), &reqs, opts(4 * MIB, 2, false), &mut cb)
+            };
             let _ = tx.send((r.map_err(|e| e.to_string()), before, f.current()));
         });
         let (r, before, after) = rx.recv_timeout(Duration::from_secs(60)).unwrap();
@@ -675,7 +689,8 @@ fn a_stub_driver_or_no_device_means_unavailable() {
         let mut cb = |_: u64, _: u64| true;
         // SAFETY: fails before any copy is issued.
         let e =
-            unsafe { cuda::copy_to_cuda(&m, &req, opts(4 * MIB, 1, false), &mut cb) }.unwrap_err();
+            unsafe { cuda::copy_to_cuda(&m, &own(&req), &req, opts(4 * MIB, 1, false), &mut cb) }
+                .unwrap_err();
         assert!(matches!(e, Error::CudaUnavailable(_)), "{e}");
         assert!(e.to_string().contains(words), "{e}");
         (f.stub)(0);
@@ -718,9 +733,14 @@ fn a_fault_at_any_entry_point_ends_cleanly_and_the_next_copy_works() {
             let before = f.calls(name);
             let code = if name == "cuMemHostAlloc" { 1 } else { 999 };
             // No current context on the copying thread: the engine binds and restores.
-            let (r, _) = copy_with(&m, &dests.reqs, opts(budget, 2, false), None, move || {
-                fake().fail(name, nth, code, 1)
-            });
+            let (r, _) = copy_with(
+                &m,
+                &own(&dests.reqs),
+                &dests.reqs,
+                opts(budget, 2, false),
+                None,
+                move || fake().fail(name, nth, code, 1),
+            );
             let reached = f.calls(name) >= before + nth;
             let findings = f.take_findings();
             (f.reset)();
@@ -770,9 +790,14 @@ fn a_fault_at_any_entry_point_ends_cleanly_and_the_next_copy_works() {
     // An error on the stream itself (a copy that fails on the device), reported by the
     // next query or synchronisation.
     let dests = destinations(f, &rs);
-    let (r, _) = copy_with(&m, &dests.reqs, opts(budget, 2, false), Some(0), || {
-        (fake().fail_async)(2, 700)
-    });
+    let (r, _) = copy_with(
+        &m,
+        &own(&dests.reqs),
+        &dests.reqs,
+        opts(budget, 2, false),
+        Some(0),
+        || (fake().fail_async)(2, 700),
+    );
     let e = r.unwrap_err();
     assert!(
         matches!(&e, Error::Cuda { call, .. }
@@ -786,12 +811,19 @@ fn a_fault_at_any_entry_point_ends_cleanly_and_the_next_copy_works() {
     dests.check(f, &data, "after a stream error");
 
     // The error names the call even when the driver cannot name the error.
-    let (r, _) = copy_with(&m, &dests.reqs, opts(budget, 2, false), Some(0), || {
-        let f = fake();
-        f.fail("cuMemcpyHtoDAsync_v2", 1, 999, 1);
-        f.fail("cuGetErrorName", 1, 999, 0);
-        f.fail("cuGetErrorString", 1, 999, 0);
-    });
+    let (r, _) = copy_with(
+        &m,
+        &own(&dests.reqs),
+        &dests.reqs,
+        opts(budget, 2, false),
+        Some(0),
+        || {
+            let f = fake();
+            f.fail("cuMemcpyHtoDAsync_v2", 1, 999, 1);
+            f.fail("cuGetErrorName", 1, 999, 0);
+            f.fail("cuGetErrorString", 1, 999, 0);
+        },
+    );
     let e = r.unwrap_err();
     assert!(
         matches!(&e, Error::Cuda { call, .. } if call == "cuMemcpyHtoDAsync_v2"),
@@ -823,7 +855,9 @@ fn a_fault_while_retaining_a_context_ends_cleanly() {
             device: dev as usize,
             ..opts(2 * MIB, 1, false)
         };
-        let (r, _) = copy_with(&m, &req, o, Some(0), move || fake().fail(name, 1, 999, 1));
+        let (r, _) = copy_with(&m, &own(&req), &req, o, Some(0), move || {
+            fake().fail(name, 1, 999, 1)
+        });
         let e = r.unwrap_err();
         assert!(
             matches!(&e, Error::Cuda { call, .. } if call == name),
@@ -867,9 +901,14 @@ fn a_fault_while_freeing_staging_is_reported_and_retried() {
     // A budget change frees the old ring first; a failure there is reported too.
     let (r, _) = copy(&m, &dests.reqs, opts(4 * MIB, 2, false));
     assert_eq!(r.unwrap(), Outcome::Done);
-    let (r, _) = copy_with(&m, &dests.reqs, opts(8 * MIB, 2, false), Some(0), || {
-        fake().fail("cuMemFreeHost", 1, 999, 1)
-    });
+    let (r, _) = copy_with(
+        &m,
+        &own(&dests.reqs),
+        &dests.reqs,
+        opts(8 * MIB, 2, false),
+        Some(0),
+        || fake().fail("cuMemFreeHost", 1, 999, 1),
+    );
     let e = r.unwrap_err();
     assert!(
         matches!(&e, Error::Cuda { call, .. } if call == "cuMemFreeHost"),
@@ -914,7 +953,9 @@ fn concurrent_copies_and_staging_queries_all_finish() {
             };
             // SAFETY: live device buffers sized to their requests, disjoint from the
             // other copy's.
-            let r = unsafe { cuda::copy_to_cuda(&m, &reqs, opts(2 * MIB, 2, false), &mut cb) };
+            let r = unsafe {
+                cuda::copy_to_cuda(&m, &own(&reqs), &reqs, opts(2 * MIB, 2, false), &mut cb)
+            };
             let _ = tx.send(r.map_err(|e| e.to_string()));
         });
     }
@@ -1073,14 +1114,22 @@ fn a_copy_or_release_from_inside_a_copy_is_refused_not_deadlocked() {
                 let mut quiet = |_: u64, _: u64| true;
                 // SAFETY: a live device buffer sized to its request (never written here).
                 let r = unsafe {
-                    cuda::copy_to_cuda(&m2, &inner_reqs, opts(4 * MIB, 1, false), &mut quiet)
+                    cuda::copy_to_cuda(
+                        &m2,
+                        &own(&inner_reqs),
+                        &inner_reqs,
+                        opts(4 * MIB, 1, false),
+                        &mut quiet,
+                    )
                 };
                 errors.push(r.unwrap_err().to_string());
             }
             true
         };
         // SAFETY: live device buffers sized to their requests.
-        let r = unsafe { cuda::copy_to_cuda(&m2, &reqs, opts(4 * MIB, 2, false), &mut cb) };
+        let r = unsafe {
+            cuda::copy_to_cuda(&m2, &own(&reqs), &reqs, opts(4 * MIB, 2, false), &mut cb)
+        };
         let _ = tx.send((r.map_err(|e| e.to_string()), errors));
     });
     let (r, errors) = rx
@@ -1116,7 +1165,9 @@ fn a_cancelled_copy_leaves_nothing_pending() {
         };
         (f.enter)();
         // SAFETY: live device buffers sized to their requests.
-        let r = unsafe { cuda::copy_to_cuda(&m2, &reqs, opts(4 * MIB, 3, false), &mut cb) };
+        let r = unsafe {
+            cuda::copy_to_cuda(&m2, &own(&reqs), &reqs, opts(4 * MIB, 3, false), &mut cb)
+        };
         (f.leave)();
         let _ = tx.send(r.map_err(|e| e.to_string()));
     });
@@ -1127,5 +1178,57 @@ fn a_cancelled_copy_leaves_nothing_pending() {
     assert_eq!(r.unwrap(), Outcome::Done);
     dests.check(f, &data, "after cancel");
     dests.free(f);
+    finish(f);
+}
+
+/// The pointer check costs two driver calls per destination buffer, however many requests
+/// write into it: a `Shard(1)` slice of a `[50000, 16]` weight is 50,000 runs into one
+/// tensor and makes one check, not 50,000. A request outside every buffer named is
+/// refused before anything is read.
+#[test]
+fn destinations_are_checked_once_per_buffer_not_per_request() {
+    let (_g, f) = session();
+    let rows = 50_000u64;
+    let (_d, m, data) = file_with((rows * 64) as usize, 41);
+    let dest = f.alloc(0, (rows * 32) as usize, 0);
+    let reqs: Vec<CopyRequest> = (0..rows)
+        .map(|i| CopyRequest {
+            file_offset: i * 64 + 16,
+            nbytes: 32,
+            dest: dest + i * 32,
+        })
+        .collect();
+    let buffer = [Extent {
+        addr: dest,
+        nbytes: rows * 32,
+    }];
+    let before = f.calls("cuPointerGetAttributes");
+    let (r, _) = copy_with(&m, &buffer, &reqs, opts(4 * MIB, 2, false), Some(0), || {});
+    assert_eq!(r.unwrap(), Outcome::Done);
+    let checks = f.calls("cuPointerGetAttributes") - before;
+    assert!(
+        checks <= 2,
+        "{checks} pointer checks for one destination buffer"
+    );
+    let got = f.read(dest, (rows * 32) as usize);
+    for i in 0..rows as usize {
+        assert!(
+            got[i * 32..i * 32 + 32] == data[i * 64 + 16..i * 64 + 48],
+            "row {i}"
+        );
+    }
+
+    // A request that writes past the buffers it names.
+    let stray = [CopyRequest {
+        file_offset: 0,
+        nbytes: 64,
+        dest: dest + rows * 32 - 32,
+    }];
+    let (r, calls) = copy_with(&m, &buffer, &stray, opts(4 * MIB, 2, false), Some(0), || {});
+    let e = r.unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
+    assert!(e.to_string().contains("outside every destination"), "{e}");
+    assert!(calls.is_empty(), "refused before progress started");
+    f.free(dest);
     finish(f);
 }

@@ -15,7 +15,7 @@ import torch
 
 import zeroload
 from zeroload import cli
-from zeroload._gptmodel import GPTModel, config
+from zeroload.bench.gptmodel import GPTModel, config
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
@@ -103,10 +103,13 @@ def test_help_everywhere() -> None:
         assert f"zeroload {cmd}" in sub.stdout
 
 
-def test_sizes_match_the_model_configs() -> None:
-    from zeroload import _gptmodel
+def test_every_size_the_command_line_offers_has_a_model_config() -> None:
+    from zeroload import bench
+    from zeroload.bench import gptmodel
 
-    assert cli._SIZES == tuple(_gptmodel.SIZES)
+    assert set(bench.SIZES.values()) <= set(gptmodel.CONFIGS)
+    for short in bench.SIZES:
+        assert gptmodel.config(short)["emb_dim"] > 0
 
 
 TORCH_FREE_CHILD = textwrap.dedent(
@@ -117,7 +120,11 @@ TORCH_FREE_CHILD = textwrap.dedent(
         rc = main(sys.argv[1:])
     except SystemExit as e:  # --help
         rc = e.code
-    print(json.dumps({"rc": rc, "torch": "torch" in sys.modules}), file=sys.stderr)
+    harness = sorted(m for m in sys.modules if m.startswith("zeroload.bench."))
+    print(
+        json.dumps({"rc": rc, "torch": "torch" in sys.modules, "harness": harness}),
+        file=sys.stderr,
+    )
     """
 )
 
@@ -133,7 +140,8 @@ def _run_torch_free(*args: str) -> dict:
 
 
 def test_help_inspect_and_convert_never_import_torch(files: dict, tmp_path: Path) -> None:
-    # The core is torch-free, so the quick commands start in a fraction of torch's import.
+    # The core is torch-free, so the quick commands start in a fraction of torch's import;
+    # and only demo and bench import the benchmark harness (zeroload.bench.*).
     runs = {
         "--help": ["--help"],
         "inspect --help": ["inspect", "--help"],
@@ -152,23 +160,29 @@ def test_help_inspect_and_convert_never_import_torch(files: dict, tmp_path: Path
         "convert shards": ["convert", str(files["sharded"]), str(tmp_path / "c.safetensors")],
     }
     for what, args in runs.items():
-        assert _run_torch_free(*args) == {"rc": 0, "torch": False}, what
+        assert _run_torch_free(*args) == {"rc": 0, "torch": False, "harness": []}, what
     assert set(safetensors_torch.load_file(tmp_path / "c.safetensors")) == set(
         files["model"].state_dict()
     )
 
 
 def test_dtype_tables_agree_with_torch_and_safetensors() -> None:
-    # inspect and convert work without torch, from these tables.
+    # inspect and convert work without torch, from the core's dtype table.
     from zeroload import _core
     from zeroload._convert import SAFETENSORS_DTYPES
     from zeroload._inspect import DTYPE_ITEMSIZE
 
+    assert len(DTYPE_ITEMSIZE) == len(_core.dtypes()) >= 16
     for name, size in DTYPE_ITEMSIZE.items():
         assert getattr(torch, name).itemsize == size, name
+    assert {"float32": "F32", "bfloat16": "BF16", "float8_e4m3fn": "F8_E4M3"}.items() <= (
+        SAFETENSORS_DTYPES.items()
+    )
+    assert "complex128" not in SAFETENSORS_DTYPES  # the format has no such dtype
     for name, st in SAFETENSORS_DTYPES.items():
         assert _core.safetensors_dtype_name(name) == st, name
-        assert safetensors_torch._TYPES[st] == getattr(torch, name), name
+        if st in safetensors_torch._TYPES:  # the installed safetensors may know fewer
+            assert safetensors_torch._TYPES[st] == getattr(torch, name), name
 
 
 def test_no_command_is_a_usage_error(capsys: pytest.CaptureFixture) -> None:
@@ -411,7 +425,7 @@ def test_demo_writes_nothing_unless_asked(
 
 
 def test_model_labels_say_why_gpt2_small_has_163m_parameters() -> None:
-    from zeroload._gptmodel import describe
+    from zeroload.bench.gptmodel import describe
 
     assert describe("small") == (
         "gpt2-small config, 163M parameters (124M as in GPT-2 + 38.6M untied output head)"

@@ -3,7 +3,7 @@
 No machine this project builds or tests on has a GPU, so the real copy engine runs
 against `libfakecuda.so`, a fake `libcuda.so` that executes each stream on its own thread
 after random delays, keeps device bytes where the host cannot reach them through device
-addresses, and records every misuse of the driver (see tests/fakecuda/src/lib.rs). Only
+addresses, and records every misuse of the driver (see tests/fakecuda/README.md). Only
 the allocation of destination storage is substituted (`zeroload._device.backend`): the
 destinations are fake device memory exported through DLPack, as PyTorch's CUDA tensors
 would be, and come back as CPU tensors afterwards, so that view building, tied storages,
@@ -35,7 +35,17 @@ from typing import Any
 import pytest
 import safetensors.torch
 import torch
-from conftest import ALL_DTYPES, TiedNet, TinyNet, random_tensor, training_checkpoint
+from conftest import (
+    ALL_DTYPES,
+    ProgressRecorder,
+    TiedNet,
+    TinyNet,
+    o_direct_supported,
+    open_with_flags,
+    random_tensor,
+    strided_views,
+    training_checkpoint,
+)
 from reference import assert_same, assert_sharing_same
 
 import zeroload
@@ -141,20 +151,6 @@ def _save(tmp: str, obj: object, name: str = "ckpt.pth") -> Path:
     return path
 
 
-def _views() -> dict[str, torch.Tensor]:
-    base = torch.arange(600, dtype=torch.float32).reshape(20, 30)
-    return {
-        "base": base,
-        "t": base.t(),
-        "slice": base[3:9, 5:],
-        "step": base[::3, ::2],
-        "row": base[7],
-        "expanded": torch.arange(4.0).reshape(4, 1).expand(4, 5),
-        "tail": base.reshape(-1)[590:],
-        "other": torch.ones(3, dtype=torch.int64),
-    }
-
-
 def _dtypes() -> dict[str, torch.Tensor]:
     sd = {}
     for i, dt in enumerate(ALL_DTYPES):
@@ -179,7 +175,7 @@ def _case_load_matches_torch(tmp: str, allocator: str) -> None:
     fake = _fake()
     files = {
         "training": _save(tmp, training_checkpoint(), "training.pth"),
-        "views": _save(tmp, _views(), "views.pth"),
+        "views": _save(tmp, strided_views(), "views.pth"),
         "dtypes": _save(tmp, _dtypes(), "dtypes.pth"),
         "big": _save(tmp, _big(), "big.pth"),
     }
@@ -239,22 +235,14 @@ def _case_progress(tmp: str) -> None:
     sd = {f"w{i}": torch.randn(1 << 19) for i in range(20)}  # 40 MiB
     path = _save(tmp, sd)
     ckpt = _core.Checkpoint.open(str(path))
-    calls: list[tuple[int, int]] = []
-    threads: set[int] = set()
-
-    def progress(done: int, total: int) -> None:
-        calls.append((done, total))
-        threads.add(threading.get_ident())
-
+    progress = ProgressRecorder()
     ids = list(range(ckpt.num_storages))
     with _gpu(), _fake().watch():
         tensors = _device.materialize_storages(
             ckpt, ids, torch.device("cuda"), progress=progress, budget=8 << 20
         )
-    total = sum(ckpt.storage(i)[2] for i in ids)
-    assert calls[0] == (0, total) and calls[-1] == (total, total) and len(calls) > 2
-    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
-    assert threads == {threading.get_ident()}
+    progress.check(sum(ckpt.storage(i)[2] for i in ids))
+    assert len(progress.calls) > 2
     raw = path.read_bytes()
     for i, t in zip(ids, tensors):
         _, off, n, _ = ckpt.storage(i)
@@ -573,7 +561,7 @@ def test_destinations_that_are_not_memory_of_the_device_are_refused(
 
 def _case_context_restored(tmp: str) -> None:
     fake = _fake()
-    path = _save(tmp, _views())
+    path = _save(tmp, strided_views())
     ref = torch.load(path, weights_only=True)
     for current in [None, 0, 1]:
         for device in ["cuda:0", "cuda:1"]:
@@ -586,6 +574,40 @@ def _case_context_restored(tmp: str) -> None:
 
 def test_the_callers_current_context_is_left_alone(worker: list[Worker], tmp_path: Path) -> None:
     run(worker, _case_context_restored, str(tmp_path))
+
+
+def _case_o_direct(tmp: str) -> None:
+    path = _save(tmp, {f"w{i}": torch.randn(1000 + 777 * i) for i in range(10)})
+    ckpt = _core.Checkpoint.open(str(path))
+    raw = path.read_bytes()
+    dev = torch.device("cuda", 0)
+    for direct in [True, False]:
+        seen: list[bool] = []
+
+        def progress(done: int, total: int, seen: list[bool] = seen) -> None:
+            seen.append(any(f & os.O_DIRECT for f in open_with_flags(path)))
+
+        with _gpu() as backend:
+            dests, reqs = [], []
+            for i in range(ckpt.num_storages):
+                _, off, n, _ = ckpt.storage(i)
+                reqs.append((off, n, len(dests), 0))
+                dests.append(backend.empty(n, dev))
+            with _fake().watch(), backend.exporting(dev):
+                _core.copy_to_cuda(ckpt, dests, reqs, 0, 2 << 20, progress, direct=direct)
+            for (off, n, _, _), d in zip(reqs, dests):
+                assert bytes(backend.finish(d).numpy()) == raw[off : off + n]
+        want = direct and o_direct_supported(path)
+        assert seen and all(s == want for s in seen), (direct, want, seen)
+
+
+def test_o_direct_reads_bypass_the_page_cache_where_the_filesystem_allows(
+    worker: list[Worker], tmp_path: Path
+) -> None:
+    """`direct=True` reads through an `O_DIRECT` descriptor (seen in /proc/self/fdinfo
+    while the copy runs) where the filesystem allows it, buffered otherwise; without it,
+    never. Every byte arrives either way."""
+    run(worker, _case_o_direct, str(tmp_path))
 
 
 # -- the fake catches what it claims to catch ------------------------------------------

@@ -18,7 +18,17 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from conftest import ALL_DTYPES, TiedNet, TinyNet, random_tensor, training_checkpoint
+from conftest import (
+    ALL_DTYPES,
+    ProgressRecorder,
+    TiedNet,
+    TinyNet,
+    o_direct_supported,
+    open_with_flags,
+    random_tensor,
+    strided_views,
+    training_checkpoint,
+)
 from reference import assert_same, assert_sharing_same
 
 import zeroload
@@ -75,17 +85,7 @@ def test_every_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
 
 
 def test_views_keep_stride_offset_and_sharing(tmp_path: Path) -> None:
-    base = torch.arange(600, dtype=torch.float32).reshape(20, 30)
-    sd = {
-        "base": base,
-        "t": base.t(),
-        "slice": base[3:9, 5:],
-        "step": base[::3, ::2],
-        "row": base[7],
-        "expanded": torch.arange(4.0).reshape(4, 1).expand(4, 5),
-        "narrow_storage_tail": base.reshape(-1)[590:],
-        "other": torch.ones(3, dtype=torch.int64),
-    }
+    sd = strided_views()
     ours = check_against_torch(save(tmp_path, sd))
     assert isinstance(ours, dict)
     assert ours["t"].untyped_storage().data_ptr() == ours["base"].untyped_storage().data_ptr()
@@ -159,25 +159,15 @@ def test_gpu_peak_is_the_sum_of_storages(tmp_path: Path) -> None:
     assert torch.cuda.memory_allocated() == base  # every storage owns its memory
 
 
-def test_progress_callback_totals(tmp_path: Path) -> None:
+def test_progress_callback_totals(tmp_path: Path, progress_recorder: ProgressRecorder) -> None:
     sd = {f"w{i}": torch.randn(1 << 20) for i in range(20)}  # 80 MiB
     path = save(tmp_path, sd)
     ckpt = _core.Checkpoint.open(str(path))
-    calls: list[tuple[int, int]] = []
-    threads: set[int] = set()
-
-    def progress(done: int, total: int) -> None:
-        calls.append((done, total))
-        threads.add(threading.get_ident())
-
     ids = list(range(ckpt.num_storages))
     tensors = _device.materialize_storages(
-        ckpt, ids, torch.device("cuda"), progress=progress, budget=8 << 20
+        ckpt, ids, torch.device("cuda"), progress=progress_recorder, budget=8 << 20
     )
-    total = sum(ckpt.storage(i)[2] for i in ids)
-    assert calls[0] == (0, total) and calls[-1] == (total, total)
-    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
-    assert threads == {threading.get_ident()}
+    progress_recorder.check(sum(ckpt.storage(i)[2] for i in ids))
     raw = path.read_bytes()
     for i, t in zip(ids, tensors):
         _, off, n, _ = ckpt.storage(i)
@@ -282,7 +272,11 @@ def test_staging_env_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert slab * n <= 8 << 20
 
 
-def test_o_direct_reads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("direct", [True, False])
+def test_o_direct_reads(tmp_path: Path, direct: bool) -> None:
+    """`direct=True` reads through an `O_DIRECT` descriptor (seen in /proc/self/fdinfo
+    while the copy runs) where the filesystem allows it, and through the page cache
+    otherwise; `direct=False` never uses one. Either way every byte arrives."""
     sd = {f"w{i}": torch.randn(1000 + 777 * i) for i in range(10)}
     path = save(tmp_path, sd)
     ckpt = _core.Checkpoint.open(str(path))
@@ -294,8 +288,15 @@ def test_o_direct_reads(tmp_path: Path) -> None:
         t = torch.empty(n, dtype=torch.uint8, device="cuda:0")
         reqs.append((off, n, len(outs), 0))
         outs.append((off, n, t))
+    seen: list[bool] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append(any(f & os.O_DIRECT for f in open_with_flags(path)))
+
     with torch.cuda.device(0):
-        _core.copy_to_cuda(ckpt, [t for _, _, t in outs], reqs, 0, 2 << 20, None, direct=True)
+        dests = [t for _, _, t in outs]
+        _core.copy_to_cuda(ckpt, dests, reqs, 0, 2 << 20, progress, direct=direct)
+    assert seen and all(s == (direct and o_direct_supported(path)) for s in seen), seen
     for off, n, t in outs:
         assert bytes(t.cpu().numpy()) == raw[off : off + n]
 
@@ -320,14 +321,27 @@ def test_destination_pointers_are_checked(tmp_path: Path) -> None:
     assert torch.count_nonzero(host) == 0
 
 
+@pytest.mark.skipif(
+    torch.cuda.device_count() < 2,
+    reason="needs two GPUs: with one, the load's device is the current one (the fake "
+    "driver checks this with eight: test_the_callers_current_context_is_left_alone)",
+)
 def test_current_device_is_left_alone(tmp_path: Path) -> None:
     path = save(tmp_path, {"x": torch.ones(4)})
     before = torch.cuda.current_device()
-    last = torch.cuda.device_count() - 1
-    zeroload.load(path, device=f"cuda:{last}")
-    assert torch.cuda.current_device() == before
-    # torch still works normally on its own stream afterwards.
-    assert torch.ones(3, device="cuda").sum().item() == 3
+    try:
+        for current, other in [(0, 1), (1, 0)]:
+            torch.cuda.set_device(current)
+            out = zeroload.load(path, device=f"cuda:{other}")
+            assert out["x"].device == torch.device("cuda", other)
+            assert torch.cuda.current_device() == current
+            # "cuda" means the current device, and loading there changes nothing either.
+            assert zeroload.load(path, device="cuda")["x"].device.index == current
+            assert torch.cuda.current_device() == current
+            # torch still works normally on its own stream afterwards.
+            assert torch.ones(3, device="cuda").sum().item() == 3
+    finally:
+        torch.cuda.set_device(before)
 
 
 def test_load_into_live_cuda_module_in_place(tmp_path: Path) -> None:

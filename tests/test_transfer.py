@@ -3,12 +3,12 @@ asking for CUDA fails with a clear, catchable exception."""
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
+from conftest import ProgressRecorder, TinyNet
 
 import zeroload
 from zeroload import _core, _device
@@ -76,9 +76,20 @@ def test_release_staging_without_cuda_frees_nothing_and_does_not_raise() -> None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA behaviour")
-def test_load_into_live_cuda_module_needs_cuda(data_file: tuple[Path, bytes]) -> None:
-    with pytest.raises(zeroload.CudaError):
-        _device.cuda_device("cuda")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_load_into_cuda_without_cuda_is_a_cuda_error_and_changes_nothing(
+    model_file: Path, device: str
+) -> None:
+    with torch.device("meta"):
+        model = TinyNet()
+    with pytest.raises(zeroload.CudaError, match="CUDA"):
+        zeroload.load_into(model, model_file, device=device)
+    assert all(t.is_meta for t in model.state_dict().values()), "nothing was assigned"
+    # Without a device nothing needs CUDA: the same call loads onto the CPU.
+    zeroload.load_into(model, model_file)
+    ref = torch.load(model_file, weights_only=True)
+    for k, v in model.state_dict().items():
+        assert v.device.type == "cpu" and torch.equal(v, ref[k]), k
 
 
 def test_device_parsing() -> None:
@@ -109,23 +120,14 @@ def test_copy_to_host_matches_file_bytes(
         assert bytes(b.numpy()) == raw[off : off + n]
 
 
-def test_copy_to_host_progress_totals(data_file: tuple[Path, bytes]) -> None:
+def test_copy_to_host_progress_totals(
+    data_file: tuple[Path, bytes], progress_recorder: ProgressRecorder
+) -> None:
     path, raw = data_file
     ckpt = _core.Checkpoint.open(str(path))
-    calls: list[tuple[int, int]] = []
-    threads: set[int] = set()
-
-    def progress(done: int, total: int) -> None:
-        calls.append((done, total))
-        threads.add(threading.get_ident())
-
     ranges = [(0, len(raw) // 2), (len(raw) // 2, len(raw) - len(raw) // 2)]
-    host_copy(ckpt, ranges, threads=4, progress=progress)
-    total = len(raw)
-    assert calls[0] == (0, total)
-    assert calls[-1] == (total, total)
-    assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
-    assert threads == {threading.get_ident()}  # only ever the calling thread
+    host_copy(ckpt, ranges, threads=4, progress=progress_recorder)
+    progress_recorder.check(len(raw))
 
 
 def test_exception_in_progress_aborts_and_propagates(data_file: tuple[Path, bytes]) -> None:

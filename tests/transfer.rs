@@ -1,10 +1,10 @@
 //! The copy engine end to end without Python: plans executed by the host sink against real
-//! files, and the CUDA sink's behaviour on machines without CUDA.
+//! files, and the CUDA sink without a usable driver.
 
 use std::io::Write;
 
 use _core::mapping::Mapping;
-use _core::transfer::{cuda, host, CopyRequest, Outcome, PROGRESS_STEP};
+use _core::transfer::{cuda, host, CopyRequest, Extent, Outcome, PROGRESS_STEP};
 
 fn file_with(len: usize) -> (tempfile::TempDir, std::path::PathBuf, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
@@ -124,12 +124,32 @@ fn host_sink_reports_a_file_truncated_under_it() {
     assert!(e.to_string().contains("truncated"), "{e}");
 }
 
+/// Without a usable driver (none installed, or none of its devices visible) CUDA is
+/// "unavailable": no panic, no driver error, and a copy is refused before anything is
+/// touched. The checks run in a child process with `CUDA_VISIBLE_DEVICES=""`, so they hold
+/// on machines with a GPU too (there the real driver loads and reports no device; without
+/// a driver the library is missing).
 #[test]
-fn cuda_sink_without_cuda_fails_cleanly() {
-    if cuda::is_available() {
-        return; // covered by the GPU tests
+fn without_a_usable_driver_cuda_is_unavailable_not_a_panic() {
+    const NAME: &str = "without_a_usable_driver_cuda_is_unavailable_not_a_panic";
+    if std::env::var_os("ZEROLOAD_TEST_CHILD").is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env("ZEROLOAD_TEST_CHILD", "1")
+            .env("CUDA_VISIBLE_DEVICES", "")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "the child failed:\n{text}");
+        assert!(text.contains("1 passed"), "the child ran no test:\n{text}");
+        assert!(text.contains("checked: "), "{text}");
+        return;
     }
+    assert!(!cuda::is_available());
     assert_eq!(cuda::device_count().unwrap(), 0);
+    assert_eq!(cuda::staging_allocated(), None);
+    assert!(!cuda::release_staging().unwrap(), "nothing to free");
     let (_d, path, _data) = file_with(4096);
     let m = Mapping::open(&path).unwrap();
     let reqs = [CopyRequest {
@@ -137,14 +157,30 @@ fn cuda_sink_without_cuda_fails_cleanly() {
         nbytes: 16,
         dest: 0xdead_0000,
     }];
-    let mut cb = |_d: u64, _t: u64| true;
+    let dests = [Extent {
+        addr: 0xdead_0000,
+        nbytes: 16,
+    }];
+    let mut calls = 0;
+    let mut cb = |_d: u64, _t: u64| {
+        calls += 1;
+        true
+    };
     let opts = cuda::CudaOptions {
         device: 0,
         budget: Some(8 << 20),
         direct: true,
         readers: Some(2),
     };
-    // SAFETY: without CUDA nothing is copied; the call fails before touching `dest`.
-    let e = unsafe { cuda::copy_to_cuda(&m, &reqs, opts, &mut cb) }.unwrap_err();
+    // SAFETY: without a usable driver nothing is copied; the call fails before touching
+    // `dest` (which is not memory of ours: the test fails loudly if it ever is written).
+    let e = unsafe { cuda::copy_to_cuda(&m, &dests, &reqs, opts, &mut cb) }.unwrap_err();
+    let msg = e.to_string();
     assert!(matches!(e, _core::Error::CudaUnavailable(_)), "{e}");
+    assert!(
+        msg.contains("no CUDA driver library") || msg.contains("sees no device"),
+        "{msg}"
+    );
+    assert_eq!(calls, 0, "refused before progress started");
+    println!("checked: {msg}");
 }

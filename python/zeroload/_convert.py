@@ -1,4 +1,5 @@
-"""Write a ``.safetensors`` file from a checkpoint: ``convert``.
+"""Write a ``.safetensors`` file from a checkpoint: :func:`convert`, the library behind
+``zeroload convert``.
 
 Torch-free and streaming: tensor layouts come from the Rust core's tables (see
 ``zeroload._inspect``), tensor bytes are read from the source with plain positioned reads
@@ -19,25 +20,9 @@ from zeroload._inspect import TensorRef, checkpoint_objects, checkpoint_tensors
 
 __all__ = ["ConvertError", "SAFETENSORS_DTYPES", "convert"]
 
-#: torch dtype name -> safetensors dtype, for every dtype both sides read.
-SAFETENSORS_DTYPES: Dict[str, str] = {
-    "bool": "BOOL",
-    "uint8": "U8",
-    "int8": "I8",
-    "float8_e5m2": "F8_E5M2",
-    "float8_e4m3fn": "F8_E4M3",
-    "int16": "I16",
-    "uint16": "U16",
-    "float16": "F16",
-    "bfloat16": "BF16",
-    "int32": "I32",
-    "uint32": "U32",
-    "float32": "F32",
-    "float64": "F64",
-    "int64": "I64",
-    "uint64": "U64",
-    "complex64": "C64",
-}
+#: torch dtype name -> safetensors dtype, for every dtype the safetensors format has (the
+#: core's table: ``_core.dtypes()``).
+SAFETENSORS_DTYPES: Dict[str, str] = {name: st for name, _, st in _core.dtypes() if st}
 
 _CHUNK = 16 << 20  # bytes per read/write of contiguous tensor data
 

@@ -1,4 +1,6 @@
-"""Describe a checkpoint without torch and without reading tensor data.
+"""Describe a checkpoint without torch and without reading tensor data: the library
+behind ``zeroload inspect`` (:func:`inspect_checkpoint`, :func:`format_inspect`), and the
+torch-free view of a checkpoint's tensors (:class:`TensorRef`) that ``convert`` uses too.
 
 Everything here works from the tables the Rust core parses (storages, tensors and the
 object graph), so ``zeroload inspect`` starts in a fraction of ``import torch``'s time
@@ -9,38 +11,37 @@ of a name set or of the table itself.
 from __future__ import annotations
 
 import collections
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 from zeroload import _core, _shards
+from zeroload._units import format_bytes
 
-__all__ = ["DTYPE_ITEMSIZE", "TensorRef", "checkpoint_tensors", "inspect_checkpoint"]
+__all__ = [
+    "DTYPE_ITEMSIZE",
+    "TensorRef",
+    "checkpoint_tensors",
+    "format_inspect",
+    "inspect_checkpoint",
+    "is_contiguous",
+]
 
-#: Bytes per element of each dtype the core can report (named as attributes of ``torch``).
-DTYPE_ITEMSIZE: Dict[str, int] = {
-    "bool": 1,
-    "uint8": 1,
-    "int8": 1,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "float8_e4m3fnuz": 1,
-    "float8_e5m2fnuz": 1,
-    "float8_e8m0fnu": 1,
-    "int16": 2,
-    "uint16": 2,
-    "float16": 2,
-    "bfloat16": 2,
-    "int32": 4,
-    "uint32": 4,
-    "float32": 4,
-    "complex32": 4,
-    "int64": 8,
-    "uint64": 8,
-    "float64": 8,
-    "complex64": 8,
-    "complex128": 16,
-}
+#: Bytes per element of each dtype the core reads, named as attributes of ``torch``
+#: (the core's table: ``_core.dtypes()``).
+DTYPE_ITEMSIZE: Dict[str, int] = {name: size for name, size, _ in _core.dtypes()}
+
+
+def is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
+    """Row-major dense, as ``torch.Tensor.is_contiguous`` has it (dimensions of size 1 may
+    have any stride)."""
+    expected = 1
+    for d, s in zip(reversed(shape), reversed(stride)):
+        if d != 1 and s != expected:
+            return False
+        expected *= d
+    return True
 
 
 class TensorRef:
@@ -83,13 +84,8 @@ class TensorRef:
         return self.numel * self.itemsize
 
     def is_contiguous(self) -> bool:
-        """Row-major dense (dimensions of size 1 may have any stride, as in torch)."""
-        expected = 1
-        for d, s in zip(reversed(self.shape), reversed(self.stride)):
-            if d != 1 and s != expected:
-                return False
-            expected *= d
-        return True
+        """Row-major dense (see :func:`is_contiguous`)."""
+        return is_contiguous(self.shape, self.stride)
 
     def __repr__(self) -> str:
         return f"TensorRef(#{self.index}, {self.dtype}, shape={list(self.shape)})"
@@ -244,3 +240,48 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
             "by_dtype": by_dtype,
         },
     }
+
+
+def format_inspect(info: Dict[str, Any]) -> str:
+    """:func:`inspect_checkpoint`'s result as ``zeroload inspect`` prints it: a line per
+    file, a table of tensors (name, dtype, shape, bytes; and file, for shard sets) and the
+    totals per dtype."""
+    lines = []
+    for f in info["files"]:
+        lines.append(
+            f"{f['path']}: {f['format']}, {format_bytes(f['file_size'])}, "
+            f"{f['num_tensors']} tensors in {f['num_storages']} storages"
+        )
+        if f["metadata"]:
+            lines.append(f"  metadata: {json.dumps(f['metadata'], sort_keys=True)}")
+    if info["metadata"]:
+        lines.append(f"index metadata: {json.dumps(info['metadata'], sort_keys=True)}")
+    rows = [
+        (
+            t["name"],
+            t["dtype"],
+            "[" + ", ".join(map(str, t["shape"])) + "]",
+            format_bytes(t["bytes"]),
+        )
+        for t in info["tensors"]
+    ]
+    multi = len(info["files"]) > 1
+    if multi:
+        rows = [(*r, t["file"]) for r, t in zip(rows, info["tensors"])]
+    headers = ("name", "dtype", "shape", "bytes") + (("file",) if multi else ())
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    lines += ["", "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    tot = info["totals"]
+    lines += ["", "totals by dtype:"]
+    for dtype, d in sorted(tot["by_dtype"].items(), key=lambda kv: -kv[1]["bytes"]):
+        lines.append(
+            f"  {dtype:<14} {d['tensors']:>7} tensors  {d['elements']:>15,} elements  "
+            f"{format_bytes(d['bytes']):>10}"
+        )
+    lines.append(
+        f"total: {tot['tensors']} tensors, {tot['elements']:,} elements, "
+        f"{format_bytes(tot['bytes'])} of tensor data "
+        f"({format_bytes(tot['file_bytes'])} on disk)"
+    )
+    return "\n".join(lines) + "\n"

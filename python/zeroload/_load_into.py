@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,21 +27,13 @@ from torch.nn.modules.module import _IncompatibleKeys
 from zeroload import _core, _dtensor, _shards, _torch
 from zeroload._core import CheckpointError
 from zeroload._device import DeviceLike
+from zeroload._inspect import is_contiguous
 
 
 class _Entry(NamedTuple):
     file: Path
     ckpt: _core.Checkpoint
     tensor: int
-
-
-def _is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
-    expected = 1
-    for dim, st in zip(reversed(shape), reversed(stride)):
-        if dim != 1 and st != expected:
-            return False
-        expected *= dim
-    return True
 
 
 def _entries(path: str | os.PathLike) -> dict[str, _Entry]:
@@ -211,7 +202,7 @@ def _fill_in_place(
             and not t.is_conj()
             and not t.is_neg()
             and t.is_contiguous()
-            and _is_contiguous(shape, stride)
+            and is_contiguous(shape, stride)
             and nbytes > 0
         ):
             _key, offset, _n, _loc = e.ckpt.storage(storage)

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, TypeVar, Union, overload
 
+from zeroload._units import format_bytes
+
 __all__ = ["Track", "TrackResult", "track"]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -82,14 +84,7 @@ def _cuda() -> Any:
 
 
 def _fmt_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{sign}{n / scale:.2f} {unit}"
-    return f"{sign}{n} B"
+    return format_bytes(n, 2, none="n/a")
 
 
 @dataclass

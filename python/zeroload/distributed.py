@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner
 from torch.futures import Future
 
-from zeroload import _core, _shards, _slices
+from zeroload import _core, _shards, _slices, _torch
 from zeroload._core import CheckpointError
 
 __all__ = ["StorageReader"]
@@ -279,9 +279,10 @@ def _items(ckpt: _core.Checkpoint, file: str) -> Iterator[tuple[str, _TensorItem
             yield fqn, _BytesItem(value)
 
 
-class _PlaceholderBuilder:
+class _PlaceholderBuilder(_torch._Builder):
     """Builds a checkpoint's objects with a meta tensor (right dtype and shape, no data)
-    for each tensor, remembering which tensor each stands for."""
+    for each tensor, remembering which tensor each stands for; containers, sizes, devices
+    and dtypes as `zeroload.load` builds them."""
 
     def __init__(self, ckpt: _core.Checkpoint) -> None:
         self.tensors: list[torch.Tensor] = []
@@ -291,30 +292,6 @@ class _PlaceholderBuilder:
             t = torch.empty_strided(shape, stride, dtype=getattr(torch, dtype_name), device="meta")
             self.tensors.append(t)
             self.index[id(t)] = i
-
-    @staticmethod
-    def ordered_dict() -> dict:
-        import collections
-
-        return collections.OrderedDict()
-
-    @staticmethod
-    def counter(d: dict) -> Any:
-        import collections
-
-        return collections.Counter(d)
-
-    @staticmethod
-    def size(dims: tuple[int, ...]) -> torch.Size:
-        return torch.Size(dims)
-
-    @staticmethod
-    def device(name: str) -> torch.device:
-        return torch.device(name)
-
-    @staticmethod
-    def dtype(name: str) -> torch.dtype:
-        return getattr(torch, name)
 
     @staticmethod
     def parameter(t: torch.Tensor | None, requires_grad: bool) -> torch.Tensor | None:

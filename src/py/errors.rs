@@ -109,7 +109,6 @@ impl From<Error> for PyErr {
             Error::Cuda { .. } | Error::CudaUnavailable(_) => CudaError::new_err(msg),
             Error::Internal(_) => PyRuntimeError::new_err(msg),
             Error::InvalidArgument(_) => PyValueError::new_err(msg),
-            Error::KeyNotFound { .. } => pyo3::exceptions::PyKeyError::new_err(msg),
         }
     }
 }

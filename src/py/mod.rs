@@ -1,9 +1,10 @@
 //! The PyO3 layer: thin wrappers that turn core results into Python objects and core
 //! errors into exceptions. Split by concern: errors, checkpoint (open/parse/objects),
-//! transfer (copies, GIL released).
+//! transfer and slices (copies, GIL released), dlpack, dtypes (the dtype table).
 
 mod checkpoint;
 mod dlpack;
+mod dtypes;
 mod errors;
 mod slices;
 mod transfer;
@@ -16,5 +17,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     checkpoint::register(m)?;
     transfer::register(m)?;
     slices::register(m)?;
+    dtypes::register(m)?;
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! destination tensors. One Python tuple per tensor; the runs (a `Shard(1)` of a
 //! `[50000, 4096]` weight is 50,000 of them) are generated here, with the GIL released,
 //! and go to the host or CUDA sink like any other copy requests.
-use std::path::Path;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -11,10 +10,9 @@ use crate::dlpack::{DL_CPU, DL_CUDA};
 use crate::error::{Error, Result};
 use crate::format::Checkpoint;
 use crate::py::checkpoint::PyCheckpoint;
-use crate::py::dlpack::{borrow_dense, Borrowed};
-use crate::py::errors::catch_panic;
+use crate::py::transfer::{borrow_destinations, extents, run_copy};
 use crate::transfer::slice::{Rect, MAX_RUNS};
-use crate::transfer::{self, cuda, host, CopyRequest, Outcome, Plan};
+use crate::transfer::{self, cuda, host, CopyRequest, Extent, Plan};
 
 /// `(name, destination, destination byte offset, destination element strides or None for
 /// dense, file offset of element 0, bytes per element, shape, element strides in the file,
@@ -40,23 +38,8 @@ struct Job {
     dest_addr: u64,
 }
 
-fn borrow_all(destinations: &Bound<'_, PyAny>, device: (i32, i32)) -> PyResult<Vec<Borrowed>> {
-    let mut borrowed = Vec::new();
-    for (i, d) in destinations.try_iter()?.enumerate() {
-        let b = borrow_dense(&d?, &format!("destination #{i}"))?;
-        if b.buffer.device != device {
-            return Err(PyValueError::new_err(format!(
-                "destination #{i} is on DLPack device {:?}, not {device:?}",
-                b.buffer.device
-            )));
-        }
-        borrowed.push(b);
-    }
-    Ok(borrowed)
-}
-
 /// Checks every slice against the file and its destination and generates its runs.
-fn plan_jobs(ckpt: &Checkpoint, slices: &[SliceTuple], dests: &[(u64, u64)]) -> Result<Vec<Job>> {
+fn plan_jobs(ckpt: &Checkpoint, slices: &[SliceTuple], dests: &[Extent]) -> Result<Vec<Job>> {
     let path = ckpt.path.display();
     let file_len = ckpt.mapping.len();
     slices
@@ -75,7 +58,7 @@ fn plan_jobs(ckpt: &Checkpoint, slices: &[SliceTuple], dests: &[(u64, u64)]) -> 
             ) = s;
             let fail =
                 |msg: String| Error::InvalidArgument(format!("{path}: tensor {name:?}: {msg}"));
-            let &(addr, nbytes) = dests.get(*dest).ok_or_else(|| {
+            let &Extent { addr, nbytes } = dests.get(*dest).ok_or_else(|| {
                 fail(format!(
                     "destination #{dest} does not exist ({} given)",
                     dests.len()
@@ -161,35 +144,6 @@ fn attribute(e: Error, ckpt: &Checkpoint, jobs: &[Job]) -> Error {
     }
 }
 
-/// Runs `copy` with the GIL released; every `transfer::PROGRESS_STEP` bytes it takes the
-/// GIL to check for signals (Ctrl-C cancels the copy and raises KeyboardInterrupt).
-fn run_detached<F>(py: Python<'_>, path: &Path, copy: F) -> PyResult<()>
-where
-    F: FnOnce(transfer::ProgressFn<'_>) -> Result<Outcome> + Send,
-{
-    let mut raised: Option<PyErr> = None;
-    let outcome = py.detach(|| {
-        let mut cb = |_done: u64, _total: u64| -> bool {
-            Python::attach(|py| match py.check_signals() {
-                Ok(()) => true,
-                Err(e) => {
-                    raised = Some(e);
-                    false
-                }
-            })
-        };
-        catch_panic(path, "copying from it", || Ok(copy(&mut cb)))
-    })?;
-    match outcome {
-        Ok(Outcome::Done) => Ok(()),
-        Ok(Outcome::Cancelled) => {
-            Err(raised
-                .unwrap_or_else(|| pyo3::exceptions::PyRuntimeError::new_err("copy cancelled")))
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// Copies rectangles of `ckpt`'s tensors into CPU tensors. `slices`: one tuple per tensor
 /// (see `SliceTuple`); `destinations`: dense CPU tensors (anything exporting DLPack).
 /// Reads are planned across all slices, coalesced over small gaps while they read at
@@ -208,11 +162,8 @@ fn copy_slices_to_host(
 ) -> PyResult<(u64, u64)> {
     let inner = ckpt.inner.clone();
     drop(ckpt);
-    let borrowed = borrow_all(destinations, (DL_CPU, 0))?;
-    let dests: Vec<(u64, u64)> = borrowed
-        .iter()
-        .map(|b| (b.buffer.addr, b.buffer.nbytes))
-        .collect();
+    let borrowed = borrow_destinations(destinations, (DL_CPU, 0))?;
+    let dests = extents(&borrowed);
     let path = inner.path.clone();
     let (jobs, plan) = py.detach(|| -> Result<_> {
         let jobs = plan_jobs(&inner, &slices, &dests)?;
@@ -229,13 +180,11 @@ fn copy_slices_to_host(
         Ok((jobs, plan))
     })?;
     let stats = (plan.total_bytes, plan.read_bytes);
-    let r = run_detached(py, &path, |cb| {
-        // SAFETY: every run lies inside its destination (`plan_jobs` checked the
-        // rectangle's extent against the destination's size), a dense CPU tensor that
-        // the DLPack capsules in `borrowed` keep alive until after this call; the plan
-        // refuses overlapping destinations and ranges outside the file. That no other
-        // thread touches the tensors during the copy is the caller's side of the
-        // contract, as for any in-place write to a tensor.
+    let r = run_copy(py, &path, None, |cb| {
+        // SAFETY: see "Why the copies are sound" in `transfer.rs`: every run lies inside
+        // its destination (`plan_jobs` checked the rectangle's extent against the
+        // destination's size), a borrowed CPU tensor alive until `borrowed` is dropped
+        // below.
         unsafe { host::copy_planned(&inner.mapping, &plan, threads, cb) }
             .map_err(|e| attribute(e, &inner, &jobs))
     });
@@ -259,11 +208,8 @@ fn copy_slices_to_cuda(
     drop(ckpt);
     let ordinal = i32::try_from(device_index)
         .map_err(|_| PyValueError::new_err(format!("no CUDA device {device_index}")))?;
-    let borrowed = borrow_all(destinations, (DL_CUDA, ordinal))?;
-    let dests: Vec<(u64, u64)> = borrowed
-        .iter()
-        .map(|b| (b.buffer.addr, b.buffer.nbytes))
-        .collect();
+    let borrowed = borrow_destinations(destinations, (DL_CUDA, ordinal))?;
+    let dests = extents(&borrowed);
     let path = inner.path.clone();
     let (jobs, reqs) = py.detach(|| -> Result<_> {
         let jobs = plan_jobs(&inner, &slices, &dests)?;
@@ -276,13 +222,11 @@ fn copy_slices_to_cuda(
         budget,
         ..Default::default()
     };
-    let r = run_detached(py, &path, |cb| {
-        // SAFETY: every request lies inside its destination (checked in `plan_jobs`), a
-        // dense CUDA tensor of this device that the capsules in `borrowed` keep alive
-        // until after this call; the plan refuses overlapping destinations and ranges
-        // outside the file. The caller synchronises torch's streams first, so no other
-        // work touches the tensors during the copy.
-        unsafe { cuda::copy_to_cuda(&inner.mapping, &reqs, opts, cb) }
+    let r = run_copy(py, &path, None, |cb| {
+        // SAFETY: see "Why the copies are sound" in `transfer.rs`: every request lies
+        // inside its destination (checked in `plan_jobs`), a borrowed CUDA tensor of this
+        // device alive until `borrowed` is dropped below.
+        unsafe { cuda::copy_to_cuda(&inner.mapping, &dests, &reqs, opts, cb) }
             .map_err(|e| attribute(e, &inner, &jobs))
     });
     drop(borrowed);

@@ -8,6 +8,26 @@
 //! `release_staging`) or look at them (`cuda_staging_allocated`) detaches from the
 //! interpreter first. So a copy whose progress callback waits for the GIL and a thread
 //! holding the GIL that asks for the staging state never wait for each other.
+//!
+//! # Why the copies are sound
+//! The copy bindings (here and in `slices.rs`) call the engine's `unsafe` copy functions
+//! whoever called them: any Python code can import `zeroload._core`, so nothing here
+//! relies on zeroload's own Python callers behaving.
+//! - every destination range lies inside one borrowed destination (bounds checked by
+//!   `destination_requests` or `plan_jobs`), and the destination's memory stays valid for
+//!   the whole call: the DLPack capsule in `Borrowed` is held until after the call, and
+//!   its producer (torch) keeps the storage alive while the capsule exists (a capsule's
+//!   address and size are trusted as every DLPack consumer trusts its producer). The capsule's
+//!   device was checked (`borrow_destinations`), and the CUDA engine checks once per
+//!   destination that the memory is the device's;
+//! - the plan refuses overlapping destinations and file ranges outside the file;
+//! - the engine's other demand, that nothing else uses the destinations during the copy,
+//!   cannot be enforced from here (another Python thread, or a kernel on another stream,
+//!   may write the same tensor). It is not needed for soundness: destination bytes are
+//!   written only by the kernel (`pread`/`preadv`) or the GPU's DMA engine and never read
+//!   or referenced by Rust, so a concurrent user sees mixed values in its own tensor, as
+//!   with two threads writing one tensor in torch, and no memory of ours is touched.
+
 use std::ffi::CString;
 
 use pyo3::exceptions::{PyRuntimeError, PyUserWarning, PyValueError};
@@ -17,7 +37,7 @@ use crate::dlpack::{DL_CPU, DL_CUDA};
 use crate::error::{panic_message, Error, Result};
 use crate::py::checkpoint::PyCheckpoint;
 use crate::py::dlpack::{borrow_dense, Borrowed};
-use crate::transfer::{self, cuda, host, CopyRequest, Outcome};
+use crate::transfer::{self, cuda, host, CopyRequest, Extent, Outcome};
 
 /// Whether a CUDA driver is present and sees at least one device. Never raises.
 #[pyfunction]
@@ -47,15 +67,12 @@ fn release_staging(py: Python<'_>) -> PyResult<bool> {
     Ok(py.detach(cuda::release_staging)?)
 }
 
-/// Borrows the destination tensors and turns `(file_offset, nbytes, destination,
-/// byte offset in it)` requests into absolute copy requests, refusing any that would
-/// write outside its destination. Each destination must live on `device` (a DLPack
-/// `(device_type, ordinal)`).
-fn destination_requests(
+/// Borrows each of `destinations` (dense tensors exporting DLPack) as a copy destination,
+/// refusing any that does not live on `device` (a DLPack `(device_type, ordinal)`).
+pub(crate) fn borrow_destinations(
     destinations: &Bound<'_, PyAny>,
-    requests: Vec<(u64, u64, usize, u64)>,
     device: (i32, i32),
-) -> PyResult<(Vec<Borrowed>, Vec<CopyRequest>)> {
+) -> PyResult<Vec<Borrowed>> {
     let mut borrowed = Vec::new();
     for (i, d) in destinations.try_iter()?.enumerate() {
         let b = borrow_dense(&d?, &format!("destination #{i}"))?;
@@ -67,7 +84,27 @@ fn destination_requests(
         }
         borrowed.push(b);
     }
-    let reqs = requests
+    Ok(borrowed)
+}
+
+/// Where each borrowed destination's bytes are.
+pub(crate) fn extents(borrowed: &[Borrowed]) -> Vec<Extent> {
+    borrowed
+        .iter()
+        .map(|b| Extent {
+            addr: b.buffer.addr,
+            nbytes: b.buffer.nbytes,
+        })
+        .collect()
+}
+
+/// Turns `(file_offset, nbytes, destination, byte offset in it)` requests into absolute
+/// copy requests, refusing any that would write outside its destination.
+fn destination_requests(
+    borrowed: &[Borrowed],
+    requests: Vec<(u64, u64, usize, u64)>,
+) -> PyResult<Vec<CopyRequest>> {
+    requests
         .into_iter()
         .map(|(file_offset, nbytes, dest, dest_offset)| {
             let Some(b) = borrowed.get(dest) else {
@@ -92,13 +129,15 @@ fn destination_requests(
                 dest: b.buffer.addr + dest_offset,
             })
         })
-        .collect::<PyResult<Vec<_>>>()?;
-    Ok((borrowed, reqs))
+        .collect()
 }
 
-/// Runs `copy` with the GIL released, handing it a progress function that calls
-/// `progress(done, total)` (and checks for signals) with the GIL held.
-fn run_copy<F>(
+/// Runs `copy` with the GIL released, handing it a progress function that takes the GIL
+/// to check for signals (Ctrl-C cancels the copy and raises `KeyboardInterrupt`) and to
+/// call `progress(done, total)` if given; an exception raised there cancels the copy and
+/// propagates unchanged. A panic inside the copy is a zeroload bug: `RuntimeError` naming
+/// the file, never a `PanicException`. Every copy binding goes through here.
+pub(crate) fn run_copy<F>(
     py: Python<'_>,
     path: &std::path::Path,
     progress: Option<Py<PyAny>>,
@@ -167,7 +206,9 @@ fn copy_to_cuda(
     drop(ckpt);
     let ordinal = i32::try_from(device_index)
         .map_err(|_| PyValueError::new_err(format!("no CUDA device {device_index}")))?;
-    let (borrowed, reqs) = destination_requests(destinations, requests, (DL_CUDA, ordinal))?;
+    let borrowed = borrow_destinations(destinations, (DL_CUDA, ordinal))?;
+    let reqs = destination_requests(&borrowed, requests)?;
+    let dests = extents(&borrowed);
     let opts = cuda::CudaOptions {
         device: device_index,
         budget,
@@ -176,12 +217,9 @@ fn copy_to_cuda(
     };
     let path = inner.path.clone();
     let copied = run_copy(py, &path, progress, move |cb| {
-        // SAFETY: every destination range lies inside a dense CUDA tensor of this device
-        // (bounds checked above) that the DLPack capsules in `borrowed` keep alive until
-        // after this call; the plan refuses overlapping destinations and file ranges
-        // outside the file. That no other work touches the tensors during the copy is the
-        // caller's side of the contract, as for any in-place write to a tensor.
-        unsafe { cuda::copy_to_cuda(&inner.mapping, &reqs, opts, cb) }
+        // SAFETY: see "Why the copies are sound" at the top of this file: the destinations are the borrowed CUDA tensors,
+        // alive until `borrowed` is dropped below.
+        unsafe { cuda::copy_to_cuda(&inner.mapping, &dests, &reqs, opts, cb) }
     });
     drop(borrowed);
     // The full staging budget could not be pinned and a smaller ring is used: say so
@@ -211,14 +249,12 @@ fn copy_to_host(
 ) -> PyResult<()> {
     let inner = ckpt.inner.clone();
     drop(ckpt);
-    let (borrowed, reqs) = destination_requests(destinations, requests, (DL_CPU, 0))?;
+    let borrowed = borrow_destinations(destinations, (DL_CPU, 0))?;
+    let reqs = destination_requests(&borrowed, requests)?;
     let path = inner.path.clone();
     let r = run_copy(py, &path, progress, move |cb| {
-        // SAFETY: every destination range lies inside a dense CPU tensor (bounds checked
-        // above) that the DLPack capsules in `borrowed` keep alive until after this call;
-        // the plan refuses overlapping destinations and file ranges outside the file.
-        // That no other thread touches the tensors during the copy is the caller's side
-        // of the contract, as for any in-place write to a tensor.
+        // SAFETY: see "Why the copies are sound" at the top of this file: the destinations are the borrowed CPU tensors,
+        // alive until `borrowed` is dropped below.
         unsafe { host::copy_to_host(&inner.mapping, &reqs, threads, cb) }
     });
     drop(borrowed);

@@ -1,5 +1,9 @@
 //! Host sink: worker threads `pread` file bytes straight into existing host memory.
 //!
+//! The threads, the claiming of work, cancellation and progress are the pipeline's
+//! ([`super::pipeline::run_scoped`]); this file decides what one unit of work is (a batch
+//! of chunks) and how a chunk is read.
+//!
 //! Every piece of the plan is read directly into its destination (no staging buffer, no
 //! intermediate tensor), so a materialised CPU module is filled in place. A chunk is read
 //! with one `preadv` (up to `IOV_MAX` pieces a call): its pieces scatter to their
@@ -9,13 +13,13 @@
 //! through gaps of up to [`SLICE_MAX_GAP`] while that keeps them within twice the bytes
 //! delivered.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::fs::File;
+use std::path::Path;
 
-use super::{
-    pread_exact, truncated, CopyRequest, Outcome, Plan, PlanOptions, ProgressFn, Reporter,
+use super::pipeline::{
+    default_threads, file_offset, pread_exact, read_result, run_scoped, Reporter,
 };
-use crate::error::Error;
+use super::{Chunk, CopyRequest, Outcome, Plan, PlanOptions, ProgressFn};
 use crate::error::Result;
 use crate::mapping::Mapping;
 
@@ -40,14 +44,6 @@ pub fn slice_plan_options() -> PlanOptions {
         max_chunk: HOST_CHUNK,
         max_gap: SLICE_MAX_GAP,
     }
-}
-
-/// Default number of reader threads: the machine's parallelism, at most 8.
-pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 8)
 }
 
 /// Copies each request's file bytes to its destination host address.
@@ -99,22 +95,11 @@ pub unsafe fn copy_planned(
     let Some(mut reporter) = Reporter::start(progress, plan.total_bytes) else {
         return Ok(Outcome::Cancelled);
     };
-    let threads = threads
-        .unwrap_or_else(default_threads)
-        .clamp(1, 64)
-        .min(plan.chunks.len());
+    let threads = threads.unwrap_or_else(default_threads).clamp(1, 64);
     let file = mapping.file();
 
-    let read_one = |c: &super::Chunk, scratch: &mut Vec<u8>| -> Result<u64> {
-        // SAFETY: every piece is part of one request (the plan only splits requests), so
-        // `p.dest .. p.dest + p.len` lies inside a destination the caller vouched for;
-        // destinations are pairwise disjoint (checked by the plan) and each chunk is read
-        // by exactly one thread, so no two writers touch the same bytes.
-        unsafe { read_chunk(file, path, c, scratch) }?;
-        Ok(c.delivered())
-    };
-
-    // Batches of consecutive chunks: `bounds[b]..bounds[b + 1]`.
+    // Batches of consecutive chunks, `bounds[b]..bounds[b + 1]`: the units the threads
+    // claim.
     let mut bounds = vec![0usize];
     let (mut bytes, mut count) = (0u64, 0usize);
     for (i, c) in plan.chunks.iter().enumerate() {
@@ -128,68 +113,18 @@ pub unsafe fn copy_planned(
     let run_batch = |b: usize, scratch: &mut Vec<u8>| -> Result<u64> {
         let chunks = &plan.chunks[bounds[b]..bounds[b + 1]];
         advise_readahead(file, chunks);
-        chunks
-            .iter()
-            .try_fold(0u64, |sum, c| Ok(sum + read_one(c, scratch)?))
+        let mut delivered = 0;
+        for c in chunks {
+            // SAFETY: every piece is part of one request (the plan only splits requests),
+            // so `p.dest .. p.dest + p.len` lies inside a destination the caller vouched
+            // for; destinations are pairwise disjoint (checked by the plan) and each batch
+            // is claimed by exactly one thread, so no two writers touch the same bytes.
+            unsafe { read_chunk(file, path, c, scratch) }?;
+            delivered += c.delivered();
+        }
+        Ok(delivered)
     };
-
-    if threads <= 1 {
-        let mut scratch = Vec::new();
-        for b in 0..bounds.len() - 1 {
-            let n = run_batch(b, &mut scratch)?;
-            if !reporter.add(n) {
-                return Ok(Outcome::Cancelled);
-            }
-        }
-        return Ok(Outcome::Done);
-    }
-
-    let n_batches = bounds.len() - 1;
-    let threads = threads.min(n_batches);
-    let next = AtomicUsize::new(0);
-    let abort = AtomicBool::new(false);
-    let (tx, rx) = mpsc::channel::<Result<u64>>();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            let tx = tx.clone();
-            let (next, abort, run_batch) = (&next, &abort, &run_batch);
-            s.spawn(move || {
-                let mut scratch = Vec::new();
-                while !abort.load(Ordering::Relaxed) {
-                    let b = next.fetch_add(1, Ordering::Relaxed);
-                    if b >= n_batches {
-                        break;
-                    }
-                    let r = run_batch(b, &mut scratch);
-                    let failed = r.is_err();
-                    if tx.send(r).is_err() || failed {
-                        break;
-                    }
-                }
-            });
-        }
-        drop(tx);
-        // Stop the workers however this scope is left (error, cancel, panic).
-        let _stop = SetOnDrop(&abort);
-        let mut outcome = Ok(Outcome::Done);
-        for msg in rx {
-            match msg {
-                Ok(n) => {
-                    if !reporter.add(n) {
-                        abort.store(true, Ordering::Relaxed);
-                        outcome = Ok(Outcome::Cancelled);
-                        break;
-                    }
-                }
-                Err(e) => {
-                    abort.store(true, Ordering::Relaxed);
-                    outcome = Err(e);
-                    break;
-                }
-            }
-        }
-        outcome
-    })
+    run_scoped(threads, bounds.len() - 1, run_batch, &mut reporter)
 }
 
 /// Largest hole between the reads of a batch that still lets the batch's whole span be
@@ -202,7 +137,7 @@ const READAHEAD_HOLE: u64 = 128 << 10;
 /// readahead does not follow reads that skip a few pages each time (measured 8x slower
 /// than reading through the holes). The holes come from disk but are not copied; on a
 /// warm page cache the advice costs a walk of the cached pages.
-fn advise_readahead(file: &std::fs::File, chunks: &[super::Chunk]) {
+fn advise_readahead(file: &File, chunks: &[Chunk]) {
     use std::os::unix::io::AsRawFd;
     let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
         return;
@@ -240,12 +175,7 @@ fn iov_max() -> usize {
 /// # Safety
 /// Every piece's destination range must be valid for writes and written by no one else
 /// during the call.
-unsafe fn read_chunk(
-    file: &std::fs::File,
-    path: &std::path::Path,
-    c: &super::Chunk,
-    scratch: &mut Vec<u8>,
-) -> Result<()> {
+unsafe fn read_chunk(file: &File, path: &Path, c: &Chunk, scratch: &mut Vec<u8>) -> Result<()> {
     let max_iov = iov_max();
     let mut iov: Vec<libc::iovec> = Vec::new();
     let mut start = c.file_offset; // file offset of iov[0]
@@ -332,8 +262,8 @@ unsafe fn read_chunk(
 /// # Safety
 /// Each `iov` entry must be valid for writes of its length, by no one else during the call.
 unsafe fn preadv_exact(
-    file: &std::fs::File,
-    path: &std::path::Path,
+    file: &File,
+    path: &Path,
     iov: &mut [libc::iovec],
     offset: u64,
 ) -> Result<()> {
@@ -346,12 +276,7 @@ unsafe fn preadv_exact(
             first += 1;
             continue;
         }
-        let Ok(at_off) = libc::off_t::try_from(at) else {
-            return Err(Error::InvalidArgument(format!(
-                "{}: offset {at} is too large",
-                path.display()
-            )));
-        };
+        let at_off = file_offset(path, at)?;
         let rest = &iov[first..];
         // SAFETY: the entries are valid for writes (caller's contract); there are at most
         // IOV_MAX of them (the caller batches), and `rest` is a live slice.
@@ -363,17 +288,9 @@ unsafe fn preadv_exact(
                 at_off,
             )
         };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(Error::io(path, e));
-        }
-        if n == 0 {
-            return Err(truncated(path, offset + total));
-        }
-        let mut n = n as usize;
+        let Some(mut n) = read_result(path, n, offset + total)? else {
+            continue;
+        };
         at += n as u64;
         // Skip the buffers filled, shorten the one filled in part.
         while n > 0 {
@@ -391,13 +308,4 @@ unsafe fn preadv_exact(
         }
     }
     Ok(())
-}
-
-/// Sets the flag when dropped.
-struct SetOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for SetOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
 }

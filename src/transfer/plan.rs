@@ -20,6 +20,72 @@ pub struct CopyRequest {
     pub dest: u64,
 }
 
+/// A destination buffer: `nbytes` bytes at address `addr` (host or device; never
+/// dereferenced here). Requests write into destinations; checks that concern the memory
+/// itself (is it device memory of the right device?) run once per destination, not once
+/// per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Extent {
+    pub addr: u64,
+    pub nbytes: u64,
+}
+
+impl Extent {
+    fn end(&self) -> u64 {
+        self.addr + self.nbytes
+    }
+}
+
+/// The memory `requests` write: `destinations` merged where they overlap or touch, only
+/// those some request writes into, in address order. A request that does not lie wholly
+/// inside one destination is refused (`Error::InvalidArgument` naming it and `what`).
+/// Costs O((requests + destinations) log destinations).
+pub fn written_extents(
+    requests: &[CopyRequest],
+    destinations: &[Extent],
+    what: &str,
+) -> Result<Vec<Extent>> {
+    let mut dests: Vec<Extent> = Vec::with_capacity(destinations.len());
+    for d in destinations.iter().filter(|d| d.nbytes > 0) {
+        if d.addr.checked_add(d.nbytes).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: destination {:#x}..+{} overflows the address space",
+                d.addr, d.nbytes
+            )));
+        }
+        dests.push(*d);
+    }
+    dests.sort_unstable();
+    let mut merged: Vec<Extent> = Vec::with_capacity(dests.len());
+    for d in dests {
+        match merged.last_mut() {
+            Some(m) if d.addr <= m.end() => m.nbytes = m.nbytes.max(d.end() - m.addr),
+            _ => merged.push(d),
+        }
+    }
+    let mut used = vec![false; merged.len()];
+    for r in requests.iter().filter(|r| r.nbytes > 0) {
+        let i = merged.partition_point(|m| m.addr <= r.dest);
+        let inside = i > 0
+            && r.dest
+                .checked_add(r.nbytes)
+                .is_some_and(|end| end <= merged[i - 1].end());
+        if !inside {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: copy of file bytes {}..+{} to {:#x}..+{} lies outside every \
+                 destination buffer",
+                r.file_offset, r.nbytes, r.dest, r.nbytes
+            )));
+        }
+        used[i - 1] = true;
+    }
+    Ok(merged
+        .into_iter()
+        .zip(used)
+        .filter_map(|(m, u)| u.then_some(m))
+        .collect())
+}
+
 /// A part of a chunk that goes to one destination: bytes `[offset, offset + len)` of the
 /// chunk go to `dest`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -283,6 +349,45 @@ mod tests {
             plan.chunks.iter().map(|c| c.len).sum::<u64>()
         );
         plan
+    }
+
+    #[test]
+    fn written_extents_merge_destinations_and_refuse_requests_outside_them() {
+        let d = |addr, nbytes| Extent { addr, nbytes };
+        // Two touching buffers and an overlapping one merge; an unused one is dropped.
+        let dests = [
+            d(0x1000, 0x100),
+            d(0x1100, 0x100),
+            d(0x1180, 0x200),
+            d(0x9000, 8),
+        ];
+        let reqs = [req(0, 0x10, 0x1000), req(5, 0x200, 0x10f0), req(9, 0, 0x5)];
+        assert_eq!(
+            written_extents(&reqs, &dests, "t").unwrap(),
+            vec![d(0x1000, 0x380)]
+        );
+        // 50,000 runs into one buffer: one extent.
+        let rows: Vec<CopyRequest> = (0..50_000)
+            .map(|i| req(i * 64, 32, 0x10_000 + i * 32))
+            .collect();
+        assert_eq!(
+            written_extents(&rows, &[d(0x10_000, 50_000 * 32)], "t").unwrap(),
+            vec![d(0x10_000, 50_000 * 32)]
+        );
+        for bad in [
+            req(0, 0x10, 0xfff),
+            req(0, 0x381, 0x1000),
+            req(0, 9, 0x9000),
+            req(0, 1, 0x20),
+        ] {
+            let e = written_extents(&[bad], &dests, "f.pth").unwrap_err();
+            assert!(
+                e.to_string().contains("lies outside every destination"),
+                "{e}"
+            );
+        }
+        let e = written_extents(&reqs, &[d(u64::MAX, 2)], "t").unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{e}");
     }
 
     #[test]

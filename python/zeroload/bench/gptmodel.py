@@ -17,6 +17,8 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
+from zeroload.bench import SIZES
+
 __all__ = ["CONFIGS", "SIZES", "GPTModel", "config", "describe", "num_parameters"]
 
 #: Settings shared by every size (GPT-2's vocabulary and context length).
@@ -42,15 +44,6 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "gpt2-medium (355M)": {**BASE_CONFIG, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},
     "gpt2-large (774M)": {**BASE_CONFIG, "emb_dim": 1280, "n_layers": 36, "n_heads": 20},
     "gpt2-xl (1558M)": {**BASE_CONFIG, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},
-}
-
-#: Short names accepted by the command line (``--size``).
-SIZES: Dict[str, str] = {
-    "tiny": "tiny",
-    "small": "gpt2-small (124M)",
-    "medium": "gpt2-medium (355M)",
-    "large": "gpt2-large (774M)",
-    "xl": "gpt2-xl (1558M)",
 }
 
 

@@ -1,7 +1,7 @@
 """Side-by-side comparison of loading methods, each in a fresh Python process.
 
-This backs ``zeroload demo``, ``zeroload bench``, ``benchmarks/gpu_load.py`` and the
-notebook. Every method runs in its own ``python -c``-style subprocess (a fresh interpreter,
+This backs ``zeroload demo``, ``zeroload bench`` and ``benchmarks/gpu_load.py``. Every
+method runs in its own ``python -c``-style subprocess (a fresh interpreter,
 so one method's caches, allocator pools and page-table state cannot flatter the next). In
 the child, after imports (and CUDA initialisation when the device is a GPU), the timed and
 memory-tracked block is exactly what a user would write to get a usable model (or state
@@ -44,6 +44,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Sequence, Union
 
+from zeroload._units import format_bytes
+from zeroload.bench import MODEL_METHODS, STATE_DICT_METHODS
+
 __all__ = [
     "MODEL_METHODS",
     "STATE_DICT_METHODS",
@@ -56,22 +59,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
-
-MODEL_METHODS: Dict[str, str] = {
-    "baseline": "model.to(dev) + load_state_dict(torch.load(map_location=dev))",
-    "sequential": "model.to(dev) + torch.load(cpu) + copy tensor by tensor",
-    "meta": "meta model + torch.load(map_location=dev) + assign",
-    "mmap_assign": "meta model + torch.load(mmap=True) + assign",
-    "per_tensor": "model.to(dev) + one torch.load per tensor file",
-    "zeroload": "meta model + zeroload.load(dev) + assign",
-}
-
-STATE_DICT_METHODS: Dict[str, str] = {
-    "torch_load": "torch.load(weights_only=True)",
-    "torch_load_mmap": "torch.load(mmap=True, weights_only=True)",
-    "safetensors": "safetensors.torch.load_file",
-    "zeroload": "zeroload.load",
-}
 
 _RESULT_TAG = "ZEROLOAD_COMPARE_RESULT "
 
@@ -119,7 +106,7 @@ def _init_device(device: str) -> Any:
 def _load_model(method: str, spec: Dict[str, Any], dev: Any) -> Any:
     import torch
 
-    from zeroload._gptmodel import GPTModel
+    from zeroload.bench.gptmodel import GPTModel
 
     cfg = spec["config"]
     path = spec["checkpoint"]
@@ -253,7 +240,7 @@ def _warm_up(method: str, spec: Dict[str, Any]) -> None:
     buf = io.BytesIO()
     torch.save(small, buf)
     if spec.get("mode") == "model":
-        from zeroload._gptmodel import GPTModel, config
+        from zeroload.bench.gptmodel import GPTModel, config
 
         tiny = config("tiny")
         with torch.device("meta"):
@@ -336,7 +323,7 @@ def _child_main(argv: Sequence[str]) -> int:
 
 def _child_env() -> Dict[str, str]:
     env = dict(os.environ)
-    pkg_root = str(Path(__file__).resolve().parent.parent)
+    pkg_root = str(Path(__file__).resolve().parents[2])  # the directory holding zeroload/
     env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONHASHSEED", "0")
     return env
@@ -344,7 +331,7 @@ def _child_env() -> Dict[str, str]:
 
 def run_child(spec: Dict[str, Any], timeout: float | None = None) -> Dict[str, Any]:
     """Run one method in a fresh interpreter; return its result dict or ``{"error": ...}``."""
-    cmd = [sys.executable, "-m", "zeroload._compare", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "zeroload.bench.compare", json.dumps(spec)]
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, env=_child_env(), timeout=timeout, check=False
@@ -441,7 +428,7 @@ def compare_model(
 
     Args:
         checkpoint: a ``torch.save(model.state_dict())`` file of the seed's GPTModel.
-        config: the model configuration (a name from ``zeroload._gptmodel.CONFIGS`` or dict).
+        config: the model configuration (a name from ``zeroload.bench.gptmodel.CONFIGS`` or dict).
         device: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         methods: names from :data:`MODEL_METHODS` (all by default).
         reference: a file from :func:`make_reference`; the original model's output on CPU.
@@ -455,9 +442,9 @@ def compare_model(
     """
     import torch
 
-    from zeroload import _gptmodel
+    from zeroload.bench import gptmodel
 
-    cfg = _gptmodel.config(config) if isinstance(config, str) else dict(config)
+    cfg = gptmodel.config(config) if isinstance(config, str) else dict(config)
     methods = list(methods or MODEL_METHODS)
     for m in methods:
         if m not in MODEL_METHODS:
@@ -470,7 +457,7 @@ def compare_model(
             if verbose:
                 print("  building the reference output (torch.load, CPU)", file=sys.stderr)
             with torch.device("meta"):
-                ref_model = _gptmodel.GPTModel(cfg)
+                ref_model = gptmodel.GPTModel(cfg)
             sd = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
             ref_model.load_state_dict(sd, assign=True)
             reference = make_reference(ref_model, tmpdir / "reference.pt")
@@ -597,14 +584,6 @@ def compare_state_dict(
 # --------------------------------------------------------------------------------------
 
 
-def _gib(n: int | None) -> str:
-    if n is None:
-        return "-"
-    if abs(n) < (1 << 30) // 10:
-        return f"{n / (1 << 20):.1f} MiB"
-    return f"{n / (1 << 30):.2f} GiB"
-
-
 def _ratio(value: float | None, base: float | None, floor: float) -> str:
     if value is None or base is None:
         return "-"
@@ -633,9 +612,12 @@ def format_table(rows: Sequence[Row], *, title: str = "", against: str = "zerolo
             times = [f"{r.wall_s:.2f} s"]
             if show_touched:
                 times.append(f"{r.touched_s:.2f} s" if r.touched_s is not None else "-")
-            cells = [r.method, _gib(r.cpu_peak), *times]
+            cells = [r.method, format_bytes(r.cpu_peak, 2), *times]
             if show_gpu:
-                cells[2:2] = [_gib(r.gpu_peak_allocated), _gib(r.gpu_peak_used)]
+                cells[2:2] = [
+                    format_bytes(r.gpu_peak_allocated, 2),
+                    format_bytes(r.gpu_peak_used, 2),
+                ]
             cells += [r.check or "-", r.description]
         table.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *table)]
