@@ -550,10 +550,13 @@ def test_pt_slices_index_as_safe_open_does(cube: Path, name: str, index: Any) ->
     with safe_open(cube, "pt") as theirs, zeroload.open(cube) as f:
         want = _try(lambda: theirs.get_slice(name)[index])
         got = _try(lambda: f.get_slice(name)[index])
+        mapped = f.get_tensor(name)  # a view of the handle's mapping of the file
     _check_same(got, want, f"{name}[{index!r}]")
-    if got[0] == "ok":  # a slice owns its memory, exactly its bytes
-        t = got[1]
-        assert t.untyped_storage().nbytes() == t.numel() * t.element_size() or not t.numel()
+    if got[0] == "ok" and got[1].numel():  # a slice owns its memory, exactly its bytes
+        t = got[1].untyped_storage()
+        assert t.nbytes() == got[1].numel() * got[1].element_size()
+        start = mapped.untyped_storage().data_ptr()
+        assert not start <= t.data_ptr() < start + mapped.untyped_storage().nbytes()
 
 
 # With framework="np", safetensors slices with its own indexer. Where it gives a result,
@@ -662,9 +665,9 @@ def run(worker: list[Any], case: Callable[..., Any], *args: Any) -> Any:
     return result
 
 
-def _case_every_dtype_through_the_cuda_path(tmp: str) -> None:
-    from test_cuda_engine import _fake, _gpu
-
+def _every_dtype_on_cuda(tmp: str, gpu: Callable[[], Any]) -> None:
+    """Every dtype through load, load_bytes, open().get_tensor/get_tensors/get_slice on
+    CUDA; `gpu()` is the context in which CUDA works (the fake driver, or a real GPU)."""
     warnings.filterwarnings("ignore", message="BComplex32 support is experimental")
     st = Path(tmp) / "all.safetensors"
     tensors = {
@@ -679,9 +682,9 @@ def _case_every_dtype_through_the_cuda_path(tmp: str) -> None:
         (st, safetensors.torch.load_file(st)),
         (pth, torch.load(pth, weights_only=True)),
     ]:
-        with _gpu(), _fake().watch():
+        with gpu():
             loaded = zeroload.load(path, device="cuda")
-            from_bytes = zeroload.load_bytes(path.read_bytes(), device="cuda:1")
+            from_bytes = zeroload.load_bytes(path.read_bytes(), device="cuda:0")
             with zeroload.open(path, device="cuda") as f:
                 one = {k: f.get_tensor(k) for k in f.keys()}
                 everything = f.get_tensors()
@@ -692,8 +695,35 @@ def _case_every_dtype_through_the_cuda_path(tmp: str) -> None:
             same_bytes(rows[k], ref[k][1:4], f"{k}[1:4]")
 
 
+def _case_every_dtype_through_the_cuda_path(tmp: str) -> None:
+    import contextlib
+
+    from test_cuda_engine import _fake, _gpu
+
+    @contextlib.contextmanager
+    def fake_gpu() -> Any:
+        with _gpu(), _fake().watch():
+            yield
+
+    _every_dtype_on_cuda(tmp, fake_gpu)
+
+
 def test_every_dtype_loads_through_the_cuda_path(worker: list[Any], tmp_path: Path) -> None:
     run(worker, _case_every_dtype_through_the_cuda_path, str(tmp_path))
+
+
+@pytest.mark.gpu
+def test_every_dtype_and_slices_on_a_real_gpu(tmp_path: Path) -> None:
+    import contextlib
+
+    _every_dtype_on_cuda(str(tmp_path), contextlib.nullcontext)
+    path = tmp_path / "big.safetensors"
+    full = torch.randn(1024, 256)
+    safetensors.torch.save_file({"big": full}, path)
+    with zeroload.open(path, device="cuda") as f:
+        for index in [np.s_[:, 64:128], np.s_[100:200], np.s_[::8, 3:5], torch.tensor([1, 5])]:
+            got = f.get_slice("big")[index]
+            assert got.device.type == "cuda" and torch.equal(got.cpu(), full[index])
 
 
 def _case_cuda_slices_go_straight_to_the_device(tmp: str) -> None:

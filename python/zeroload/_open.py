@@ -160,9 +160,11 @@ class SafeOpen:
         state dict's order for torch files. One load per file: GPU copies go through the
         copy engine together, and tensors that share a storage in a torch file share it."""
         self._check_open()
+        by_file: list[list[str]] = [[] for _ in self._ckpts]
+        for k, (n, _i) in self._index.items():
+            by_file[n].append(k)
         out: dict[str, Any] = {}
-        for n, ckpt in enumerate(self._ckpts):
-            names = [k for k, (f, _i) in self._index.items() if f == n]
+        for ckpt, names in zip(self._ckpts, by_file):
             if ckpt.format == "safetensors":
                 names.sort(key=self._place)
             if self._numpy:
@@ -269,9 +271,13 @@ class _Slice:
                 pass  # an index on another device: torch checks it below
             whole = _torch.tensor_on(ckpt, i, self._device)
             try:
-                return whole[item]
+                part = whole[item]
             except (IndexError, TypeError, ValueError, RuntimeError) as e:
                 raise _as_checkpoint_error(e, where) from None
+            # Index tensors copy; a bool alone gives a view, which must not keep (or, on
+            # the CPU, be) the whole tensor's mapping.
+            same = part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+            return part.clone() if same and part.numel() else part
         try:
             _slices.check_index(item, parts, shape, numpy=self._numpy)
         except (IndexError, TypeError, ValueError) as e:
