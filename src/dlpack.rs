@@ -133,7 +133,12 @@ struct Holder<M> {
 }
 
 fn dl_tensor(e: &Export<'_>) -> DLTensor {
-    let (code, bits, lanes) = e.dtype.dlpack();
+    // Exports are only made of dtypes DLPack can carry (callers check `dlpack()`); a
+    // byte-sized fallback keeps this function total.
+    let (code, bits, lanes) =
+        e.dtype
+            .dlpack()
+            .unwrap_or((crate::dtype::dl_code::UINT, (e.dtype.size() * 8) as u8, 1));
     DLTensor {
         data: e.data.cast(),
         device: DLDevice {

@@ -45,6 +45,44 @@ ALL_DTYPES = [
 ]
 
 
+# Dtypes torch.save also writes that have no arithmetic (bit containers), pack two values
+# per element, or (bcomplex32) warn that they are experimental: compared as bytes only.
+TORCH_ONLY_DTYPES = [
+    torch.float4_e2m1fn_x2,
+    torch.bits8,
+    torch.bits16,
+    torch.bits1x8,
+    torch.bits2x4,
+    torch.bits4x2,
+    torch.bcomplex32,
+]
+
+# Every safetensors dtype torch can hold, as safetensors' header names it (what
+# `safe_open` maps each to). F6_E2M3 and F6_E3M2 have no torch dtype.
+SAFETENSORS_DTYPES = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": torch.uint16,
+    "I32": torch.int32,
+    "U32": torch.uint32,
+    "I64": torch.int64,
+    "U64": torch.uint64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "C64": torch.complex64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "F4": torch.float4_e2m1fn_x2,
+}
+
+
 def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     numel = 1

@@ -241,6 +241,7 @@ fn negative_strides_are_refused_even_on_empty_tensors() {
             root: 0,
         },
         metadata: None,
+        unrepresentable: Vec::new(),
     };
     let e = format::validate(path, 100, &base).unwrap_err().to_string();
     assert!(e.contains("neg.pth") && e.contains("negative"), "{e}");

@@ -9,6 +9,8 @@ memory from PyTorch's caching allocator, with host memory bounded by a small bud
     sd = zeroload.load("model.pth", device="cuda")
     model.load_state_dict(sd, assign=True)
 
+    sd = zeroload.load_bytes(data)                    # from memory, like safetensors.torch.load
+
     with zeroload.open("model.safetensors") as f:     # lazily, like safe_open
         w = f.get_tensor("lm_head.weight")
 
@@ -27,7 +29,7 @@ from zeroload._core import CheckpointError, CudaError, ForbiddenGlobalError
 
 if TYPE_CHECKING:
     from zeroload._device import release_staging
-    from zeroload._load import load
+    from zeroload._load import load, load_bytes
     from zeroload._load_into import load_into
     from zeroload._open import SafeOpen, open
     from zeroload._track import track
@@ -39,6 +41,7 @@ __all__ = [
     "ForbiddenGlobalError",
     "SafeOpen",
     "load",
+    "load_bytes",
     "load_into",
     "open",
     "release_staging",
@@ -48,6 +51,7 @@ __all__ = [
 # Public names defined in modules that import torch (or psutil): resolved on first use.
 _LAZY = {
     "load": "zeroload._load",
+    "load_bytes": "zeroload._load",
     "open": "zeroload._open",
     "SafeOpen": "zeroload._open",
     "load_into": "zeroload._load_into",

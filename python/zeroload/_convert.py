@@ -22,7 +22,10 @@ __all__ = ["ConvertError", "SAFETENSORS_DTYPES", "convert"]
 
 #: torch dtype name -> safetensors dtype, for every dtype the safetensors format has (the
 #: core's table: ``_core.dtypes()``).
-SAFETENSORS_DTYPES: Dict[str, str] = {name: st for name, _, st in _core.dtypes() if st}
+SAFETENSORS_DTYPES: Dict[str, str] = {name: st for name, _, st, _ in _core.dtypes() if st}
+#: Values per torch element in safetensors shapes (2 for the packed float4: a safetensors
+#: header counts 4-bit values, torch counts bytes of two).
+_VALUES_PER_ELEMENT: Dict[str, int] = {name: n for name, _, _, n in _core.dtypes()}
 
 _CHUNK = 16 << 20  # bytes per read/write of contiguous tensor data
 
@@ -198,10 +201,19 @@ def convert(
             raise ConvertError(
                 f"{src}: tensor {name!r} has dtype {t.dtype}, which safetensors lacks"
             )
+        shape = list(t.shape)
+        packed = _VALUES_PER_ELEMENT.get(t.dtype, 1)
+        if packed != 1:
+            if not shape:
+                raise ConvertError(
+                    f"{src}: tensor {name!r} is a 0-d {t.dtype}, which a safetensors shape "
+                    f"cannot express ({packed} values per element)"
+                )
+            shape[-1] *= packed
         nbytes = t.nbytes
         header[name] = {
             "dtype": st_dtype,
-            "shape": list(t.shape),
+            "shape": shape,
             "data_offsets": [offset, offset + nbytes],
         }
         offset += nbytes

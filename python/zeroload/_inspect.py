@@ -30,7 +30,7 @@ __all__ = [
 
 #: Bytes per element of each dtype the core reads, named as attributes of ``torch``
 #: (the core's table: ``_core.dtypes()``).
-DTYPE_ITEMSIZE: Dict[str, int] = {name: size for name, size, _ in _core.dtypes()}
+DTYPE_ITEMSIZE: Dict[str, int] = {name: size for name, size, _, _ in _core.dtypes()}
 
 
 def is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:

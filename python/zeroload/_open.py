@@ -3,13 +3,41 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
-from zeroload import _core, _shards, _torch
+import torch
+
+from zeroload import _core, _shards, _slices, _torch
 from zeroload._core import CheckpointError
 from zeroload._device import DeviceLike, parse_device
 
 _FRAMEWORKS = {"pt": False, "pytorch": False, "torch": False, "np": True, "numpy": True}
+_BACKENDS = ("mmap", "pread")
+
+
+class CheckpointIndexError(CheckpointError, IndexError):
+    """An index outside a tensor (or too many indices): what torch raises as an
+    `IndexError`, so `except IndexError` clauses keep working."""
+
+
+class CheckpointTypeError(CheckpointError, TypeError):
+    """An index of a type torch refuses with a `TypeError`."""
+
+
+class ClosedHandleError(CheckpointError, RuntimeError):
+    """A call on a handle after `close()` (or after its `with` block)."""
+
+
+def _as_checkpoint_error(e: Exception, where: str) -> CheckpointError:
+    """`e` (raised by torch or numpy for an index) as a `CheckpointError` naming the file
+    and tensor, still an instance of the built-in class torch raised."""
+    message = f"{where}: {e}"
+    if isinstance(e, IndexError):
+        return CheckpointIndexError(message)
+    if isinstance(e, TypeError):
+        return CheckpointTypeError(message)
+    return CheckpointError(message)
 
 
 class SafeOpen:
@@ -27,7 +55,12 @@ class SafeOpen:
     """
 
     def __init__(
-        self, path: str | os.PathLike, framework: str = "pt", device: DeviceLike = "cpu"
+        self,
+        path: str | os.PathLike,
+        framework: str = "pt",
+        device: DeviceLike = "cpu",
+        *,
+        backend: str = "mmap",
     ) -> None:
         if framework not in _FRAMEWORKS:
             hint = ""
@@ -37,35 +70,36 @@ class SafeOpen:
                     f"framework, device): pass device={framework!r}"
                 )
             raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}{hint}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be 'mmap' or 'pread', not {backend!r}")
         self._numpy = _FRAMEWORKS[framework]
         self._device = parse_device(device)
         self._cpu = self._device.type == "cpu"
+        self._pread = backend == "pread"
         if self._numpy and not self._cpu:
             raise ValueError("framework='np' gives CPU arrays; use device='cpu'")
         shard_set = _shards.resolve(path)
         self._path = os.fspath(path)
-        # One file: name -> tensor index, and self._ckpt. Shard sets: name -> (checkpoint,
-        # tensor index), and self._ckpt is None. Built once; every call is a dict lookup.
-        self._ckpt: _core.Checkpoint | None = None
-        self._index: dict[str, Any] = {}
-        ckpts = [_core.Checkpoint.open(os.fspath(f)) for f in shard_set.files]
-        for ckpt in ckpts:
+        # Name -> (file number, tensor index), built once: every call is a dict lookup.
+        self._ckpts = [_core.Checkpoint.open(os.fspath(f)) for f in shard_set.files]
+        self._index: dict[str, tuple[int, int]] = {}
+        single = len(self._ckpts) == 1
+        for n, ckpt in enumerate(self._ckpts):
             names = ckpt.flat_index()
             if names is None:
                 raise CheckpointError(
                     f"{ckpt.path}: zeroload.open needs a flat dict of tensors (a state dict); "
                     "use zeroload.load for other checkpoints"
                 )
-            if len(ckpts) == 1:
-                self._ckpt, self._index = ckpt, names
+            if single:
+                self._index = {name: (0, i) for name, i in names.items()}
                 break
             for name, i in names.items():
                 if name in self._index:
-                    raise CheckpointError(
-                        f"{ckpt.path}: tensor {name!r} also appears in {self._index[name][0].path}"
-                    )
-                self._index[name] = (ckpt, i)
-        self._metadata = ckpts[0].metadata if len(ckpts) == 1 else None
+                    other = self._ckpts[self._index[name][0]].path
+                    raise CheckpointError(f"{ckpt.path}: tensor {name!r} also appears in {other}")
+                self._index[name] = (n, i)
+        self._metadata = self._ckpts[0].metadata if single else None
         if self._metadata is None and shard_set.metadata:
             self._metadata = {str(k): str(v) for k, v in shard_set.metadata.items()}
         self._open = True
@@ -77,9 +111,10 @@ class SafeOpen:
         self.close()
 
     def close(self) -> None:
-        """Drops this handle's references to the files (tensors already returned stay valid)."""
+        """Drops this handle's references to the files. Tensors and slice handles it gave
+        out stay valid; calls on the handle raise `CheckpointError`."""
         self._open = False
-        self._ckpt = None
+        self._ckpts = []
         self._index = {}
 
     def keys(self) -> list[str]:
@@ -91,8 +126,7 @@ class SafeOpen:
     def offset_keys(self) -> list[str]:
         """Tensor names in the order their data lies in the file(s)."""
         self._check_open()
-        names = list(self._index)
-        return sorted(names, key=lambda n: self._storage_of(n)[1:3])
+        return sorted(self._index, key=self._place)
 
     def metadata(self) -> dict[str, str] | None:
         """The safetensors `__metadata__` (a shard index's `metadata`), or None."""
@@ -103,67 +137,172 @@ class SafeOpen:
         """One tensor (or numpy array with framework='np'), reading only its bytes.
 
         On the CPU it is a copy-on-write view of the file (nothing is read until
-        touched); on a GPU it owns its memory."""
+        touched; with `backend="pread"`, a copy read at once); on a GPU it owns its
+        memory. A tensor whose dtype torch cannot hold raises `CheckpointError` naming it.
+        """
         ckpt, i = self._lookup(name)
         if self._numpy:
             return _numpy_view(ckpt, i, name)
-        if self._cpu:
+        if self._cpu and not self._pread:
             t = ckpt.export_tensor(i, _torch.from_capsule)
             if t is not None:
                 return t
-        return _torch.tensor_on(ckpt, i, self._device)
+            return _torch.tensor_on(ckpt, i, self._device)
+        storage = ckpt.tensor(i)[0]
+        storages = _torch.materialize_storages(
+            ckpt, [storage], lambda _s: self._device, progress=False, private=True
+        )
+        return _torch.view(ckpt, i, storages[storage])
+
+    def get_tensors(self) -> dict[str, Any]:
+        """Every tensor, as `{name: tensor}`: in file order for safetensors files (as
+        `safe_open(...).get_tensors()` and `safetensors.torch.load_file` give them), the
+        state dict's order for torch files. One load per file: GPU copies go through the
+        copy engine together, and tensors that share a storage in a torch file share it."""
+        self._check_open()
+        by_file: list[list[str]] = [[] for _ in self._ckpts]
+        for k, (n, _i) in self._index.items():
+            by_file[n].append(k)
+        out: dict[str, Any] = {}
+        for ckpt, names in zip(self._ckpts, by_file):
+            if ckpt.format == "safetensors":
+                names.sort(key=self._place)
+            if self._numpy:
+                for k in names:
+                    out[k] = _numpy_view(ckpt, self._index[k][1], k)
+                continue
+            # Every tensor of the file is in the index (flat files only), so load it whole.
+            loaded = _torch.load_checkpoint(
+                ckpt, self._device, dtype=None, keys=None, progress=None, private=self._pread
+            )
+            for k in names:
+                out[k] = loaded[k]
+        return out
 
     def get_slice(self, name: str) -> _Slice:
-        """A lazy slice handle: `f.get_slice(name)[:, :128]` reads only those elements."""
+        """A lazy slice handle: `f.get_slice(name)[:, :128]` reads only those elements.
+
+        `get_shape()` and `get_dtype()` describe the tensor as safetensors does (even
+        one whose dtype torch cannot hold)."""
         ckpt, i = self._lookup(name)
-        return _Slice(self, ckpt, i, name)
+        return _Slice(self._numpy, self._device, ckpt, i, name)
 
     def _lookup(self, name: str) -> tuple[_core.Checkpoint, int]:
         try:
-            entry = self._index[name]
+            n, i = self._index[name]
         except KeyError:
             self._check_open()
             raise KeyError(_torch.missing_key_message(self._path, name, self._index)) from None
-        if self._ckpt is not None:
-            return self._ckpt, entry
-        return entry
+        return self._ckpts[n], i
 
-    def _storage_of(self, name: str) -> tuple[str, int, int, str]:
-        ckpt, i = self._lookup(name)
-        return ckpt.storage(ckpt.tensor(i)[0])
+    def _place(self, name: str) -> tuple[int, int]:
+        """(file number, byte offset) of a tensor's data."""
+        n, i = self._index[name]
+        return n, self._ckpts[n].describe(i)[2]
 
     def _check_open(self) -> None:
         if not self._open:
-            raise RuntimeError(f"{self._path}: the handle is closed")
+            raise ClosedHandleError(
+                f"{self._path}: the handle is closed (by close() or at the end of its "
+                "`with` block); tensors it gave out stay valid"
+            )
 
 
 class _Slice:
-    def __init__(self, handle: SafeOpen, ckpt: _core.Checkpoint, index: int, name: str) -> None:
-        self._handle = handle
+    """`get_slice(name)`: the tensor's shape and dtype, and `[index]` to read part of it."""
+
+    def __init__(
+        self, numpy: bool, device: torch.device, ckpt: _core.Checkpoint, index: int, name: str
+    ) -> None:
+        self._numpy = numpy
+        self._device = device
         self._ckpt = ckpt
         self._index = index
         self._name = name
 
     def get_shape(self) -> list[int]:
-        return list(self._ckpt.tensor(self._index)[2])
+        """The shape as safetensors gives it (for the packed 4-bit float `F4`, the number
+        of 4-bit values: twice torch's last dimension)."""
+        return list(self._ckpt.describe(self._index)[1])
 
     def get_dtype(self) -> str:
-        """The dtype as safetensors names it ("F32", "BF16", ...)."""
-        return _core.safetensors_dtype_name(self._ckpt.tensor(self._index)[1])
+        """The dtype as safetensors names it ("F32", "BF16", "F4", ...); torch's name for
+        types safetensors lacks ("complex32", "bits8")."""
+        return self._ckpt.describe(self._index)[0]
 
     def __getitem__(self, item: Any) -> Any:
-        # Index the zero-copy CPU view (only the selected pages are read), then copy the
-        # selection out so the result owns its memory, as safetensors' slices do.
-        if self._handle._numpy:
-            return _numpy_view(self._ckpt, self._index, self._name)[item].copy()
-        part = _torch.tensor_on(self._ckpt, self._index, _torch.CPU)[item]
-        device = self._handle._device
-        return part.to(device, copy=True) if device.type != "cpu" else part.clone()
+        """The selected part, in memory of its own, read straight from the file.
+
+        With framework="pt", indices are torch's: ints, slices (steps > 0), `...`, `None`
+        read only the selected bytes (on a CUDA handle, straight to the device); lists,
+        tensors and masks index the whole tensor, read first. With framework="np", numpy's
+        basic indices (ints, slices, `...`, `None`); lists and arrays are refused, as
+        safetensors refuses them. Errors are `CheckpointError`s naming the tensor, and
+        also the `IndexError`/`TypeError` torch raises for the same index."""
+        ckpt, i, where = self._ckpt, self._index, f"{self._ckpt.path}: tensor {self._name!r}"
+        dtype_name, shape = ckpt.describe(i)[:2]
+        if not ckpt.loadable(i):
+            ckpt.tensor(i)  # raises, naming the tensor and its dtype
+        if self._numpy:
+            _numpy_dtype(ckpt, i, self._name)
+        parts = _slices.components(item)
+        if parts is None:
+            if self._numpy:
+                try:  # numpy's own refusals (two ellipses, a float) first
+                    _slices.check_index(item, (), shape, numpy=True)
+                except (IndexError, TypeError, ValueError) as e:
+                    raise _as_checkpoint_error(e, where) from None
+                raise CheckpointIndexError(
+                    f"{where}: index {item!r} is not supported with framework='np': use "
+                    "ints, slices, ... and None (safetensors refuses lists too)"
+                )
+            if dtype_name == "F4":
+                raise CheckpointIndexError(
+                    f"{where}: advanced indices (lists, tensors, masks) cannot select from "
+                    "the packed 4-bit float F4; use ints and slices"
+                )
+            try:  # refuse a bad index before reading anything
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch warns again below
+                    _slices.dummy(shape)[item]
+            except (IndexError, TypeError, ValueError) as e:
+                raise _as_checkpoint_error(e, where) from None
+            except Exception:
+                pass  # an index on another device: torch checks it below
+            whole = _torch.tensor_on(ckpt, i, self._device)
+            try:
+                part = whole[item]
+            except (IndexError, TypeError, ValueError, RuntimeError) as e:
+                raise _as_checkpoint_error(e, where) from None
+            # Index tensors copy; a bool alone gives a view, which must not keep (or, on
+            # the CPU, be) the whole tensor's mapping.
+            same = part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+            return part.clone() if same and part.numel() else part
+        try:
+            _slices.check_index(item, parts, shape, numpy=self._numpy)
+        except (IndexError, TypeError, ValueError) as e:
+            raise _as_checkpoint_error(e, where) from None
+        sel = _slices.select(parts, shape)
+        if dtype_name == "F4" and shape:
+            packed = _slices.pack_last(sel, parts, 2)
+            if isinstance(packed, str):
+                raise CheckpointIndexError(f"{where} (F4, two 4-bit values per byte): {packed}")
+            sel = packed
+        device = torch.device("cpu") if self._numpy else self._device
+        out = _slices.read_selection(ckpt, i, self._name, sel, device)
+        return out.numpy() if self._numpy else out
+
+
+def _numpy_dtype(ckpt: _core.Checkpoint, i: int, name: str) -> None:
+    """Raises the `TypeError` `_numpy_view` would for a dtype numpy lacks."""
+    _numpy_view(ckpt, i, name)
 
 
 def _numpy_view(ckpt: _core.Checkpoint, i: int, name: str) -> Any:
     import numpy as np
 
+    if not ckpt.loadable(i):
+        ckpt.tensor(i)  # raises a CheckpointError naming the tensor and its dtype
     try:
         return np.from_dlpack(ckpt.tensor_view(i))
     except (BufferError, TypeError, ValueError, RuntimeError) as e:
@@ -174,7 +313,13 @@ def _numpy_view(ckpt: _core.Checkpoint, i: int, name: str) -> Any:
         ) from None
 
 
-def open(path: str | os.PathLike, framework: str = "pt", device: DeviceLike = "cpu") -> SafeOpen:
+def open(
+    path: str | os.PathLike,
+    framework: str = "pt",
+    device: DeviceLike = "cpu",
+    *,
+    backend: str = "mmap",
+) -> SafeOpen:
     """Open a checkpoint lazily, like `safetensors.safe_open(path, framework, device)`.
 
     Args:
@@ -184,10 +329,12 @@ def open(path: str | os.PathLike, framework: str = "pt", device: DeviceLike = "c
             numpy lacks, such as bfloat16 and float8, raise a `TypeError`).
         device: where `get_tensor` puts tensors: "cpu" (copy-on-write views of the file,
             read when touched), "cuda", "cuda:N" or a `torch.device`.
+        backend: as in safe_open: "mmap" (default) or "pread", with which CPU tensors
+            are read into memory of their own at once instead of being views of the file.
 
     Returns:
-        A `SafeOpen` handle (a context manager) with `keys()`, `metadata()`,
-        `get_tensor(name)`, `get_slice(name)` and `offset_keys()`. Each call costs the
-        same however many tensors the checkpoint holds.
+        A `SafeOpen` handle (a context manager) with `keys()`, `offset_keys()`,
+        `metadata()`, `get_tensor(name)`, `get_tensors()` and `get_slice(name)`. Each
+        call costs the same however many tensors the checkpoint holds.
     """
-    return SafeOpen(path, framework, device)
+    return SafeOpen(path, framework, device, backend=backend)

@@ -1,7 +1,8 @@
 """Rectangles of checkpoint tensors, read straight into destination tensors.
 
-The planner behind DTensor loading, `zeroload.distributed.StorageReader` and (later)
-`open().get_slice`: a rectangle is, per dimension, a list of index ranges taken in order
+The planner behind DTensor loading, `zeroload.distributed.StorageReader` and
+`open().get_slice` (whose index expressions become rectangles here too): a rectangle is,
+per dimension, a list of index ranges taken in order
 (`[[(0, 4096)], [(2048, 4096)]]` is a `Shard(1)` over two ranks of a `[4096, 4096]`
 weight). The Rust core turns each rectangle into contiguous byte runs (one per row for a
 `Shard(1)`), coalesces them into reads that read at most twice the selected bytes, and
@@ -16,6 +17,7 @@ them through a temporary tensor of the rectangle, one tensor at a time, and `cop
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -234,8 +236,8 @@ def _copy(
     dev = _device.cuda_device(device)
     # The destinations may be in use by queued kernels on any stream, and torch exports
     # CUDA tensors through DLPack only on the current device.
-    torch.cuda.synchronize(dev)
-    with torch.cuda.device(dev):
+    _device.backend.synchronize(dev, all_streams=True)
+    with _device.backend.exporting(dev):
         delivered = _core.copy_slices_to_cuda(ckpt, dests, tuples, dev.index, None)
     return delivered, 0
 
@@ -267,3 +269,239 @@ def _read_via_temporary(r: SliceRead, threads: int | None) -> tuple[int, int]:
     with torch.no_grad():
         r.out.copy_(tmp)
     return delivered, read_bytes
+
+
+# -- `open().get_slice(name)[index]`: an index expression -> a rectangle -> a read --------
+
+
+@dataclass
+class Selection:
+    """What a basic index selects: `ranges` per dimension of the tensor as torch holds
+    it (the rectangle to read), and `shape`, the result's shape (dimensions indexed by an
+    int dropped, `None` adding ones)."""
+
+    ranges: list[list[tuple[int, int]]]
+    shape: list[int]
+
+
+def _is_int(x: object) -> bool:
+    """An index that selects one position: Python and numpy integers, 0-dim integer
+    tensors (which torch treats as ints). Not bools, which torch and numpy treat as masks."""
+    if isinstance(x, bool) or x is None:
+        return False
+    if isinstance(x, torch.Tensor):
+        return (
+            x.dim() == 0
+            and not x.is_floating_point()
+            and not x.is_complex()
+            and (x.dtype != torch.bool)
+        )
+    if type(x).__module__ == "numpy" and getattr(x, "ndim", 0) != 0:
+        return False  # arrays
+    if isinstance(x, (str, bytes, float, complex, list, tuple, dict, set)):
+        return False
+    return hasattr(type(x), "__index__")
+
+
+def _is_slice_bound(x: object) -> bool:
+    return x is None or _is_int(x)
+
+
+def components(item: object) -> tuple[object, ...] | None:
+    """The index as a tuple of basic components (ints, slices, `None`, `...`), or None if
+    it holds anything else (lists, tensors, arrays, bools: advanced indexing). An empty
+    list selects nothing along the first dimension (as in safetensors, torch and numpy)."""
+    if isinstance(item, list) and not item:
+        return (slice(0, 0),)
+    parts = item if isinstance(item, tuple) else (item,)
+    if sum(1 for p in parts if p is Ellipsis) > 1:
+        return None  # torch accepts several; let torch say what they mean
+    for p in parts:
+        if p is None or p is Ellipsis or _is_int(p):
+            continue
+        if isinstance(p, slice) and all(_is_slice_bound(b) for b in (p.start, p.stop, p.step)):
+            continue
+        return None
+    return parts
+
+
+def dummy(shape: Sequence[int]) -> torch.Tensor:
+    """A CPU tensor of `shape` holding one byte (all strides 0): indexing it raises what
+    indexing the real tensor would, with the same messages, without reading anything."""
+    return torch.zeros((), dtype=torch.uint8).expand(tuple(shape))
+
+
+def check_index(
+    item: object, parts: tuple[object, ...], shape: Sequence[int], *, numpy: bool
+) -> None:
+    """Raises what torch (or numpy) raises for index `item` (made of `parts`) on a tensor
+    of `shape`, with the same type and message: the index is applied to a tensor that
+    holds no data (see `dummy`; a zero-stride numpy view). Negative steps are refused for
+    numpy too (as safetensors' numpy slices refuse them)."""
+    for p in parts:
+        if isinstance(p, slice) and p.step is not None:
+            step = operator.index(p.step)  # type: ignore[arg-type]
+            if step == 0:
+                raise ValueError("slice step cannot be zero")
+            if step < 0:
+                raise ValueError("step must be greater than zero")
+    if numpy:
+        import numpy as np
+
+        np.broadcast_to(np.empty((), dtype=np.uint8), tuple(shape))[item]  # type: ignore[index]
+    else:
+        dummy(shape)[item]  # type: ignore[index]
+
+
+def select(parts: tuple[object, ...], shape: Sequence[int]) -> Selection:
+    """The rectangle and result shape of a basic index that `check_basic` accepted."""
+    ndim = len(shape)
+    consumed = sum(1 for p in parts if p is not None and p is not Ellipsis)
+    expanded: list[object] = []
+    for p in parts:
+        if p is Ellipsis:
+            expanded.extend([slice(None)] * (ndim - consumed))
+        else:
+            expanded.append(p)
+    if Ellipsis not in parts:
+        expanded.extend([slice(None)] * (ndim - consumed))
+    ranges: list[list[tuple[int, int]]] = []
+    out: list[int] = []
+    for p in expanded:
+        if p is None:
+            out.append(1)
+            continue
+        n = shape[len(ranges)]
+        if isinstance(p, slice):
+            start, stop, step = p.indices(n)
+            if step == 1:
+                ranges.append([(start, max(start, stop))])
+                out.append(max(0, stop - start))
+            else:
+                picked = range(start, stop, step)
+                ranges.append([(j, j + 1) for j in picked])
+                out.append(len(picked))
+        else:
+            i = operator.index(p)  # type: ignore[arg-type]
+            i = i + n if i < 0 else i
+            ranges.append([(i, i + 1)])
+    return Selection(ranges, out)
+
+
+def pack_last(sel: Selection, parts: tuple[object, ...], per: int) -> Selection | str:
+    """A selection on a packed dtype's logical grid (`per` values per element along the
+    last dimension, safetensors' F4 shape) as whole elements of torch's tensor; a reason
+    if it splits an element."""
+    last = sel.ranges[-1]
+    if any(a % per or b % per for a, b in last) or len(last) != 1:
+        return (
+            f"the selection along the last dimension must take whole bytes ({per} values "
+            f"each): start and stop multiples of {per}, step 1"
+        )
+    # Which result dimension is the last tensor dimension (absent if an int took it).
+    int_on_last = _last_is_int(parts, len(sel.ranges))
+    if int_on_last:
+        return f"an int index on the last dimension would split a byte of {per} values"
+    (a, b) = last[0]
+    ranges = [*sel.ranges[:-1], [(a // per, b // per)]]
+    out = list(sel.shape)
+    pos = _result_position_of_last(parts, len(sel.ranges))
+    out[pos] //= per
+    return Selection(ranges, out)
+
+
+def _expanded(parts: tuple[object, ...], ndim: int) -> list[object]:
+    consumed = sum(1 for p in parts if p is not None and p is not Ellipsis)
+    out: list[object] = []
+    for p in parts:
+        out.extend([slice(None)] * (ndim - consumed) if p is Ellipsis else [p])
+    if Ellipsis not in parts:
+        out.extend([slice(None)] * (ndim - consumed))
+    return out
+
+
+def _last_is_int(parts: tuple[object, ...], ndim: int) -> bool:
+    dims = [p for p in _expanded(parts, ndim) if p is not None]
+    return not isinstance(dims[-1], slice)
+
+
+def _result_position_of_last(parts: tuple[object, ...], ndim: int) -> int:
+    pos = -1
+    seen = 0
+    for p in _expanded(parts, ndim):
+        if p is None:
+            pos += 1
+            continue
+        if isinstance(p, slice):
+            pos += 1
+        seen += 1
+        if seen == ndim:
+            return pos
+    raise AssertionError("unreachable: the last dimension is a slice")
+
+
+# A dtype of each element size that every torch operation used here supports: bytes are
+# read as these, then viewed as the tensor's dtype (bits types and bcomplex32 cannot
+# travel through DLPack or `index_select`).
+_CARRIERS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64, 16: torch.complex128}
+
+
+def read_selection(
+    ckpt: _core.Checkpoint, i: int, name: str, sel: Selection, device: torch.device
+) -> torch.Tensor:
+    """Tensor #`i`'s rectangle `sel.ranges`, shaped `sel.shape`, in fresh memory on
+    `device`, reading only the selected bytes (within 2x, coalescing small gaps) with the
+    copy engine: preads into host memory, or file -> pinned staging -> the GPU."""
+    dtype = _file_dtype(ckpt, i)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(rect_shape(sel.ranges)) * itemsize
+    storage, _dtype, fshape, fstride, storage_offset, _rg = ckpt.tensor(i)
+    offset = ckpt.storage(storage)[1] + storage_offset * itemsize
+    # The planner takes the tensor's strides as they are in the file: a view saved by
+    # torch.save (transposed, a column block) is read as runs too.
+    ranges = [list(rs) for rs in sel.ranges]
+    one = (name, 0, 0, None, offset, itemsize, fshape, fstride, ranges)
+    if device.type not in ("cpu", "cuda"):
+        return read_selection(ckpt, i, name, sel, torch.device("cpu")).to(device)
+    try:
+        if device.type == "cpu":
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            if nbytes:
+                _core.copy_slices_to_host(ckpt, [buf], [one], host_threads())
+        else:
+            from zeroload import _device
+
+            dev = _device.cuda_device(device)
+            dest = _device.backend.empty(nbytes, dev)
+            if nbytes:
+                _device.backend.synchronize(dev, all_streams=False)
+                with _device.backend.exporting(dev):
+                    _core.copy_slices_to_cuda(ckpt, [dest], [one], dev.index, None)
+            buf = _device.backend.finish(dest)
+    except ValueError as e:
+        if "separate" not in str(e):
+            raise
+        # Millions of runs (an element-by-element walk of a transposed tensor): gather
+        # through the copy-on-write view instead, touching only the pages selected.
+        part = _gather_from_view(ckpt, i, sel.ranges, dtype, itemsize)
+        return (part.to(device) if device.type != "cpu" else part).reshape(sel.shape)
+    return buf.view(dtype).reshape(sel.shape)
+
+
+def _gather_from_view(
+    ckpt: _core.Checkpoint,
+    i: int,
+    ranges: Sequence[Sequence[tuple[int, int]]],
+    dtype: torch.dtype,
+    itemsize: int,
+) -> torch.Tensor:
+    """The rectangle copied out of the copy-on-write view of the file (only the pages it
+    touches are read): for tensors laid out non-contiguously in the file."""
+    _s, _name, shape, stride, storage_offset, _rg = ckpt.tensor(i)
+    carrier = _CARRIERS[itemsize]
+    storage = torch.from_dlpack(ckpt.storage_view(_s)).untyped_storage()
+    part = torch.empty(0, dtype=carrier).set_(storage, storage_offset, shape, stride)
+    for d, rs in enumerate(ranges):
+        idx = [j for a, b in rs for j in range(a, b)]
+        part = part.index_select(d, torch.tensor(idx, dtype=torch.long))
+    return part.contiguous().view(dtype) if dtype != carrier else part.contiguous()

@@ -107,6 +107,37 @@ def cpu_storage(ckpt: _core.Checkpoint, i: int) -> torch.UntypedStorage:
     return torch.from_dlpack(ckpt.storage_view(i)).untyped_storage()
 
 
+def progress_bar(progress: bool | None, nbytes: int, desc: str) -> ProgressBar | None:
+    return ProgressBar(nbytes, desc) if wants_progress(progress, nbytes) else None
+
+
+def private_cpu_storages(
+    ckpt: _core.Checkpoint, ids: Sequence[int], *, progress: bool | None
+) -> list[torch.UntypedStorage]:
+    """Storages `ids` read into memory of their own (not views of the file): parallel
+    preads by the copy engine, with the GIL released; the bar (`progress`) counts bytes."""
+    dests: list[torch.Tensor] = []
+    requests: list[tuple[int, int, int, int]] = []
+    for i in ids:
+        _key, offset, nbytes, _loc = ckpt.storage(i)
+        t = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            requests.append((offset, nbytes, len(dests), 0))
+        dests.append(t)
+    total = sum(r[1] for r in requests)
+    bar = progress_bar(progress, total, "zeroload cpu")
+    try:
+        if requests:
+            # Only the destinations with bytes to copy (an empty tensor has no address).
+            live = [dests[r[2]] for r in requests]
+            renumbered = [(off, n, j, 0) for j, (off, n, _d, _o) in enumerate(requests)]
+            _core.copy_to_host(ckpt, live, renumbered, None, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [t.untyped_storage() for t in dests]
+
+
 def materialize_storages(
     ckpt: _core.Checkpoint,
     wanted: Sequence[int],
@@ -114,24 +145,25 @@ def materialize_storages(
     *,
     progress: bool | None,
     staging_bytes: int | None = None,
+    private: bool = False,
 ) -> dict[int, torch.UntypedStorage]:
-    """One torch storage per wanted storage index: zero-copy mmap views on the CPU, one
-    owned allocation per storage on other devices, filled by the copy engine."""
+    """One torch storage per wanted storage index: zero-copy mmap views on the CPU (with
+    `private`, copies of their own), one owned allocation per storage on other devices,
+    filled by the copy engine."""
     out: dict[int, torch.UntypedStorage] = {}
     by_device: dict[torch.device, list[int]] = collections.defaultdict(list)
     for i in wanted:
         by_device[devices(i)].append(i)
     for device, ids in by_device.items():
-        if device.type == "cpu":
+        if device.type == "cpu" and private:
+            unique = list(dict.fromkeys(ids))
+            out.update(zip(unique, private_cpu_storages(ckpt, unique, progress=progress)))
+        elif device.type == "cpu":
             for i in ids:
                 out[i] = cpu_storage(ckpt, i)
         elif device.type == "cuda":
             total = sum(ckpt.storage(i)[2] for i in ids)
-            bar = (
-                ProgressBar(total, f"zeroload {device}")
-                if wants_progress(progress, total)
-                else None
-            )
+            bar = progress_bar(progress, total, f"zeroload {device}")
             try:
                 tensors = _device.materialize_storages(
                     ckpt, ids, device, progress=bar, budget=staging_bytes
@@ -252,16 +284,48 @@ class _Builder:
         return s
 
 
-def cast(tensors: list[torch.Tensor | None], dtype: torch.dtype | None) -> list:
-    """`dtype=`: floating-point tensors are cast, others kept."""
+# Floating-point dtypes that `dtype=` leaves alone: torch cannot convert the packed
+# 4-bit float (two values per byte) to anything.
+_NOT_CASTABLE = {getattr(torch, "float4_e2m1fn_x2", None)}
+
+
+def castable(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    return (
+        t is not None
+        and t.is_floating_point()
+        and t.dtype != dtype
+        and t.dtype not in _NOT_CASTABLE
+    )
+
+
+def cast(
+    tensors: list[torch.Tensor | None], dtype: torch.dtype | None, progress: bool | None = None
+) -> list:
+    """`dtype=`: floating-point tensors are cast (each a new tensor, so a copy: `progress`
+    shows a bar counting the bytes cast), others kept."""
     if dtype is None:
         return tensors
     if not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, not {dtype!r}")
-    return [
-        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
-        for t in tensors
-    ]
+    todo = [t for t in tensors if castable(t, dtype)]
+    total = sum(t.numel() * t.element_size() for t in todo if t is not None)
+    bar = progress_bar(progress, total, f"zeroload cast to {dtype}") if todo else None
+    out = []
+    done = 0
+    try:
+        for t in tensors:
+            if castable(t, dtype):
+                assert t is not None
+                out.append(t.to(dtype))
+                if bar is not None:
+                    done += t.numel() * t.element_size()
+                    bar(done, total)
+            else:
+                out.append(t)
+    finally:
+        if bar is not None:
+            bar.close()
+    return out
 
 
 def select_keys(ckpt: _core.Checkpoint, keys: KeysFilter) -> list[tuple[str, int]]:
@@ -339,8 +403,10 @@ def load_checkpoint(
     progress: bool | None,
     staging_bytes: int | None = None,
     readahead: Readahead | None = None,
+    private: bool = False,
 ) -> Any:
-    """Loads one open checkpoint: see `zeroload.load`."""
+    """Loads one open checkpoint: see `zeroload.load`. `private`: CPU tensors are read
+    into memory of their own rather than mapped (`mmap=False`)."""
     if keys is None:
         selection = None
         wanted_tensors = None
@@ -349,7 +415,7 @@ def load_checkpoint(
         selection = select_keys(ckpt, keys)
         wanted_tensors = [i for _, i in selection]
         wanted_storages = sorted({ckpt.tensor(i)[0] for i in wanted_tensors})
-    cpu = isinstance(target, torch.device) and target.type == "cpu"
+    cpu = isinstance(target, torch.device) and target.type == "cpu" and not private
     storages: dict[int, torch.UntypedStorage]
     if cpu:
         if readahead is not None:
@@ -360,10 +426,10 @@ def load_checkpoint(
         devices = device_of(ckpt, target)
         ids = range(ckpt.num_storages) if wanted_storages is None else wanted_storages
         storages = materialize_storages(
-            ckpt, ids, devices, progress=progress, staging_bytes=staging_bytes
+            ckpt, ids, devices, progress=progress, staging_bytes=staging_bytes, private=private
         )
         tensors = device_tensors(ckpt, wanted_tensors, storages)
-    result = ckpt.build(_Builder(ckpt, cast(tensors, dtype), storages, cpu))
+    result = ckpt.build(_Builder(ckpt, cast(tensors, dtype, progress), storages, cpu))
     if selection is not None:
         chosen = {n for n, _ in selection}
         for name in [k for k in result if k not in chosen]:

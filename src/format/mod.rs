@@ -99,6 +99,22 @@ impl Tensor {
     }
 }
 
+/// A tensor the file describes but torch cannot hold (a dtype without a torch equivalent,
+/// or one zeroload does not know). Its entry in `Parsed::tensors` stands in for it as the
+/// `uint8` bytes of its storage, so names, order and byte ranges stay right; loading it
+/// must fail, naming the tensor and this dtype.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unrepresentable {
+    /// Index into `Parsed::tensors`.
+    pub tensor: usize,
+    /// The dtype as the file names it (`"F6_E2M3"`).
+    pub dtype: String,
+    /// The shape as the file gives it.
+    pub shape: Vec<u64>,
+    /// Why it cannot be loaded.
+    pub why: String,
+}
+
 /// Index of an object in `ObjectGraph::nodes`.
 pub type ObjId = usize;
 
@@ -246,8 +262,23 @@ pub struct Parsed {
     pub storages: Vec<Storage>,
     pub tensors: Vec<Tensor>,
     pub objects: ObjectGraph,
-    /// safetensors `__metadata__` (string to string), in header order.
+    /// safetensors `__metadata__` (string to string), sorted by key.
     pub metadata: Option<Vec<(String, String)>>,
+    /// The tensors torch cannot hold, by increasing tensor index.
+    pub unrepresentable: Vec<Unrepresentable>,
+}
+
+impl Parsed {
+    /// Why tensor `i` cannot be loaded, if it cannot.
+    pub fn unrepresentable(&self, i: usize) -> Option<&Unrepresentable> {
+        if self.unrepresentable.is_empty() {
+            return None;
+        }
+        self.unrepresentable
+            .binary_search_by_key(&i, |u| u.tensor)
+            .ok()
+            .map(|k| &self.unrepresentable[k])
+    }
 }
 
 /// Detects the format of `bytes` and parses it. `path` only names the file in errors.
@@ -412,6 +443,16 @@ pub fn validate(path: &Path, file_len: u64, p: &Parsed) -> Result<()> {
             }
         }
     }
+    let mut previous = None;
+    for u in &p.unrepresentable {
+        if u.tensor >= p.tensors.len() || previous.is_some_and(|prev| prev >= u.tensor) {
+            return Err(bad(
+                format!("tensor #{}", u.tensor),
+                "listed out of order or out of range".into(),
+            ));
+        }
+        previous = Some(u.tensor);
+    }
     let n = p.objects.nodes.len();
     if p.objects.root >= n && n > 0 || n == 0 {
         return Err(bad("object graph".into(), "has no root object".into()));
@@ -435,6 +476,18 @@ impl Checkpoint {
         let mapping = Mapping::open(path)?;
         let parsed = parse_mapped(path, &mapping)?;
         Ok(Checkpoint::new(path, mapping, parsed))
+    }
+
+    /// A checkpoint held in memory: `fill` writes its bytes into an anonymous in-memory
+    /// file (see `Mapping::anonymous`), which is then mapped, parsed and validated exactly
+    /// as a file on disk would be. `name` stands for the path in errors (`<bytes>`).
+    pub fn from_memory(
+        name: &Path,
+        fill: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+    ) -> Result<Checkpoint> {
+        let mapping = Mapping::anonymous(name, fill)?;
+        let parsed = parse_mapped(name, &mapping)?;
+        Ok(Checkpoint::new(name, mapping, parsed))
     }
 
     /// A checkpoint from a mapping and what was parsed from it (`validate`d). Nodes of
@@ -543,6 +596,7 @@ impl Parsed {
             tensors: Vec::new(),
             objects: ObjectGraph::default(),
             metadata: None,
+            unrepresentable: Vec::new(),
         }
     }
 }

@@ -135,6 +135,7 @@ pub fn parse<R: Read + Seek>(path: &Path, source: R, file_len: u64) -> Result<Pa
         tensors: unpickled.tensors,
         objects: unpickled.objects,
         metadata: None,
+        unrepresentable: Vec::new(),
     })
 }
 

@@ -1,7 +1,7 @@
 //! `zeroload._core.Checkpoint`: an open, parsed checkpoint, and the conversion of its
 //! object graph into Python objects.
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyIndexError;
@@ -15,13 +15,13 @@ use crate::dlpack::Export;
 use crate::dtype::DType;
 use crate::format::{Checkpoint, ObjId, Value};
 
-/// Dtypes whose typed DLPack export a consumer refused (bit `dtype as u32`): older torch
+/// Dtypes whose typed DLPack export a consumer refused (bit `dtype as u64`): older torch
 /// builds cannot import some (float8, uint16 and wider). Once refused, tensors of that
 /// dtype are left to the caller's storage-and-view path without asking again.
-static REFUSED_DTYPES: AtomicU32 = AtomicU32::new(0);
+static REFUSED_DTYPES: AtomicU64 = AtomicU64::new(0);
 
-fn dtype_bit(d: DType) -> u32 {
-    1u32 << (d as u32)
+fn dtype_bit(d: DType) -> u64 {
+    1u64 << (d as u32)
 }
 
 /// How deep containers may nest before the conversion refuses (a legitimate checkpoint
@@ -55,7 +55,30 @@ impl PyCheckpoint {
         self.inner.mapping.base_ptr().wrapping_add(offset as usize)
     }
 
+    /// Tensor `i`, for anything that builds or reads it: a `CheckpointError` naming the
+    /// tensor and its dtype if torch cannot hold it (see `Unrepresentable`).
     fn tensor_at(&self, i: usize) -> PyResult<&crate::format::Tensor> {
+        let t = self.tensor_entry(i)?;
+        if let Some(u) = self.inner.parsed.unrepresentable(i) {
+            let name = self
+                .inner
+                .parsed
+                .storages
+                .get(t.storage)
+                .map_or_else(|| format!("#{i}"), |s| format!("{:?}", s.key));
+            return Err(CheckpointError::new_err(format!(
+                "{}: tensor {name} (dtype {}, shape {:?}) cannot be loaded: {}",
+                self.inner.path.display(),
+                u.dtype,
+                u.shape,
+                u.why
+            )));
+        }
+        Ok(t)
+    }
+
+    /// Tensor `i`'s entry in the table, loadable or not (for descriptions only).
+    fn tensor_entry(&self, i: usize) -> PyResult<&crate::format::Tensor> {
         self.inner
             .parsed
             .tensors
@@ -76,6 +99,7 @@ impl PyCheckpoint {
     ) -> PyResult<Option<Py<PyAny>>> {
         let t = self.tensor_at(i)?;
         if t.requires_grad
+            || t.dtype.dlpack().is_none()
             || REFUSED_DTYPES.load(Ordering::Relaxed) & dtype_bit(t.dtype) != 0
             || !self.inner.covers_storage(i)
         {
@@ -114,6 +138,46 @@ impl PyCheckpoint {
         let inner = py.detach(|| {
             catch_panic(&path, "opening and parsing it", || {
                 Checkpoint::open(&path).map_err(PyErr::from)
+            })
+        })?;
+        let owner: crate::dlpack::Owner = inner.mapping.clone();
+        Ok(PyCheckpoint {
+            inner: Arc::new(inner),
+            owner,
+        })
+    }
+
+    /// A checkpoint held in memory: each item of `chunks` (`bytes`) is written, in order,
+    /// into an anonymous in-memory file (Linux `memfd_create`), sealed, mapped and parsed
+    /// with the same validation as a file; `name` stands for the path in errors.
+    #[staticmethod]
+    fn from_memory(py: Python<'_>, chunks: &Bound<'_, PyAny>, name: PathBuf) -> PyResult<Self> {
+        use std::io::Write;
+        let mut failure: Option<PyErr> = None;
+        let mapping = crate::mapping::Mapping::anonymous(&name, |file| {
+            let mut write = || -> PyResult<()> {
+                for chunk in chunks.try_iter()? {
+                    let chunk = chunk?;
+                    let bytes = chunk.cast::<PyBytes>().map_err(PyErr::from)?;
+                    let data: &[u8] = bytes.as_bytes();
+                    // `bytes` are immutable and `chunk` holds this one alive.
+                    py.detach(|| file.write_all(data))?;
+                }
+                Ok(())
+            };
+            write().map_err(|e| {
+                failure = Some(e);
+                std::io::Error::other("interrupted")
+            })
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let mapping = mapping.map_err(PyErr::from)?;
+        let inner = py.detach(|| {
+            catch_panic(&name, "parsing it", || {
+                let parsed = crate::format::parse_mapped(&name, &mapping).map_err(PyErr::from)?;
+                Ok(Checkpoint::new(&name, mapping.clone(), parsed))
             })
         })?;
         let owner: crate::dlpack::Owner = inner.mapping.clone();
@@ -175,9 +239,37 @@ impl PyCheckpoint {
         Ok(tensor_tuple(t))
     }
 
-    /// `tensor(i)` for every tensor, in one call.
-    fn tensors(&self) -> Vec<TensorTuple> {
-        self.inner.parsed.tensors.iter().map(tensor_tuple).collect()
+    /// `tensor(i)` for every tensor, in one call (raising like `tensor(i)` if one of them
+    /// cannot be loaded).
+    fn tensors(&self) -> PyResult<Vec<TensorTuple>> {
+        if let Some(u) = self.inner.parsed.unrepresentable.first() {
+            self.tensor_at(u.tensor)?;
+        }
+        Ok(self.inner.parsed.tensors.iter().map(tensor_tuple).collect())
+    }
+
+    /// `(dtype, shape, offset)` of tensor `i`: the dtype and shape as safetensors names
+    /// and counts them ("F4" and twice torch's last dimension for the packed 4-bit float;
+    /// the torch name for types safetensors lacks), and the file offset of its first
+    /// byte; whether or not torch can hold it.
+    fn describe(&self, i: usize) -> PyResult<(String, Vec<u64>, u64)> {
+        let t = self.tensor_entry(i)?;
+        let s = self.storage_at(t.storage)?;
+        let offset = s
+            .offset
+            .saturating_add(t.storage_offset.saturating_mul(t.dtype.size() as u64));
+        if let Some(u) = self.inner.parsed.unrepresentable(i) {
+            return Ok((u.dtype.clone(), u.shape.clone(), offset));
+        }
+        let name = t.dtype.safetensors_name().unwrap_or(t.dtype.torch_name());
+        let shape = crate::format::safetensors::logical_shape(t.dtype, &t.shape);
+        Ok((name.to_string(), shape, offset))
+    }
+
+    /// Whether tensor `i` can be loaded (torch has its dtype).
+    fn loadable(&self, i: usize) -> PyResult<bool> {
+        self.tensor_entry(i)?;
+        Ok(self.inner.parsed.unrepresentable(i).is_none())
     }
 
     /// `[(name, tensor index)]` when the checkpoint is a flat dict of tensors, else None.
@@ -263,6 +355,12 @@ impl PyCheckpoint {
     /// Tensor `i` as a DLPack view with its own dtype, shape and strides (for numpy).
     fn tensor_view(&self, i: usize) -> PyResult<DLPackView> {
         let t = self.tensor_at(i)?;
+        if t.dtype.dlpack().is_none() {
+            return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                "DLPack cannot carry {}",
+                t.dtype
+            )));
+        }
         let s = self.storage_at(t.storage)?;
         let (shape, strides) = check_dims(&t.shape, &t.strides)?;
         // validate() proved the tensor's span lies inside the storage, so this cannot
@@ -524,8 +622,10 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 #[pyfunction]
 pub fn safetensors_dtype_name(torch_name: &str) -> PyResult<&'static str> {
     crate::dtype::DType::from_torch_name(torch_name)
-        .map(|d| d.safetensors_name())
+        .and_then(|d| d.safetensors_name())
         .ok_or_else(|| {
-            pyo3::exceptions::PyValueError::new_err(format!("unknown dtype {torch_name:?}"))
+            pyo3::exceptions::PyValueError::new_err(format!(
+                "dtype {torch_name:?} has no safetensors name"
+            ))
         })
 }

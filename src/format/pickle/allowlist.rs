@@ -97,32 +97,8 @@ pub(super) enum Refusal {
 
 /// Dtype names torch allow-lists that zeroload has no `DType` for.
 pub(super) const UNSUPPORTED_DTYPES: &[&str] = &[
-    "qint8",
-    "qint32",
-    "quint8",
-    "quint4x2",
-    "quint2x4",
-    "bits1x8",
-    "bits2x4",
-    "bits4x2",
-    "bits8",
-    "bits16",
-    "bcomplex32",
-    "float4_e2m1fn_x2",
-    "uint1",
-    "uint2",
-    "uint3",
-    "uint4",
-    "uint5",
-    "uint6",
-    "uint7",
-    "int1",
-    "int2",
-    "int3",
-    "int4",
-    "int5",
-    "int6",
-    "int7",
+    "qint8", "qint32", "quint8", "quint4x2", "quint2x4", "uint1", "uint2", "uint3", "uint4",
+    "uint5", "uint6", "uint7", "int1", "int2", "int3", "int4", "int5", "int6", "int7",
 ];
 
 /// Resolves `module.name` against the allow-list. Never imports or calls anything.
@@ -189,9 +165,7 @@ pub(super) fn resolve(module: &str, name: &str) -> Result<Resolved, Refusal> {
                 return Ok(Resolved::DType(d));
             }
             if UNSUPPORTED_DTYPES.contains(&n) {
-                return Err(U(
-                    "this dtype (quantized, bits, sub-byte or float4) is not supported",
-                ));
+                return Err(U("this dtype (quantized or sub-byte) is not supported"));
             }
             match n {
                 "per_tensor_affine"

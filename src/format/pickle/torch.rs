@@ -20,7 +20,7 @@ pub(super) struct StorageUse {
 
 /// Whether torch lets a tensor of this dtype require gradients.
 pub(super) fn can_require_grad(d: DType) -> bool {
-    d.is_floating_point() || matches!(d, DType::C32 | DType::C64 | DType::C128)
+    d.is_floating_point() || d.is_complex()
 }
 
 impl Vm<'_> {
