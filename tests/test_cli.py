@@ -497,3 +497,45 @@ def test_convert_scales_linearly(many: dict, tmp_path: Path, capsys) -> None:
     assert "dropped aliases: tied.0.w, tied.1.w" in capsys.readouterr().err
     with safetensors_torch.safe_open(dst, "pt") as f:
         assert len(f.keys()) == n // 2
+
+
+def test_convert_writes_packed_float4_with_safetensors_shape(tmp_path: Path) -> None:
+    # torch's float4_e2m1fn_x2 holds two 4-bit values per element; a safetensors header
+    # counts values, so the last dimension doubles on the way out and halves on the way in.
+    packed = torch.arange(12, dtype=torch.uint8).reshape(3, 4).view(torch.float4_e2m1fn_x2)
+    src, dst = tmp_path / "f4.pth", tmp_path / "f4.safetensors"
+    torch.save({"w": packed, "scale": torch.ones(3)}, src)
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(dst, "pt") as f:
+        assert f.get_slice("w").get_dtype() == "F4"
+        assert f.get_slice("w").get_shape() == [3, 8]
+        got = f.get_tensor("w")
+    assert got.dtype == packed.dtype and got.shape == packed.shape
+    assert torch.equal(got.view(torch.uint8), packed.view(torch.uint8))
+    zero_d = tmp_path / "f4_0d.pth"
+    torch.save({"w": packed[0, 0]}, zero_d)
+    assert cli.main(["convert", str(zero_d), str(tmp_path / "x.safetensors")]) != 0
+
+
+def test_inspect_lists_tensors_torch_cannot_hold(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # A safetensors file with a 6-bit float tensor: zeroload loads the others and refuses
+    # that one when asked; inspect describes all of them.
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "six": {"dtype": "F6_E2M3", "shape": [4], "data_offsets": [8, 11]},
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path = tmp_path / "f6.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(11))
+    assert cli.main(["inspect", "--json", str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = {t["name"]: t for t in out["tensors"]}
+    assert rows["a"]["dtype"] == "float32" and rows["a"]["bytes"] == 8
+    assert rows["six"]["dtype"] == "F6_E2M3" and rows["six"]["shape"] == [4]
+    assert rows["six"]["bytes"] == 3
+    assert out["totals"]["bytes"] == 11

@@ -69,7 +69,7 @@ class TensorRef:
         except KeyError:
             raise _core.CheckpointError(
                 f"{self.ckpt.path}: tensor #{self.index} has dtype {self.dtype!r}, "
-                "unknown to this version of zeroload's command line"
+                "which torch cannot hold"
             ) from None
 
     @property
@@ -81,6 +81,9 @@ class TensorRef:
 
     @property
     def nbytes(self) -> int:
+        if self.dtype not in DTYPE_ITEMSIZE:
+            # A type torch cannot hold (safetensors F6_*): its whole byte range.
+            return int(self.ckpt.storage(self.storage)[2])
         return self.numel * self.itemsize
 
     def is_contiguous(self) -> bool:
@@ -166,9 +169,34 @@ def checkpoint_tensors(ckpt: _core.Checkpoint) -> Tuple[List[Tuple[str, TensorRe
     """
     flat = ckpt.flat_tensors()
     if flat is not None:
-        rows = ckpt.tensors()
+        rows = _tensor_rows(ckpt)
         return [(name, TensorRef(ckpt, i, rows[i])) for name, i in flat], True
     return list(named_tensor_refs(checkpoint_objects(ckpt))), False
+
+
+def _tensor_rows(ckpt: _core.Checkpoint) -> List[Sequence[Any]]:
+    """The tensor table, with rows for tensors torch cannot hold too (a safetensors ``F6``
+    tensor: listed under its safetensors dtype and shape, sized by its byte range), so
+    ``inspect`` describes every tensor a file holds."""
+    try:
+        return list(ckpt.tensors())
+    except _core.CheckpointError:
+        pass
+    storage_at = {ckpt.storage(j)[1]: j for j in range(ckpt.num_storages)}
+    rows: List[Sequence[Any]] = []
+    for i in range(ckpt.num_tensors):
+        if ckpt.loadable(i):
+            rows.append(ckpt.tensor(i))
+            continue
+        dtype, shape, offset = ckpt.describe(i)
+        storage = storage_at[offset]
+        stride = []
+        step = 1
+        for d in reversed(shape):
+            stride.append(step)
+            step *= d
+        rows.append((storage, dtype, tuple(shape), tuple(reversed(stride)), 0, False))
+    return rows
 
 
 def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
@@ -211,7 +239,7 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
         fname = Path(f).name
         for name, t in named:
             numel = t.numel
-            nbytes = numel * t.itemsize
+            nbytes = t.nbytes
             tensors.append(
                 {
                     "name": name,
