@@ -287,3 +287,23 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_bad_arguments() -> None:
     with pytest.raises(TypeError):
         load_into({"weight": torch.zeros(1)}, "x.pth")  # type: ignore[arg-type]
+
+
+def test_progress_shows_a_bar_for_bytes_copied_in_place(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(TinyNet().state_dict(), path)
+    live = TinyNet()
+    load_into(live, path, progress=True)  # filled in place: bytes are copied
+    err = capsys.readouterr().err
+    assert "zeroload cpu" in err and "100%" in err
+    load_into(TinyNet(), path, progress=False)
+    assert capsys.readouterr().err == ""
+    with torch.device("meta"):
+        meta = TinyNet()
+    load_into(meta, path, progress=True)  # views of the file: nothing is copied
+    assert capsys.readouterr().err == ""
+    for name, t in TinyNet().state_dict().items():
+        assert torch.equal(live.state_dict()[name], safetensors.torch.load_file(path)[name])
+        assert meta.state_dict()[name].shape == t.shape

@@ -193,15 +193,17 @@ def copy_into(
     destinations: Sequence[Any],
     requests: Sequence[tuple[int, int, int, int]],
     device: torch.device,
+    *,
+    progress: Progress | None = None,
 ) -> None:
     """Copies file bytes straight into existing CUDA tensors (`load_into` on a model whose
     parameters live on the GPU): `requests` are `(file_offset, nbytes, destination index,
-    byte offset in it)`."""
+    byte offset in it)`; `progress(bytes_done, bytes_total)` as for `materialize_storages`."""
     dev = cuda_device(device)
     # The parameters may be in use by queued kernels on any stream.
     backend.synchronize(dev, all_streams=True)
     with backend.exporting(dev):
-        _core.copy_to_cuda(ckpt, list(destinations), list(requests), dev.index, None, None)
+        _core.copy_to_cuda(ckpt, list(destinations), list(requests), dev.index, None, progress)
 
 
 def release_staging() -> bool:

@@ -71,6 +71,7 @@ def load_into(
     device: DeviceLike | None = None,
     dtype: torch.dtype | None = None,
     strict: bool = True,
+    progress: bool | None = None,
 ) -> _IncompatibleKeys:
     """Load the checkpoint at `path` into `module`'s parameters and buffers.
 
@@ -83,6 +84,10 @@ def load_into(
         dtype: cast floating-point tensors of the checkpoint to this dtype first (then,
             for materialised tensors, to the tensor's own dtype, as `copy_` does).
         strict: raise on missing or unexpected keys, as `load_state_dict` does.
+        progress: show a progress bar (tqdm) for the bytes copied: into materialised
+            tensors (CPU or GPU) and, for meta-device tensors, to a GPU. Meta-device
+            tensors loaded on the CPU are views of the file, so nothing is copied and no
+            bar is shown. None shows one for copies over 1 GB in interactive sessions.
 
     Returns:
         `(missing_keys, unexpected_keys)`, like `Module.load_state_dict`.
@@ -130,9 +135,9 @@ def load_into(
     meta = [k for k in shared if targets[k].is_meta]
     live = [k for k in shared if not targets[k].is_meta]
     if live:
-        _fill_in_place(targets, entries, live, dtype)
+        _fill_in_place(targets, entries, live, dtype, progress)
     if meta:
-        _assign(module, entries, meta, device, dtype)
+        _assign(module, entries, meta, device, dtype, progress)
     return _IncompatibleKeys(missing, unexpected)
 
 
@@ -141,6 +146,7 @@ def _load_entries(
     names: list[str],
     device: DeviceLike,
     dtype: torch.dtype | None,
+    progress: bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """`zeroload.load(..., keys=names)` on the already parsed files."""
     by_file: dict[Path, list[str]] = {}
@@ -156,7 +162,7 @@ def _load_entries(
                 target,
                 dtype=dtype,
                 keys=set(keys).__contains__,
-                progress=None,
+                progress=progress,
                 readahead=readahead,
             )
         )
@@ -169,8 +175,9 @@ def _assign(
     names: list[str],
     device: DeviceLike | None,
     dtype: torch.dtype | None,
+    progress: bool | None,
 ) -> None:
-    sd = _load_entries(entries, names, "cpu" if device is None else device, dtype)
+    sd = _load_entries(entries, names, "cpu" if device is None else device, dtype, progress)
     result = module.load_state_dict(sd, strict=False, assign=True)
     # Everything asked for is in `sd` and the module: nothing can be missing here that
     # the caller did not already hear about.
@@ -182,6 +189,7 @@ def _fill_in_place(
     entries: dict[str, _Entry],
     names: list[str],
     dtype: torch.dtype | None,
+    progress: bool | None,
 ) -> None:
     # (file, device) -> {destination range: (name, file offset, nbytes)}; a later name
     # with the same destination (tied parameters) replaces an earlier one, as the last
@@ -230,12 +238,18 @@ def _fill_in_place(
             dests = [targets[k].detach() for k, _off, _n in group.values()]
             requests = [(off, n, j, 0) for j, (_k, off, n) in enumerate(group.values())]
             ckpt = entries[next(iter(group.values()))[0]].ckpt
-            if dev.type == "cpu":
-                _core.copy_to_host(ckpt, dests, requests, None, None)
-            else:
-                from zeroload import _device
+            total = sum(n for _k, _off, n in group.values())
+            bar = _torch.progress_bar(progress, total, f"zeroload {dev}")
+            try:
+                if dev.type == "cpu":
+                    _core.copy_to_host(ckpt, dests, requests, None, bar)
+                else:
+                    from zeroload import _device
 
-                _device.copy_into(ckpt, dests, requests, dev)
+                    _device.copy_into(ckpt, dests, requests, dev, progress=bar)
+            finally:
+                if bar is not None:
+                    bar.close()
         if fallback:
             slow = set(fallback)
             _copy_fallback(targets, entries, [k for k in names if k in slow], dtype)
