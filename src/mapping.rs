@@ -6,9 +6,9 @@
 //!
 //! The mmap contract (memmap2's): if the file is truncated or rewritten by another process
 //! while it is mapped, touching the lost pages raises SIGBUS, and changed bytes show through
-//! untouched pages. zeroload maps only to parse headers and to hand out CPU tensors; GPU
-//! and host-sink copies read with `pread` (`Mapping::read_at`), which reports a short file as
-//! an error instead.
+//! untouched pages. zeroload maps only to hand out CPU tensors; parsing and every copy
+//! read with `pread` (`Mapping::read_at`, `Mapping::reader`), which reports a short file as
+//! an error instead, and no Rust reference into the mapping is ever made.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -59,11 +59,16 @@ impl Mapping {
         let map = if meta.len() == 0 {
             None
         } else {
-            // SAFETY: the mapping is private (copy-on-write), so nothing we or PyTorch write
-            // reaches the file. The remaining hazard is another process truncating the file
-            // while mapped (SIGBUS on access); that is memmap2's documented contract, stated
-            // in this module's docs and the README, and copies to devices avoid it by
-            // reading with pread instead of through the map.
+            // SAFETY: memmap2 makes mapping unsafe because another process may change the
+            // file while it is mapped: bytes behind a Rust reference would then change
+            // under it (undefined behaviour), and pages past a truncation raise SIGBUS when
+            // touched. The library never reads the mapping through Rust references: parsers
+            // and copies `pread` the file, and the mapping's address only leaves as raw
+            // pointers in DLPack exports (`base_ptr`), so no Rust invariant rests on the
+            // mapped bytes. What remains is the hazard for the user's CPU tensors (SIGBUS
+            // after a truncation, new bytes showing through untouched pages), stated in this
+            // module's docs and the README. The mapping is private (copy-on-write), so
+            // nothing we or PyTorch write reaches the file.
             let map =
                 unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?;
             Some(map)
@@ -140,8 +145,9 @@ impl Mapping {
         self.len() == 0
     }
 
-    /// The file's bytes as mapped at open time. Used by the parsers before any tensor is
-    /// handed out.
+    /// The file's bytes as mapped (tests only: the library never reads the mapping through
+    /// Rust references, see `open`).
+    #[cfg(test)]
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
     }
@@ -193,24 +199,6 @@ impl Mapping {
     /// The open file, for readers that want their own `pread` loop.
     pub fn file(&self) -> &File {
         &self.file
-    }
-
-    /// Hints the kernel about how a byte range will be read. Failures are ignored: advice
-    /// only changes speed.
-    pub fn advise(&self, advice: Advice, offset: u64, len: u64) {
-        let Some(map) = &self.map else { return };
-        let Some(end) = offset.checked_add(len) else {
-            return;
-        };
-        if end > map.len() as u64 || len == 0 {
-            return;
-        }
-        let a = match advice {
-            Advice::Sequential => memmap2::Advice::Sequential,
-            Advice::WillNeed => memmap2::Advice::WillNeed,
-            Advice::Random => memmap2::Advice::Random,
-        };
-        let _ = map.advise_range(a, offset as usize, len as usize);
     }
 }
 
@@ -473,14 +461,6 @@ impl std::io::Seek for FileReader<'_> {
         self.pos = target;
         Ok(target)
     }
-}
-
-/// Access patterns worth telling the kernel about.
-#[derive(Clone, Copy, Debug)]
-pub enum Advice {
-    Sequential,
-    WillNeed,
-    Random,
 }
 
 impl std::fmt::Debug for Mapping {

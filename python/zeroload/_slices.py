@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from zeroload import _core
+from zeroload._inspect import is_contiguous
 
 # Per dimension, the (start, stop) index ranges selected, concatenated in order.
 Ranges = Sequence[Sequence[tuple[int, int]]]
@@ -61,15 +62,6 @@ def rect_shape(ranges: Ranges) -> list[int]:
 
 def full_ranges(shape: Sequence[int]) -> list[list[tuple[int, int]]]:
     return [[(0, n)] for n in shape]
-
-
-def is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
-    expected = 1
-    for n, st in zip(reversed(shape), reversed(stride)):
-        if n != 1 and st != expected:
-            return False
-        expected *= n
-    return True
 
 
 def _non_overlapping(shape: Sequence[int], stride: Sequence[int]) -> bool:
