@@ -798,20 +798,34 @@ mod tests {
             assert_eq!(seen, (0..100).collect::<Vec<_>>(), "each unit once");
             assert_eq!(calls.last(), Some(&(total, total)));
 
-            let mut cb = |d: u64, _| d < 3 * PROGRESS_STEP;
+            // The callback cancels at the third unit. Units from 10 on wait until it has,
+            // so however the threads are scheduled, no worker can race through every
+            // unit before the cancel is seen: at most one more unit per worker runs.
+            let cancelled = AtomicBool::new(false);
+            let mut cb = |d: u64, _| {
+                let go_on = d < 3 * PROGRESS_STEP;
+                cancelled.fetch_or(!go_on, Ordering::Release);
+                go_on
+            };
             let mut rep = Reporter::start(&mut cb, total).unwrap();
             let ran = AtomicUsize::new(0);
             let out = run_scoped(
                 threads,
                 100_000,
-                |_, _: &mut ()| {
+                |i, _: &mut ()| {
+                    while i >= 10 && !cancelled.load(Ordering::Acquire) {
+                        std::thread::yield_now();
+                    }
                     ran.fetch_add(1, Ordering::Relaxed);
                     Ok(PROGRESS_STEP)
                 },
                 &mut rep,
             );
             assert_eq!(out.unwrap(), Outcome::Cancelled);
-            assert!(ran.load(Ordering::Relaxed) < 100_000, "workers stopped");
+            assert!(
+                ran.load(Ordering::Relaxed) <= 10 + threads,
+                "workers stopped"
+            );
 
             let mut cb = |_, _| true;
             let mut rep = Reporter::start(&mut cb, total).unwrap();
