@@ -5,7 +5,8 @@
 writes the checkpoints the scenarios load into OUT_DIR/ckpt, spawns WORLD ranks that each
 run every scenario in order, and writes OUT_DIR/rank{r}.json: per scenario, the error
 `load_into` / `dcp.load` raised (if any), the problems the checks found, and the bytes the
-rank read while loading (`/proc/self/io` rchar) next to its share of the tensors.
+rank read while loading (`/proc/self/io` rchar) next to its share of the tensors and how
+much of that share is a zero-copy view of the file (its address in a mapping of it).
 
 Every rank runs the same collectives in the same order whatever happens to it (a load that
 fails is recorded, then the ranks agree on whether to go on), so a failing rank cannot
@@ -236,6 +237,18 @@ def rchar() -> int:
     raise RuntimeError("no rchar in /proc/self/io")
 
 
+def file_mappings(directory: Path) -> list[tuple[int, int]]:
+    """The address ranges this process maps from files under `directory`."""
+    root = str(directory.resolve()) + os.sep
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(root):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            out.append((lo, hi))
+    return out
+
+
 class Ctx:
     """What a scenario sees: its rank, files, and helpers that record instead of raise."""
 
@@ -271,15 +284,19 @@ class Ctx:
         equal the full ones. Records the local bytes a rank should read."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
-        local_bytes = plain_bytes = 0
+        local_bytes = plain_bytes = view_bytes = 0
         seen: set[int] = set()  # tied tensors are read once
+        mapped = file_mappings(self.ckpt)
         for name, t in sd.items():
             ref = full[name]
             if isinstance(t, DTensor):
                 want = distribute_tensor(ref, t.device_mesh, t.placements, src_data_rank=None)
                 got, want_local = t.to_local(), want.to_local()
                 if got.data_ptr() not in seen:
-                    local_bytes += want_local.numel() * ref.element_size()
+                    nbytes = want_local.numel() * ref.element_size()
+                    local_bytes += nbytes
+                    if got.numel() and any(a <= got.data_ptr() < b for a, b in mapped):
+                        view_bytes += nbytes  # a view of the file: nothing was read
             else:
                 got, want_local = t, ref
                 if got.data_ptr() not in seen:
@@ -290,6 +307,7 @@ class Ctx:
                 self.problem(f"{name}: local tensor differs from distribute_tensor's")
         self.report["local_bytes"] = local_bytes
         self.report["plain_bytes"] = plain_bytes
+        self.report["view_bytes"] = view_bytes
 
     def check_output(self, model: nn.Module, ref: nn.Module, vocab: int) -> None:
         idx = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(5))

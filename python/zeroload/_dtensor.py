@@ -12,7 +12,10 @@ only its local rectangle of each tensor, with no collective communication.
   padded buffers stay where they are). Meta-device DTensors get new local tensors, on the
   mesh's device, wrapped with `DTensor.from_local(..., run_check=False)` with the
   DTensor's global shape and stride, and are assigned (`load_state_dict(assign=True)`,
-  so FSDP2's post-load hooks run).
+  so FSDP2's post-load hooks run). On the CPU, a local shard that is one contiguous block
+  of the file (`Shard(0)`, `Replicate`, of a row-major tensor, no dtype cast) is a
+  zero-copy view of the file's copy-on-write mapping, as `zeroload.load`'s CPU tensors
+  are; the others are read into memory of their own.
 - Nothing here communicates: a rank that fails raises (naming the rank, file and tensor)
   and the others finish their loads.
 """
@@ -25,8 +28,9 @@ from typing import Any
 
 import torch
 
-from zeroload import _slices
+from zeroload import _slices, _torch
 from zeroload._core import CheckpointError
+from zeroload._inspect import is_contiguous
 
 Ranges = list[list[tuple[int, int]]]
 
@@ -186,6 +190,25 @@ def _local_device(mesh: Any, device: Any) -> torch.device:
     return torch.device(kind)
 
 
+_CPU = torch.device("cpu")
+
+
+def _file_view(e: Any, ranges: Ranges, local: torch.Tensor) -> torch.Tensor | None:
+    """This rank's shard as a zero-copy view of the file's copy-on-write mapping, as
+    `zeroload.load` returns CPU tensors, where the shard is one contiguous block of the
+    file laid out as the meta local tensor is (a `Shard(0)` or `Replicate` of a row-major
+    tensor); None where it is not (a `Shard(1)`, strided pieces), which is then read into
+    memory of its own. Nothing is read here: pages come in when the shard is touched."""
+    if local.numel() == 0 or not local.is_contiguous() or any(len(r) != 1 for r in ranges):
+        return None
+    _s, _dtype, shape, stride, _offset, _rg = e.ckpt.tensor(e.tensor)
+    if not is_contiguous(shape, stride):
+        return None
+    full = _torch.tensor_on(e.ckpt, e.tensor, _CPU).detach()
+    shard = full[tuple(slice(a, b) for ((a, b),) in ranges)]
+    return shard if shard.is_contiguous() else None
+
+
 def _load(
     module: torch.nn.Module,
     targets: Mapping[str, torch.Tensor],
@@ -226,9 +249,13 @@ def _load(
         if local.is_meta:
             file_dtype = getattr(torch, e.ckpt.tensor(e.tensor)[1])
             want = dtype if dtype is not None and file_dtype.is_floating_point else file_dtype
-            # Same local shape and strides as the meta local tensor had.
-            new_local = torch.empty_like(local, dtype=want, device=_local_device(mesh, device))
-            reads.append(_slices.SliceRead(k, e.ckpt, e.tensor, ranges, new_local, dtype))
+            where = _local_device(mesh, device)
+            as_is = (where, want) == (_CPU, file_dtype)
+            new_local = _file_view(e, ranges, local) if as_is else None
+            if new_local is None:
+                # Same local shape and strides as the meta local tensor had.
+                new_local = torch.empty_like(local, dtype=want, device=where)
+                reads.append(_slices.SliceRead(k, e.ckpt, e.tensor, ranges, new_local, dtype))
             new = DTensor.from_local(
                 new_local,
                 mesh,
