@@ -10,14 +10,17 @@ Plans:
   fsdp2  fully_shard per block and on the root: every parameter Shard(0).
 
 Methods (each in freshly spawned ranks; one-time costs are paid on a tiny file first):
-  zeroload           zeroload.load_into(meta model, dir): local shards allocated and read.
+  zeroload           zeroload.load_into(meta model, dir): Shard(0)/Replicate shards are
+                     views of the file (read when touched), the others allocated and read.
   dcp+zeroload       model.to_empty(cpu); dcp.load(state_dict, zeroload.distributed
                      .StorageReader(dir)).
   dcp+hf             model.to_empty(cpu); dcp.load(state_dict, HuggingFaceStorageReader(dir)).
   load_file+narrow   every rank: safetensors.torch.load_file of each shard file, then
                      distribute_tensor(src_data_rank=None) (a local narrow + copy), assigned.
 
-Per rank: wall time of the block (after a barrier), bytes read with read syscalls
+Per rank: wall time of the load (after a barrier) and until every local weight has been
+read once (a sum per tensor, as a first forward pass reads them: CPU loads that map the
+file return before reading anything; ratios compare this time), bytes read with read syscalls
 (/proc/self/io rchar), bytes read from disk (read_bytes: with --cold, what each method
 really pulls in, mmap page faults included; safetensors reads through mmap, which rchar
 does not see), and the peak RssAnon increase (5 ms sampling thread). Afterwards every rank
@@ -245,6 +248,14 @@ def run_method(method: str, model: LM, directory: Path, mesh: Any) -> None:
         raise ValueError(method)
 
 
+def touch(model: LM) -> None:
+    """Reads every byte of every local weight once, as a first forward pass would: what
+    a load that maps the file (zeroload's CPU views) leaves to be read when used."""
+    for t in model.state_dict().values():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        local.sum()
+
+
 def checksum(model: LM) -> float:
     total = 0.0
     for t in model.state_dict().values():
@@ -292,10 +303,13 @@ def rank_main(rank: int, world: int, args: dict) -> None:
             t0 = time.perf_counter()
             run_method(method, model, Path(args["dir"]), mesh)
             elapsed = time.perf_counter() - t0
+            touch(model)
+            touched = time.perf_counter() - t0
         io1 = proc_io()
         reports.append(
             {
                 "time": elapsed,
+                "touched": touched,
                 "rchar": io1["rchar"] - io0["rchar"],
                 "read_bytes": io1["read_bytes"] - io0["read_bytes"],
                 "anon": s.peak[0] - s.base[0],
@@ -479,21 +493,22 @@ def print_table(plan: str, world: int, rows: dict[str, list[dict]], total: int) 
     memory of each rank's first load (every repeat reads the same)."""
     print(f"\n### {plan}, world size {world} (file {fmt_bytes(total)})\n")
     print(
-        "| method | time (slowest rank, median) | vs zeroload | time (any rank, median) | "
+        "| method | load (slowest rank, median) | all weights read (slowest rank, median) | "
+        "vs zeroload (all read) | all read (any rank, median) | "
         "read syscalls/rank (rchar) | disk reads/rank (read_bytes) | all ranks' reads / file "
         "| peak RssAnon incr. (max rank) | local shard | check |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
 
-    def slowest(reps: list[dict]) -> float:
-        return median([max(r["time"][i] for r in reps) for i in range(len(reps[0]["time"]))])
+    def slowest(reps: list[dict], key: str) -> float:
+        return median([max(r[key][i] for r in reps) for i in range(len(reps[0][key]))])
 
     ref = rows.get("zeroload") or next(iter(rows.values()))
-    ref_time = slowest(ref)
+    ref_time = slowest(ref, "touched")
     ref_sum = [r["checksum"][0] for r in ref]
     for method, reps in rows.items():
-        t = slowest(reps)
-        typical = median([x for r in reps for x in r["time"]])
+        loaded, t = slowest(reps, "time"), slowest(reps, "touched")
+        typical = median([x for r in reps for x in r["touched"]])
         rchar = sum(r["rchar"][0] for r in reps) / len(reps)
         disk = sum(r["read_bytes"][0] for r in reps) / len(reps)
         # Read syscalls, or for mmap readers (no read syscalls) what came from disk.
@@ -506,7 +521,7 @@ def print_table(plan: str, world: int, rows: dict[str, list[dict]], total: int) 
             for a in r["checksum"]
         )
         print(
-            f"| {method} | {t:.2f} s | {t / ref_time:.2f}x | {typical:.2f} s | "
+            f"| {method} | {loaded:.2f} s | {t:.2f} s | {t / ref_time:.2f}x | {typical:.2f} s | "
             f"{fmt_bytes(rchar)} | {fmt_bytes(disk)} | {reads:.2f}x | {fmt_bytes(anon)} | "
             f"{fmt_bytes(local)} | "
             f"{'equal' if same else 'DIFFERS'} |",
