@@ -514,6 +514,79 @@ def broken_rank(ctx: Ctx) -> None:
     ctx.all_loaded()  # both ranks get here: the failure did not block rank 0
 
 
+def resident(path: Path) -> list[bool]:
+    """Per page of `path`, whether it is in the page cache (mincore; reads nothing)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        buf = (ctypes.c_char * size).from_buffer(m)
+        vec = (ctypes.c_ubyte * pages)()
+        rc = ctypes.CDLL(None).mincore(ctypes.c_void_p(ctypes.addressof(buf)), size, vec)
+        del buf
+        assert rc == 0
+        return [bool(v & 1) for v in vec]
+    finally:
+        m.close()
+
+
+def evict(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def shard_readahead(ctx: Ctx) -> None:
+    """A meta model with one 8 MiB Shard(0) parameter, its file evicted from the page
+    cache: each rank in turn loads it (views of the file) and records which share of its
+    own rows' pages and of the other rank's the background readahead brought in."""
+    import time
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+
+    import zeroload
+
+    path = ctx.work / "readahead.safetensors"
+    rows, cols = 2048, 1024
+    if ctx.rank == 0:
+        safetensors.torch.save_file({"w": torch.ones(rows, cols)}, path)
+    dist.barrier()
+    mesh = init_device_mesh("cpu", (ctx.world,))
+    header = path.stat().st_size - rows * cols * 4
+    per_rank = rows * cols * 4 // ctx.world
+    page = 4096
+    for turn in range(ctx.world):
+        if ctx.rank == turn:
+            evict(path)
+            if sum(resident(path)) > 0.1 * len(resident(path)):
+                ctx.report["skipped"] = "this file system keeps the file cached (tmpfs?)"
+            else:
+                model = Params(
+                    {"w": ((rows, cols), torch.float32, [Shard(0)], False)}, mesh, "meta"
+                )
+                with ctx.loading():
+                    zeroload.load_into(model, path)
+
+                def share(r: int) -> float:
+                    lo, hi = header + r * per_rank, header + (r + 1) * per_rank
+                    pages = resident(path)[-(-lo // page) : hi // page]
+                    return sum(pages) / len(pages)
+
+                deadline = time.monotonic() + 20
+                while share(ctx.rank) < 0.99 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                ctx.report["own"] = share(ctx.rank)
+                ctx.report["others"] = [share(r) for r in range(ctx.world) if r != ctx.rank]
+                ctx.report["values"] = model.w.to_local().sum().item() == per_rank // 4
+                del model  # unmapped, so that the next rank can evict the file
+        dist.barrier()
+
+
 def _dcp_scenario(ctx: Ctx, model: nn.Module, path: Path, compare_hf: bool) -> None:
     import torch.distributed.checkpoint as dcp
 
@@ -564,6 +637,7 @@ SCENARIOS: dict[str, Callable[[Ctx], None]] = {
         placements_meta,
         placements_materialised,
         broken_rank,
+        shard_readahead,
         dcp_tp_hf_dir,
         dcp_fsdp2_pth,
         dcp_fsdp2_bin_shards,

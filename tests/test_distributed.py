@@ -242,6 +242,17 @@ def test_shard_and_replicate_placements_on_1d_and_2d_meshes(ranks: list, kind: s
         assert (rep["view_bytes"] > 0) == (kind == "meta")
 
 
+def test_shards_that_are_views_are_read_ahead_and_only_those(ranks: list) -> None:
+    # As zeroload.load reads its tensors into the page cache in the background, a rank's
+    # shards that are views of the file are; the other rank's rows are left alone.
+    for rep in scenario(ranks, "shard_readahead"):
+        if "skipped" in rep:
+            pytest.skip(rep["skipped"])
+        assert rep["values"], "the shard holds the wrong values"
+        assert rep["own"] >= 0.99
+        assert max(rep["others"]) < 0.5
+
+
 def test_a_failing_rank_names_itself_the_file_and_the_tensor(ranks: list) -> None:
     # Rank 1's copy of the checkpoint is cut short while it loads; rank 0's is intact.
     # Loading needs no collective, so rank 0 finishes and both reach the next step.

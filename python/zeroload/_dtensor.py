@@ -15,7 +15,8 @@ only its local rectangle of each tensor, with no collective communication.
   so FSDP2's post-load hooks run). On the CPU, a local shard that is one contiguous block
   of the file (`Shard(0)`, `Replicate`, of a row-major tensor, no dtype cast) is a
   zero-copy view of the file's copy-on-write mapping, as `zeroload.load`'s CPU tensors
-  are; the others are read into memory of their own.
+  are (and read into the page cache in the background, as `load` does); the others are
+  read into memory of their own.
 - Nothing here communicates: a rank that fails raises (naming the rank, file and tensor)
   and the others finish their loads.
 """
@@ -193,20 +194,27 @@ def _local_device(mesh: Any, device: Any) -> torch.device:
 _CPU = torch.device("cpu")
 
 
-def _file_view(e: Any, ranges: Ranges, local: torch.Tensor) -> torch.Tensor | None:
+def _file_view(
+    e: Any, ranges: Ranges, local: torch.Tensor
+) -> tuple[torch.Tensor, tuple[int, int]] | None:
     """This rank's shard as a zero-copy view of the file's copy-on-write mapping, as
-    `zeroload.load` returns CPU tensors, where the shard is one contiguous block of the
-    file laid out as the meta local tensor is (a `Shard(0)` or `Replicate` of a row-major
-    tensor); None where it is not (a `Shard(1)`, strided pieces), which is then read into
-    memory of its own. Nothing is read here: pages come in when the shard is touched."""
+    `zeroload.load` returns CPU tensors, and the byte range of the file it covers, where
+    the shard is one contiguous block of the file laid out as the meta local tensor is (a
+    `Shard(0)` or `Replicate` of a row-major tensor); None where it is not (a `Shard(1)`,
+    strided pieces), which is then read into memory of its own. Nothing is read here:
+    pages come in when the shard is touched (or read ahead)."""
     if local.numel() == 0 or not local.is_contiguous() or any(len(r) != 1 for r in ranges):
         return None
-    _s, _dtype, shape, stride, _offset, _rg = e.ckpt.tensor(e.tensor)
+    storage, _dtype, shape, stride, offset, _rg = e.ckpt.tensor(e.tensor)
     if not is_contiguous(shape, stride):
         return None
     full = _torch.tensor_on(e.ckpt, e.tensor, _CPU).detach()
     shard = full[tuple(slice(a, b) for ((a, b),) in ranges)]
-    return shard if shard.is_contiguous() else None
+    if not shard.is_contiguous():
+        return None
+    start = e.ckpt.storage(storage)[1] + offset * full.element_size()
+    start += shard.data_ptr() - full.data_ptr()
+    return shard, (start, shard.numel() * shard.element_size())
 
 
 def _load(
@@ -228,6 +236,8 @@ def _load(
 
     reads: list[_slices.SliceRead] = []
     assign: dict[str, torch.Tensor] = {}
+    # The file ranges of shards that are views, to read ahead as zeroload.load does.
+    mapped: dict[int, tuple[Any, list[tuple[int, int]]]] = {}
     for group in by_target.values():
         k = group[-1]
         t = targets[k]
@@ -251,8 +261,11 @@ def _load(
             want = dtype if dtype is not None and file_dtype.is_floating_point else file_dtype
             where = _local_device(mesh, device)
             as_is = (where, want) == (_CPU, file_dtype)
-            new_local = _file_view(e, ranges, local) if as_is else None
-            if new_local is None:
+            view = _file_view(e, ranges, local) if as_is else None
+            if view is not None:
+                new_local = view[0]
+                mapped.setdefault(id(e.ckpt), (e.ckpt, []))[1].append(view[1])
+            else:
                 # Same local shape and strides as the meta local tensor had.
                 new_local = torch.empty_like(local, dtype=want, device=where)
                 reads.append(_slices.SliceRead(k, e.ckpt, e.tensor, ranges, new_local, dtype))
@@ -274,6 +287,9 @@ def _load(
         else:
             reads.append(_slices.SliceRead(k, e.ckpt, e.tensor, ranges, local, dtype))
 
+    readahead = _torch.Readahead(None)
+    for ckpt, spans in mapped.values():
+        readahead.start_ranges(ckpt, spans)
     with torch.no_grad():
         _slices.read(reads)
     if assign:

@@ -375,9 +375,16 @@ class Readahead:
             self._budget = (available or 0) // 2
 
     def start(self, ckpt: _core.Checkpoint, storages: Sequence[int] | None) -> None:
-        if not self._on:
-            return
-        scheduled = ckpt.readahead(storages, self._budget)
+        """Reads `storages` (all when None) of `ckpt` ahead."""
+        if self._on:
+            self._spend(ckpt.readahead(storages, self._budget))
+
+    def start_ranges(self, ckpt: _core.Checkpoint, ranges: Sequence[tuple[int, int]]) -> None:
+        """Reads byte ranges `(offset, nbytes)` of `ckpt`'s file ahead, in order."""
+        if self._on and ranges:
+            self._spend(ckpt.readahead_ranges(ranges, self._budget))
+
+    def _spend(self, scheduled: int) -> None:
         if self._budget is not None:
             self._budget = max(0, self._budget - scheduled)
 

@@ -338,6 +338,14 @@ impl PyCheckpoint {
         self.inner.readahead(storages.as_deref(), max_bytes)
     }
 
+    /// `readahead` of byte ranges `(offset, nbytes)` of the file, in the order given
+    /// (clipped to the file): the parts of tensors a load maps without reading them, such
+    /// as a rank's shards. Returns the bytes scheduled.
+    #[pyo3(signature = (ranges, max_bytes=None))]
+    fn readahead_ranges(&self, ranges: Vec<(u64, u64)>, max_bytes: Option<u64>) -> u64 {
+        self.inner.mapping.readahead(&ranges, max_bytes)
+    }
+
     /// Storage `i` as a 1-D uint8 DLPack view over the copy-on-write mapping.
     fn storage_view(&self, i: usize) -> PyResult<DLPackView> {
         let s = self.storage_at(i)?;
