@@ -80,50 +80,30 @@ impl Mapping {
         }))
     }
 
-    /// An anonymous in-memory file holding what `fill` writes into it, sealed against
-    /// any further change and mapped copy-on-write like a file on disk, so that
-    /// everything downstream (parsers with `pread`, CPU views, the copy engine) treats
-    /// in-memory checkpoints and files alike. `name` stands for the path in errors.
+    /// An anonymous file holding what `fill` writes into it, which nothing else can
+    /// change, mapped copy-on-write like a file on disk, so that everything downstream
+    /// (parsers with `pread`, CPU views, the copy engine) treats in-memory checkpoints and
+    /// files alike. `name` stands for the path in errors.
     ///
-    /// Linux `memfd_create`: the bytes live in shared memory (shmem) for as long as the
-    /// mapping, counted in the process's RssShmem once touched. Other platforms would need
-    /// an equivalent (`shm_open` + `shm_unlink` on macOS and the BSDs, a pagefile-backed
-    /// `CreateFileMapping` on Windows).
+    /// Linux: a `memfd_create` file, sealed; the bytes live in shared memory (shmem) for as
+    /// long as the mapping, counted in the process's RssShmem once touched. Elsewhere: a
+    /// file in the temp dir, unlinked as soon as it is created, so that no name leads to
+    /// it and it vanishes with its last descriptor.
     pub fn anonymous(
         name: &Path,
         fill: impl FnOnce(&mut File) -> std::io::Result<()>,
     ) -> Result<Arc<Mapping>> {
-        use std::os::fd::{AsRawFd, FromRawFd};
         let err = |e: std::io::Error| Error::io(name, e);
-        // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor
-        // or -1; it touches no memory of ours otherwise.
-        let fd = unsafe {
-            libc::memfd_create(
-                c"zeroload".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        if fd < 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` was just created and nothing else owns it; the File closes it.
-        let mut file = unsafe { File::from_raw_fd(fd) };
+        let mut file = anonymous_file().map_err(err)?;
         fill(&mut file).map_err(err)?;
-        // No one else holds the descriptor, but sealing makes "the bytes cannot change"
-        // a property of the file: no write, resize or later unsealing is possible.
-        let seals =
-            libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl(F_ADD_SEALS) reads only its integer arguments; the descriptor is open.
-        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
-            return Err(err(std::io::Error::last_os_error()));
-        }
+        seal(&file).map_err(err)?;
         let len = file.metadata().map_err(err)?.len();
         let map = if len == 0 {
             None
         } else {
-            // SAFETY: a private (copy-on-write) mapping of a sealed in-memory file that
-            // nothing can write, shrink or grow: none of the hazards of mapping a file on
-            // disk apply.
+            // SAFETY: a private (copy-on-write) mapping of a file no one else can reach
+            // (sealed, or unlinked with its only descriptor ours), so nothing can write,
+            // shrink or grow it: none of the hazards of mapping a shared file apply.
             Some(unsafe { MmapOptions::new().map_copy(&file) }.map_err(err)?)
         };
         Ok(Arc::new(Mapping {
@@ -211,6 +191,7 @@ const READAHEAD_GAP: u64 = 1 << 20;
 /// silently drops the rest, so the range is advised in pieces no larger than that; this is
 /// the floor (the kernel's default window) when the device's settings cannot be read.
 const READAHEAD_MIN_PIECE: u64 = 128 << 10;
+#[cfg_attr(not(target_os = "linux"), allow(dead_code))]
 const READAHEAD_MAX_PIECE: u64 = 8 << 20;
 
 impl Mapping {
@@ -239,7 +220,6 @@ impl Mapping {
         let spawned = std::thread::Builder::new()
             .name("zeroload-readahead".into())
             .spawn(move || {
-                use std::os::fd::AsRawFd;
                 for (offset, len) in spans {
                     let end = offset + len;
                     let mut at = offset;
@@ -249,17 +229,7 @@ impl Mapping {
                             at += n;
                             continue;
                         }
-                        // SAFETY: posix_fadvise only reads its integer arguments; the
-                        // descriptor is ours and open for the whole loop.
-                        let rc = unsafe {
-                            libc::posix_fadvise(
-                                file.as_raw_fd(),
-                                at as libc::off_t,
-                                n as libc::off_t,
-                                libc::POSIX_FADV_WILLNEED,
-                            )
-                        };
-                        if rc != 0 {
+                        if !advise_willneed(&file, at, n) {
                             return;
                         }
                         at += n;
@@ -287,6 +257,13 @@ fn cached(file: &File, offset: u64, len: u64) -> bool {
 }
 
 /// `preadv2(RWF_NOWAIT)` of the byte at `offset`: `Ok(1)` if it is in the page cache.
+/// (Linux only: elsewhere every piece counts as uncached and is advised.)
+#[cfg(not(target_os = "linux"))]
+fn read_byte_nowait(_file: &File, _offset: u64) -> std::io::Result<usize> {
+    Err(std::io::ErrorKind::Unsupported.into())
+}
+
+#[cfg(target_os = "linux")]
 fn read_byte_nowait(file: &File, offset: u64) -> std::io::Result<usize> {
     use std::os::fd::AsRawFd;
     let mut byte = 0u8;
@@ -306,6 +283,98 @@ fn read_byte_nowait(file: &File, offset: u64) -> std::io::Result<usize> {
         )
     };
     usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+}
+
+/// A new file that no name leads to (see `Mapping::anonymous`).
+#[cfg(target_os = "linux")]
+fn anonymous_file() -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor
+    // or -1; it touches no memory of ours otherwise.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"zeroload".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and nothing else owns it; the File closes it.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+#[cfg(not(target_os = "linux"))]
+fn anonymous_file() -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir();
+    for attempt in 0..100u32 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = dir.join(format!("zeroload-{}-{nanos}-{attempt}", std::process::id()));
+        // Readable and writable by this user only; empty until after it is unlinked.
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(file) => {
+                std::fs::remove_file(&path)?;
+                return Ok(file);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free temporary file name"))
+}
+
+/// Makes "the bytes cannot change" a property of an `anonymous_file`. On Linux no one
+/// else holds the descriptor either, but a sealed memfd refuses any write, resize or
+/// later unsealing; an unlinked file elsewhere is reachable only through our descriptor.
+#[cfg(target_os = "linux")]
+fn seal(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl(F_ADD_SEALS) reads only its integer arguments; the descriptor is open.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn seal(_file: &File) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// Asks the kernel to start reading `[offset, offset + len)` of `file` into the page
+/// cache and returns at once (`posix_fadvise(WILLNEED)`; macOS: `fcntl(F_RDADVISE)`).
+/// Returns whether the advice was taken; it only ever changes speed.
+pub(crate) fn advise_willneed(file: &File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return false;
+    };
+    #[cfg(not(target_vendor = "apple"))]
+    // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is open.
+    let rc = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, n, libc::POSIX_FADV_WILLNEED) };
+    #[cfg(target_vendor = "apple")]
+    let rc = {
+        let Ok(count) = libc::c_int::try_from(n) else {
+            return false;
+        };
+        let advice = libc::radvisory {
+            ra_offset: off,
+            ra_count: count,
+        };
+        // SAFETY: F_RDADVISE reads the radvisory it is given, which outlives the call.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_RDADVISE, &advice) }
+    };
+    rc == 0
 }
 
 /// Clips `ranges` to `[0, file_len)`, drops empty ones and merges each into the one
@@ -330,7 +399,14 @@ fn coalesce(ranges: &[(u64, u64)], file_len: u64, gap: u64) -> Vec<(u64, u64)> {
 
 /// The largest `WILLNEED` piece the kernel honours in full for `file`: the larger of the
 /// block device's `read_ahead_kb` and `max_sectors_kb`, within
-/// `[READAHEAD_MIN_PIECE, READAHEAD_MAX_PIECE]`.
+/// `[READAHEAD_MIN_PIECE, READAHEAD_MAX_PIECE]`. (Elsewhere than Linux, with no sysfs
+/// to ask, the floor.)
+#[cfg(not(target_os = "linux"))]
+fn readahead_piece(_file: &File) -> u64 {
+    READAHEAD_MIN_PIECE
+}
+
+#[cfg(target_os = "linux")]
 fn readahead_piece(file: &File) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let Ok(meta) = file.metadata() else {

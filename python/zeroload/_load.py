@@ -118,7 +118,8 @@ def load_bytes(
     """Load a checkpoint held in memory: `safetensors.torch.load(data)`'s job, for
     safetensors and `torch.save` files alike.
 
-    The bytes are copied once into an anonymous in-memory file (Linux `memfd_create`),
+    The bytes are copied once into an anonymous in-memory file (Linux `memfd_create`;
+    macOS: a temporary file unlinked as it is created),
     which is then parsed with the same validation as a file on disk; CPU tensors are
     copy-on-write views of it (a snapshot: changing `data` afterwards changes nothing),
     and the in-memory file lives as long as any of them. GPU loads stream it through the

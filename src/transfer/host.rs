@@ -138,7 +138,6 @@ const READAHEAD_HOLE: u64 = 128 << 10;
 /// than reading through the holes). The holes come from disk but are not copied; on a
 /// warm page cache the advice costs a walk of the cached pages.
 fn advise_readahead(file: &File, chunks: &[Chunk]) {
-    use std::os::unix::io::AsRawFd;
     let (Some(first), Some(last)) = (chunks.first(), chunks.last()) else {
         return;
     };
@@ -150,15 +149,9 @@ fn advise_readahead(file: &File, chunks: &[Chunk]) {
         return;
     }
     let end = last.file_offset + last.len;
-    let (Ok(off), Ok(len)) = (
-        libc::off_t::try_from(first.file_offset),
-        libc::off_t::try_from(end.saturating_sub(first.file_offset)),
-    ) else {
-        return;
-    };
-    // SAFETY: posix_fadvise only reads its integer arguments; the advice is a hint whose
-    // failure changes nothing but speed, so its result is ignored.
-    let _ = unsafe { libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED) };
+    let len = end.saturating_sub(first.file_offset);
+    // A hint whose failure changes nothing but speed: its result is ignored.
+    let _ = crate::mapping::advise_willneed(file, first.file_offset, len);
 }
 
 /// Most `iovec`s one `preadv` takes (Linux: 1024).

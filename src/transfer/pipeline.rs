@@ -266,6 +266,10 @@ pub(crate) fn max_chunk(direct: bool, slab_bytes: usize) -> u64 {
     }
 }
 
+/// `path` opened for reads that bypass the page cache (`O_DIRECT`); None where that is
+/// refused (tmpfs, some file systems) or not offered (macOS has no `O_DIRECT`): the
+/// caller then reads through the page cache.
+#[cfg(target_os = "linux")]
 fn open_direct(path: &Path) -> Option<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -273,6 +277,11 @@ fn open_direct(path: &Path) -> Option<File> {
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> Option<File> {
+    None
 }
 
 // ---------------------------------------------------------------------------------------
