@@ -7,6 +7,7 @@ fuzzers mutate faster on short inputs.
 
 import collections
 import io
+import json
 import os
 import pickle
 import zipfile
@@ -46,6 +47,15 @@ def main():
             "b": torch.zeros(2, dtype=torch.bool),
         },
         "parameter": {"p": torch.nn.Parameter(torch.ones(2))},
+        # The dtypes of safe_open parity: packed fp4, fnuz float8s, e8m0, bit containers.
+        "new_dtypes": {
+            "f4": torch.zeros(2, 2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2),
+            "fnuz": torch.zeros(2, dtype=torch.float8_e4m3fnuz),
+            "e5fnuz": torch.zeros(2, dtype=torch.float8_e5m2fnuz),
+            "e8m0": torch.zeros(2, dtype=torch.uint8).view(torch.float8_e8m0fnu),
+            "bits": torch.zeros(2, dtype=torch.uint8).view(torch.bits8),
+            "c32": torch.zeros(1, dtype=torch.complex32),
+        },
         "checkpoint": {
             "epoch": 3,
             "lr": 1e-3,
@@ -94,6 +104,24 @@ def main():
         # The header alone, the other input shape of the safetensors_header target.
         n = int.from_bytes(data[:8], "little")
         write("safetensors_header", f"{name}.header", data[8 : 8 + n] + b"\x00" + data[8 + n :])
+    # Written by hand: dtypes torch's safetensors writer does not cover (F4 with its
+    # doubled last dimension, both fnuz float8s, F8_E8M0) and one torch cannot hold (F6),
+    # which parses but is listed as not loadable.
+    spec = [
+        ("f4", "F4", [2, 4], 4),
+        ("fnuz", "F8_E4M3FNUZ", [2], 2),
+        ("e5fnuz", "F8_E5M2FNUZ", [2], 2),
+        ("e8m0", "F8_E8M0", [2], 2),
+        ("f6", "F6_E2M3", [4], 3),
+    ]
+    header, at = {"__metadata__": {"format": "pt"}}, 0
+    for name, dtype, shape, nbytes in spec:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + nbytes]}
+        at += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    data = bytes(range(at))
+    write("safetensors_header", "parity.header", text + b"\x00" + data)
+    write("open_and_plan", "parity.safetensors", len(text).to_bytes(8, "little") + text + data)
 
 
 def _pkl(zip_bytes):
