@@ -10,7 +10,6 @@ of a name set or of the table itself.
 
 from __future__ import annotations
 
-import collections
 import json
 import os
 from pathlib import Path
@@ -120,14 +119,6 @@ class _Builder:
     @staticmethod
     def dtype(name: str) -> str:
         return name
-
-    @staticmethod
-    def ordered_dict() -> collections.OrderedDict:
-        return collections.OrderedDict()
-
-    @staticmethod
-    def counter(d: dict) -> collections.Counter:
-        return collections.Counter(d)
 
 
 def checkpoint_objects(ckpt: _core.Checkpoint) -> Any:

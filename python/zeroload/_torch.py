@@ -251,14 +251,6 @@ class _Builder:
         self._cpu = cpu
 
     @staticmethod
-    def ordered_dict() -> collections.OrderedDict:
-        return collections.OrderedDict()
-
-    @staticmethod
-    def counter(d: dict) -> collections.Counter:
-        return collections.Counter(d)
-
-    @staticmethod
     def size(dims: tuple[int, ...]) -> torch.Size:
         return torch.Size(dims)
 

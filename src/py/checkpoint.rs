@@ -386,7 +386,8 @@ impl PyCheckpoint {
     /// Converts the object graph into Python objects. `builder` supplies what the core
     /// does not know about: `builder.tensors` (a sequence indexed like the tensor table),
     /// and callables `storage(i)`, `parameter(tensor, requires_grad)`, `size(tuple)`,
-    /// `device(str)`, `dtype(name)`, `ordered_dict()`, `counter(dict)`.
+    /// `device(str)`, `dtype(name)`. Containers (`OrderedDict` and `Counter` too) are
+    /// plain Python and made here.
     fn build(&self, py: Python<'_>, builder: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         catch_panic(&self.inner.path, "building its objects", || {
             self.build_objects(py, builder)
@@ -408,11 +409,14 @@ impl PyCheckpoint {
     fn build_objects(&self, py: Python<'_>, builder: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
         let graph = &self.inner.parsed.objects;
 
+        let collections = py.import("collections")?;
         let mut conv = Converter {
             py,
             nodes: &graph.nodes,
             builder,
             tensors: builder.getattr("tensors")?,
+            ordered_dict: collections.getattr("OrderedDict")?,
+            counter: collections.getattr("Counter")?,
             done: (0..graph.nodes.len()).map(|_| None).collect(),
             in_progress: vec![false; graph.nodes.len()],
             path: self.inner.path.display().to_string(),
@@ -440,6 +444,8 @@ struct Converter<'a, 'py> {
     nodes: &'a [Value],
     builder: &'a Bound<'py, PyAny>,
     tensors: Bound<'py, PyAny>,
+    ordered_dict: Bound<'py, PyAny>,
+    counter: Bound<'py, PyAny>,
     done: Vec<Option<Py<PyAny>>>,
     in_progress: Vec<bool>,
     path: String,
@@ -530,10 +536,7 @@ impl<'py> Converter<'_, 'py> {
                 dict.into_any().unbind()
             }
             Value::OrderedDict { items, attrs } => {
-                let od = self
-                    .builder
-                    .call_method0("ordered_dict")
-                    .map_err(|e| self.builder_error("an OrderedDict", e))?;
+                let od = self.ordered_dict.call0()?;
                 self.done[id] = Some(od.clone().unbind());
                 self.fill_mapping(&od, items, d)?;
                 // As torch's weights_only unpickler does (`inst.__dict__.update(state)`):
@@ -554,10 +557,7 @@ impl<'py> Converter<'_, 'py> {
             Value::Counter(items) => {
                 let dict = PyDict::new(py);
                 self.fill_mapping(dict.as_any(), items, d)?;
-                self.builder
-                    .call_method1("counter", (dict,))
-                    .map_err(|e| self.builder_error("a Counter", e))?
-                    .unbind()
+                self.counter.call1((dict,))?.unbind()
             }
             Value::Size(dims) => self
                 .builder
