@@ -195,17 +195,18 @@ _CPU = torch.device("cpu")
 
 
 def _file_view(
-    e: Any, ranges: Ranges, local: torch.Tensor
+    e: Any, row: tuple, ranges: Ranges, local: torch.Tensor
 ) -> tuple[torch.Tensor, tuple[int, int]] | None:
-    """This rank's shard as a zero-copy view of the file's copy-on-write mapping, as
-    `zeroload.load` returns CPU tensors, and the byte range of the file it covers, where
-    the shard is one contiguous block of the file laid out as the meta local tensor is (a
-    `Shard(0)` or `Replicate` of a row-major tensor); None where it is not (a `Shard(1)`,
-    strided pieces), which is then read into memory of its own. Nothing is read here:
-    pages come in when the shard is touched (or read ahead)."""
+    """This rank's shard of tensor `e` (`row`: its `ckpt.tensor()` entry) as a zero-copy
+    view of the file's copy-on-write mapping, as `zeroload.load` returns CPU tensors, and
+    the byte range of the file it covers, where the shard is one contiguous block of the
+    file laid out as the meta local tensor is (a `Shard(0)` or `Replicate` of a row-major
+    tensor); None where it is not (a `Shard(1)`, strided pieces), which is then read into
+    memory of its own. Nothing is read here: pages come in when the shard is touched (or
+    read ahead)."""
     if local.numel() == 0 or not local.is_contiguous() or any(len(r) != 1 for r in ranges):
         return None
-    storage, _dtype, shape, stride, offset, _rg = e.ckpt.tensor(e.tensor)
+    storage, _dtype, shape, stride, offset, _rg = row
     if not is_contiguous(shape, stride):
         return None
     full = _torch.tensor_on(e.ckpt, e.tensor, _CPU).detach()
@@ -257,11 +258,12 @@ def _load(
                 "at this rank"
             )
         if local.is_meta:
-            file_dtype = getattr(torch, e.ckpt.tensor(e.tensor)[1])
+            row = e.ckpt.tensor(e.tensor)
+            file_dtype = getattr(torch, row[1])
             want = dtype if dtype is not None and file_dtype.is_floating_point else file_dtype
             where = _local_device(mesh, device)
             as_is = (where, want) == (_CPU, file_dtype)
-            view = _file_view(e, ranges, local) if as_is else None
+            view = _file_view(e, row, ranges, local) if as_is else None
             if view is not None:
                 new_local = view[0]
                 mapped.setdefault(id(e.ckpt), (e.ckpt, []))[1].append(view[1])
