@@ -17,6 +17,7 @@ import torch
 
 from zeroload import _core, _device
 from zeroload._device import DeviceLike, parse_device
+from zeroload._track import proc_kib_field
 
 MapLocation = Union[DeviceLike, Mapping[str, DeviceLike], None]
 KeysFilter = Union[Iterable[str], Callable[[str], bool], None]
@@ -383,14 +384,7 @@ class Readahead:
 
 def _mem_available() -> int | None:
     """MemAvailable from /proc/meminfo, in bytes (None where unknown)."""
-    try:
-        with open("/proc/meminfo", "rb") as f:
-            for line in f:
-                if line.startswith(b"MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return proc_kib_field("/proc/meminfo", b"MemAvailable")
 
 
 def load_checkpoint(

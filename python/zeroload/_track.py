@@ -50,16 +50,22 @@ def _rss_bytes() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
 
 
-def _hwm_bytes() -> int | None:
-    """The kernel's peak RSS of this process (``VmHWM``), or None where there is none."""
+def proc_kib_field(path: str, name: bytes) -> int | None:
+    """A ``Name:  N kB`` line of a /proc file (``/proc/self/status``, ``/proc/meminfo``),
+    in bytes; None where the file or the line is missing (not Linux)."""
     try:
-        with open("/proc/self/status", "rb") as f:
+        with open(path, "rb") as f:
             for line in f:
-                if line.startswith(b"VmHWM:"):
+                if line.startswith(name + b":"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def _hwm_bytes() -> int | None:
+    """The kernel's peak RSS of this process (``VmHWM``), or None where there is none."""
+    return proc_kib_field("/proc/self/status", b"VmHWM")
 
 
 def _reset_hwm() -> bool:
