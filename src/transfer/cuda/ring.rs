@@ -100,7 +100,7 @@ impl Ring {
                     }
                     Err(e) => {
                         let err = cu("cuMemHostAlloc")(e);
-                        ring.free().map_err(|(_, e)| e)?;
+                        ring.free()?;
                         return Err(err);
                     }
                 }
@@ -114,7 +114,7 @@ impl Ring {
                 let warn = ring.fallback_note(budget);
                 return Ok((ring, Some(warn)));
             }
-            ring.free().map_err(|(_, e)| e)?;
+            ring.free()?;
             if ask <= MIN_STAGING_BYTES {
                 return Err(Error::Cuda {
                     call: "cuMemHostAlloc".into(),
@@ -144,10 +144,10 @@ impl Ring {
         )
     }
 
-    /// Frees every slab; the ones the driver refuses to free are handed back with the
-    /// first error. The caller must have a context current on this thread (`cuMemFreeHost`
+    /// Frees every slab; the ones the driver refuses to free stay in the ring, and the
+    /// first refusal is returned. The caller must have a context current on this thread (`cuMemFreeHost`
     /// fails without one): the ring's own `ctx`, or any context for a portable ring.
-    pub(crate) fn free(&mut self) -> std::result::Result<(), (Vec<Slab>, Error)> {
+    pub(crate) fn free(&mut self) -> Result<()> {
         let mut kept = Vec::new();
         let mut first = None;
         for s in self.slabs.drain(..) {
@@ -163,10 +163,8 @@ impl Ring {
                 kept.push(s);
             }
         }
-        match first {
-            None => Ok(()),
-            Some(e) => Err((kept, e)),
-        }
+        self.slabs = kept;
+        first.map_or(Ok(()), Err)
     }
 }
 

@@ -150,13 +150,7 @@ impl Orphans {
     fn retry(&mut self) -> Result<()> {
         let mut first = None;
         for mut ring in std::mem::take(&mut self.rings) {
-            let r = with_context(ring.ctx, || {
-                ring.free().map_err(|(kept, e)| {
-                    ring.slabs = kept;
-                    e
-                })
-            });
-            if let Err(e) = r {
+            if let Err(e) = with_context(ring.ctx, || ring.free()) {
                 first.get_or_insert(e);
                 self.rings.push(ring);
             }
@@ -270,7 +264,8 @@ impl Staging {
                 // Free the old ring first: budgets are about peak memory. Its slabs are
                 // portable, so the copy's context (current) frees them.
                 *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                if let Err((kept, e)) = old.free() {
+                if let Err(e) = old.free() {
+                    let kept = std::mem::take(&mut old.slabs);
                     self.orphans.keep_slabs(&old, kept);
                     return Err(e);
                 }
@@ -327,13 +322,9 @@ impl Staging {
         }
         *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if let Some(mut ring) = self.ring.take() {
-            let r = with_context(ring.ctx, || {
-                ring.free().map_err(|(kept, e)| {
-                    self.orphans.keep_slabs(&ring, kept);
-                    e
-                })
-            });
-            if let Err(e) = r {
+            if let Err(e) = with_context(ring.ctx, || ring.free()) {
+                let kept = std::mem::take(&mut ring.slabs);
+                self.orphans.keep_slabs(&ring, kept);
                 first.get_or_insert(e);
             }
         }
