@@ -6,6 +6,7 @@
 pub mod dlpack;
 pub mod dtype;
 pub mod error;
+mod fileio;
 pub mod format;
 pub mod mapping;
 pub mod transfer;

@@ -11,13 +11,13 @@
 //! an error instead, and no Rust reference into the mapping is ever made.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::{MmapMut, MmapOptions};
 
 use crate::error::{Error, Result};
+use crate::fileio;
 
 /// A whole file, opened once and mapped copy-on-write.
 pub struct Mapping {
@@ -30,16 +30,15 @@ pub struct Mapping {
 impl Mapping {
     /// Opens and maps `path` copy-on-write.
     ///
-    /// Only regular files: the file is opened non-blocking, so a FIFO planted under a
-    /// checkpoint's name is refused instead of blocking the open forever (O_NONBLOCK
-    /// changes nothing for regular files).
+    /// Only regular files: on Unix the file is opened non-blocking, so a FIFO planted
+    /// under a checkpoint's name is refused instead of blocking the open forever
+    /// (O_NONBLOCK changes nothing for regular files).
     pub fn open(path: &Path) -> Result<Arc<Mapping>> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+        let file = options.open(path).map_err(|e| Error::io(path, e))?;
         let meta = file.metadata().map_err(|e| Error::io(path, e))?;
         if meta.is_dir() {
             return Err(Error::io(
@@ -143,7 +142,7 @@ impl Mapping {
     /// Reads exactly `buf.len()` bytes at `offset` from the file with `pread` (never through
     /// the map, so a file truncated under us is an error, not a SIGBUS).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.file.read_exact_at(buf, offset).map_err(|e| {
+        fileio::read_exact_at(&self.file, buf, offset).map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
                 Error::malformed(
                     &self.path,
@@ -220,6 +219,7 @@ impl Mapping {
         let spawned = std::thread::Builder::new()
             .name("zeroload-readahead".into())
             .spawn(move || {
+                let mut scratch = Vec::new();
                 for (offset, len) in spans {
                     let end = offset + len;
                     let mut at = offset;
@@ -229,7 +229,7 @@ impl Mapping {
                             at += n;
                             continue;
                         }
-                        if !advise_willneed(&file, at, n) {
+                        if !warm(&file, at, n, &mut scratch) {
                             return;
                         }
                         at += n;
@@ -306,28 +306,39 @@ fn anonymous_file() -> std::io::Result<File> {
 
 #[cfg(not(target_os = "linux"))]
 fn anonymous_file() -> std::io::Result<File> {
-    unlinked_temp_file(&std::env::temp_dir())
+    private_temp_file(&std::env::temp_dir())
 }
 
-/// A new file in `dir`, removed from it as soon as it is created: open, but no name leads
-/// to it (the non-Linux `anonymous_file`; tested on Linux too).
+/// A new, empty file in `dir` that only this process can reach and that vanishes with its
+/// last handle (the non-Linux `anonymous_file`; tested on Linux too). Unix: created
+/// readable by this user only and unlinked at once, so no name leads to it. Windows (which
+/// cannot unlink an open file): opened delete-on-close and shared with no one, so its
+/// name, while it lasts, opens nothing.
 #[cfg_attr(target_os = "linux", allow(dead_code))]
-fn unlinked_temp_file(dir: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
+fn private_temp_file(dir: &Path) -> std::io::Result<File> {
     for attempt in 0..100u32 {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let path = dir.join(format!("zeroload-{}-{nanos}-{attempt}", std::process::id()));
-        // Readable and writable by this user only; empty until after it is unlinked.
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        #[cfg(windows)]
         {
+            use std::os::windows::fs::OpenOptionsExt;
+            use windows_sys::Win32::Storage::FileSystem::{
+                FILE_ATTRIBUTE_TEMPORARY, FILE_FLAG_DELETE_ON_CLOSE,
+            };
+            options
+                .share_mode(0)
+                .attributes(FILE_ATTRIBUTE_TEMPORARY)
+                .custom_flags(FILE_FLAG_DELETE_ON_CLOSE);
+        }
+        match options.open(&path) {
             Ok(file) => {
+                #[cfg(unix)]
                 std::fs::remove_file(&path)?;
                 return Ok(file);
             }
@@ -358,8 +369,10 @@ fn seal(_file: &File) -> std::io::Result<()> {
 }
 
 /// Asks the kernel to start reading `[offset, offset + len)` of `file` into the page
-/// cache and returns at once (`posix_fadvise(WILLNEED)`; macOS: `fcntl(F_RDADVISE)`).
-/// Returns whether the advice was taken; it only ever changes speed.
+/// cache and returns at once (`posix_fadvise(WILLNEED)`; macOS: `fcntl(F_RDADVISE)`;
+/// Windows has no such advice for a file handle). Returns whether the advice was taken;
+/// it only ever changes speed.
+#[cfg(unix)]
 pub(crate) fn advise_willneed(file: &File, offset: u64, len: u64) -> bool {
     use std::os::fd::AsRawFd;
     let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
@@ -381,6 +394,26 @@ pub(crate) fn advise_willneed(file: &File, offset: u64, len: u64) -> bool {
         unsafe { libc::fcntl(file.as_raw_fd(), libc::F_RDADVISE, &advice) }
     };
     rc == 0
+}
+
+#[cfg(windows)]
+pub(crate) fn advise_willneed(_file: &File, _offset: u64, _len: u64) -> bool {
+    false
+}
+
+/// Brings `[offset, offset + len)` of `file` into the page cache from the readahead
+/// thread: the advice where the OS takes it, else (Windows) reading the bytes into
+/// `scratch`, which is what the advice would have the kernel do. Returns false when
+/// neither worked, to end the readahead.
+fn warm(file: &File, offset: u64, len: u64, scratch: &mut Vec<u8>) -> bool {
+    if !cfg!(windows) {
+        return advise_willneed(file, offset, len);
+    }
+    let Ok(len) = usize::try_from(len) else {
+        return false;
+    };
+    scratch.resize(len, 0);
+    fileio::read_fully_at(file, scratch, offset).is_ok_and(|n| n > 0)
 }
 
 /// Clips `ranges` to `[0, file_len)`, drops empty ones and merges each into the one
@@ -483,25 +516,11 @@ impl FileReader<'_> {
         };
         let left = usize::try_from(self.len - self.pos).unwrap_or(usize::MAX);
         self.buf.resize(self.block.min(left), 0);
-        let n = read_fully_at(self.file, &mut self.buf, self.pos)?;
+        let n = fileio::read_fully_at(self.file, &mut self.buf, self.pos)?;
         self.buf.truncate(n);
         self.buf_at = self.pos;
         Ok(())
     }
-}
-
-/// `pread` until `buf` is full or the file ends; returns the bytes read.
-fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 impl std::io::Read for FileReader<'_> {
@@ -514,7 +533,7 @@ impl std::io::Read for FileReader<'_> {
         if self.buffered().is_none() {
             if want >= MAX_BLOCK {
                 // A big entry (data.pkl): straight into the caller's buffer.
-                let n = self.file.read_at(&mut out[..want], self.pos)?;
+                let n = fileio::read_at(self.file, &mut out[..want], self.pos)?;
                 self.pos += n as u64;
                 return Ok(n);
             }
@@ -608,8 +627,12 @@ mod tests {
         m.read_at(&mut buf, 500).unwrap();
         assert_eq!(buf, &data[500..510]);
         // Sealed: the descriptor refuses writes and resizes.
-        assert!(m.file().write_at(b"x", 0).is_err());
-        assert!(m.file().set_len(5).is_err());
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::fs::FileExt;
+            assert!(m.file().write_at(b"x", 0).is_err());
+            assert!(m.file().set_len(5).is_err());
+        }
         // Writes through the private mapping stay private.
         // SAFETY: the mapping is ours, writable (private) and at least one byte long.
         unsafe { *m.base_ptr() = 255 };
@@ -622,16 +645,28 @@ mod tests {
     }
 
     #[test]
-    fn unlinked_temp_files_can_be_written_and_read_but_leave_no_name() {
+    fn private_temp_files_can_be_written_and_read_but_not_opened_and_leave_nothing() {
         use std::io::{Read, Seek, Write};
         let dir = tempfile::tempdir().unwrap();
-        let mut f = unlinked_temp_file(dir.path()).unwrap();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let mut f = private_temp_file(dir.path()).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        if cfg!(unix) {
+            assert!(names.is_empty(), "unlinked at once: {names:?}");
+        } else {
+            // Windows: the name lasts until the file is closed, but opens nothing.
+            assert_eq!(names.len(), 1);
+            assert!(File::open(&names[0]).is_err());
+        }
         f.write_all(b"checkpoint bytes").unwrap();
         f.rewind().unwrap();
         let mut back = String::new();
         f.read_to_string(&mut back).unwrap();
         assert_eq!(back, "checkpoint bytes");
+        drop(f);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
@@ -670,8 +705,10 @@ mod tests {
         let piece = readahead_piece(m.file());
         assert!((READAHEAD_MIN_PIECE..=READAHEAD_MAX_PIECE).contains(&piece));
         // Just written, so in the page cache (unless the file system cannot say).
-        let unsupported = read_byte_nowait(m.file(), 0)
-            .is_err_and(|e| e.raw_os_error() == Some(libc::EOPNOTSUPP));
+        let unsupported = read_byte_nowait(m.file(), 0).is_err_and(|e| {
+            e.kind() == std::io::ErrorKind::Unsupported
+                || (cfg!(unix) && e.raw_os_error() == Some(libc::EOPNOTSUPP))
+        });
         assert!(unsupported || cached(m.file(), 0, 3 << 20));
         assert_eq!(m.bytes(), &vec![7u8; 3 << 20][..]);
     }

@@ -7,6 +7,9 @@
 //!
 //! This is its own test binary: the driver library cudarc loads is process-wide, and the
 //! other tests (`tests/transfer.rs`, the unit tests) check the behaviour without CUDA.
+//!
+//! Linux only: the fake is a shared object that stands in for `libcuda.so` by its SONAME.
+#![cfg(target_os = "linux")]
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use std::path::PathBuf;

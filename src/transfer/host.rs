@@ -16,11 +16,10 @@
 use std::fs::File;
 use std::path::Path;
 
-use super::pipeline::{
-    default_threads, file_offset, pread_exact, read_result, run_scoped, Reporter,
-};
+use super::pipeline::{default_threads, pread_exact, read_result, run_scoped, Reporter};
 use super::{Chunk, CopyRequest, Outcome, Plan, PlanOptions, ProgressFn};
 use crate::error::Result;
+use crate::fileio::{self, ReadBuf};
 use crate::mapping::Mapping;
 
 /// Largest unit of work for one thread.
@@ -154,13 +153,6 @@ fn advise_readahead(file: &File, chunks: &[Chunk]) {
     let _ = crate::mapping::advise_willneed(file, first.file_offset, len);
 }
 
-/// Most `iovec`s one `preadv` takes (Linux: 1024).
-fn iov_max() -> usize {
-    // SAFETY: sysconf only reads a system limit.
-    let n = unsafe { libc::sysconf(libc::_SC_IOV_MAX) };
-    usize::try_from(n).unwrap_or(16).clamp(16, 1024)
-}
-
 /// Reads one chunk: its pieces in file order scatter with `preadv` (gaps into `scratch`);
 /// a piece that overlaps bytes already read (two destinations of the same file bytes) is
 /// read on its own.
@@ -169,12 +161,12 @@ fn iov_max() -> usize {
 /// Every piece's destination range must be valid for writes and written by no one else
 /// during the call.
 unsafe fn read_chunk(file: &File, path: &Path, c: &Chunk, scratch: &mut Vec<u8>) -> Result<()> {
-    let max_iov = iov_max();
-    let mut iov: Vec<libc::iovec> = Vec::new();
+    let max_iov = fileio::max_read_bufs();
+    let mut iov: Vec<ReadBuf> = Vec::new();
     let mut start = c.file_offset; // file offset of iov[0]
     let mut pos = 0u64; // chunk offset up to which the batch reads
     let mut overlapping = Vec::new();
-    let flush = |iov: &mut Vec<libc::iovec>, start: u64| -> Result<()> {
+    let flush = |iov: &mut Vec<ReadBuf>, start: u64| -> Result<()> {
         // SAFETY: each iovec is a piece's destination (valid per the caller's contract)
         // or the start of the thread's own scratch buffer, no longer than it (holes longer
         // than the buffer end the read instead), which is not reallocated while the batch
@@ -220,15 +212,9 @@ unsafe fn read_chunk(file: &File, path: &Path, c: &Chunk, scratch: &mut Vec<u8>)
         }
         if p.offset > pos {
             debug_assert!(p.offset - pos <= scratch_len);
-            iov.push(libc::iovec {
-                iov_base: scratch_ptr.cast(),
-                iov_len: (p.offset - pos) as usize,
-            });
+            iov.push(ReadBuf::new(scratch_ptr, (p.offset - pos) as usize));
         }
-        iov.push(libc::iovec {
-            iov_base: p.dest as *mut libc::c_void,
-            iov_len: p.len as usize,
-        });
+        iov.push(ReadBuf::new(p.dest as *mut u8, p.len as usize));
         pos = p.offset + p.len;
     }
     if !iov.is_empty() {
@@ -249,38 +235,24 @@ unsafe fn read_chunk(file: &File, path: &Path, c: &Chunk, scratch: &mut Vec<u8>)
     Ok(())
 }
 
-/// Fills every buffer of `iov` in turn from the file bytes starting at `offset` with
-/// `preadv`, retrying on `EINTR` and short reads (the vector is consumed as it goes).
+/// Fills every buffer of `iov` in turn from the file bytes starting at `offset`
+/// (`preadv` on Unix), retrying on `EINTR` and short reads (the vector is consumed as it
+/// goes).
 ///
 /// # Safety
 /// Each `iov` entry must be valid for writes of its length, by no one else during the call.
-unsafe fn preadv_exact(
-    file: &File,
-    path: &Path,
-    iov: &mut [libc::iovec],
-    offset: u64,
-) -> Result<()> {
-    use std::os::unix::io::AsRawFd;
-    let total: u64 = iov.iter().map(|v| v.iov_len as u64).sum();
+unsafe fn preadv_exact(file: &File, path: &Path, iov: &mut [ReadBuf], offset: u64) -> Result<()> {
+    let total: u64 = iov.iter().map(|v| v.len() as u64).sum();
     let mut at = offset;
     let mut first = 0usize;
     while first < iov.len() {
-        if iov[first].iov_len == 0 {
+        if iov[first].is_empty() {
             first += 1;
             continue;
         }
-        let at_off = file_offset(path, at)?;
-        let rest = &iov[first..];
         // SAFETY: the entries are valid for writes (caller's contract); there are at most
-        // IOV_MAX of them (the caller batches), and `rest` is a live slice.
-        let n = unsafe {
-            libc::preadv(
-                file.as_raw_fd(),
-                rest.as_ptr(),
-                rest.len() as libc::c_int,
-                at_off,
-            )
-        };
+        // `max_read_bufs()` of them (the caller batches).
+        let n = unsafe { fileio::read_vectored_at(file, &iov[first..], at) };
         let Some(mut n) = read_result(path, n, offset + total)? else {
             continue;
         };
@@ -288,15 +260,11 @@ unsafe fn preadv_exact(
         // Skip the buffers filled, shorten the one filled in part.
         while n > 0 {
             let v = &mut iov[first];
-            if n >= v.iov_len {
-                n -= v.iov_len;
-                v.iov_len = 0;
+            let step = n.min(v.len());
+            v.advance(step);
+            n -= step;
+            if v.is_empty() {
                 first += 1;
-            } else {
-                // SAFETY: `n < iov_len`, so the new base stays inside the same buffer.
-                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-                v.iov_len -= n;
-                n = 0;
             }
         }
     }

@@ -1,0 +1,316 @@
+//! Positional reads of a file: the one place that knows how each OS does them.
+//!
+//! Unix: `pread` and `preadv`. Windows: `ReadFile` at an offset. Windows has no vectored
+//! read of cached files (`ReadFileScatter` wants unbuffered, page-sized buffers), so there
+//! a vector is read one buffer at a time.
+//!
+//! Every read names its offset. Nothing here uses a descriptor's file position, so one
+//! descriptor serves any number of threads at once. (On Windows a positional read also
+//! moves the position, which nothing reads.)
+
+use std::fs::File;
+use std::io;
+
+/// One buffer of a vectored read: `len` writable bytes at `base`. On Unix it is a
+/// `struct iovec`, handed to `preadv` as is.
+#[cfg(unix)]
+#[repr(transparent)]
+pub struct ReadBuf(libc::iovec);
+
+/// One buffer of a vectored read: `len` writable bytes at `base`.
+#[cfg(windows)]
+pub struct ReadBuf {
+    base: *mut u8,
+    len: usize,
+}
+
+impl ReadBuf {
+    /// A buffer of `len` bytes at `base`. Nothing is read or written here: the unsafe
+    /// reads that take it state what it must point to.
+    pub fn new(base: *mut u8, len: usize) -> ReadBuf {
+        #[cfg(unix)]
+        return ReadBuf(libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        });
+        #[cfg(windows)]
+        return ReadBuf { base, len };
+    }
+
+    pub fn base(&self) -> *mut u8 {
+        #[cfg(unix)]
+        return self.0.iov_base.cast();
+        #[cfg(windows)]
+        return self.base;
+    }
+
+    pub fn len(&self) -> usize {
+        #[cfg(unix)]
+        return self.0.iov_len;
+        #[cfg(windows)]
+        return self.len;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops the first `n` bytes (`n <= len`), after a read filled them.
+    pub fn advance(&mut self, n: usize) {
+        assert!(n <= self.len(), "advance past the end of a read buffer");
+        // `wrapping_add` because the address is only ever handed to the OS: it stays
+        // inside (or one past) the same buffer since `n <= len`.
+        *self = ReadBuf::new(self.base().wrapping_add(n), self.len() - n);
+    }
+}
+
+/// Most buffers one `read_vectored_at` takes.
+pub fn max_read_bufs() -> usize {
+    #[cfg(unix)]
+    {
+        // SAFETY: sysconf only reads a system limit.
+        let n = unsafe { libc::sysconf(libc::_SC_IOV_MAX) };
+        usize::try_from(n).unwrap_or(16).clamp(16, 1024)
+    }
+    #[cfg(windows)]
+    {
+        1024 // read one at a time: any number would do, this bounds the caller's vector
+    }
+}
+
+/// The most bytes one read asks for (Windows' `ReadFile` counts in `u32`; Linux stops
+/// just short of 2 GiB anyway).
+const MAX_READ: usize = 1 << 30;
+
+/// Reads up to `len` bytes (at most 1 GiB) of `file` at `offset` into `dst`, with one
+/// system call: `Ok(0)` only at the end of the file, and possibly fewer bytes than asked
+/// for otherwise. Unix may fail with `Interrupted`: the caller retries.
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes, and nothing else may read or write them
+/// during the call. They need not be initialised.
+pub unsafe fn read_at_raw(file: &File, dst: *mut u8, len: usize, offset: u64) -> io::Result<usize> {
+    let len = len.min(MAX_READ);
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let at = libc::off_t::try_from(offset).map_err(|_| too_far(offset))?;
+        // SAFETY: `dst` is valid for writes of `len` bytes (caller's contract); pread
+        // writes at most that many.
+        let n = unsafe { libc::pread(file.as_raw_fd(), dst.cast(), len, at) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    #[cfg(windows)]
+    {
+        // SAFETY: forwarded contract.
+        unsafe { windows::read_file_at(file, dst, len, offset) }
+    }
+}
+
+/// Fills the buffers of `bufs` in turn from the bytes of `file` starting at `offset`,
+/// with one `preadv` on Unix (one `ReadFile` per buffer on Windows). Returns the bytes
+/// read: fewer than the buffers hold where the file ends or the OS reads less, and `0`
+/// only at the end of the file (or when every buffer is empty). Unix may fail with
+/// `Interrupted`: the caller retries.
+///
+/// # Safety
+/// Each buffer must be valid for writes of its length, by no one else during the call;
+/// at most `max_read_bufs()` of them.
+pub unsafe fn read_vectored_at(file: &File, bufs: &[ReadBuf], offset: u64) -> io::Result<usize> {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let at = libc::off_t::try_from(offset).map_err(|_| too_far(offset))?;
+        let count = libc::c_int::try_from(bufs.len()).map_err(|_| too_many())?;
+        // SAFETY: `ReadBuf` is a transparent `iovec`; each is valid for writes of its
+        // length (caller's contract) and `bufs` is a live slice of `count` of them.
+        let n = unsafe { libc::preadv(file.as_raw_fd(), bufs.as_ptr().cast(), count, at) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    #[cfg(windows)]
+    {
+        let mut done = 0usize;
+        for buf in bufs {
+            let mut filled = 0usize;
+            while filled < buf.len() {
+                let at = offset + (done + filled) as u64;
+                // SAFETY: `buf.base() + filled` has `buf.len() - filled` bytes left of a
+                // buffer valid for writes (caller's contract).
+                let n = match unsafe {
+                    read_at_raw(file, buf.base().add(filled), buf.len() - filled, at)
+                } {
+                    Ok(n) => n,
+                    // What was read is reported; the next call meets the error again.
+                    Err(_) if done + filled > 0 => 0,
+                    Err(e) => return Err(e),
+                };
+                if n == 0 {
+                    return Ok(done + filled);
+                }
+                filled += n;
+            }
+            done += filled;
+        }
+        Ok(done)
+    }
+}
+
+/// Reads up to `buf.len()` bytes at `offset` (see `read_at_raw`).
+pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: a live, exclusively borrowed slice of `buf.len()` bytes.
+    unsafe { read_at_raw(file, buf.as_mut_ptr(), buf.len(), offset) }
+}
+
+/// Reads until `buf` is full or the file ends, retrying interrupted and short reads;
+/// returns the bytes read.
+pub fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match read_at(file, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Fills `buf` from the bytes at `offset` (see `read_fully_at`); a file that ends first is
+/// `UnexpectedEof`.
+pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    if read_fully_at(file, buf, offset)? < buf.len() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+#[cfg(unix)]
+fn too_far(offset: u64) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("offset {offset} is past what a file offset can hold"),
+    )
+}
+
+#[cfg(unix)]
+fn too_many() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "too many buffers for one read")
+}
+
+#[cfg(windows)]
+mod windows {
+    use std::fs::File;
+    use std::io;
+    use std::os::windows::io::AsRawHandle;
+
+    use windows_sys::Win32::Foundation::{ERROR_HANDLE_EOF, FALSE};
+    use windows_sys::Win32::Storage::FileSystem::ReadFile;
+    use windows_sys::Win32::System::IO::OVERLAPPED;
+
+    /// `ReadFile` of up to `len` (at most 1 GiB) bytes at `offset`. The handle is
+    /// synchronous (std opens files without `FILE_FLAG_OVERLAPPED`), so the OVERLAPPED
+    /// only carries the offset and the call returns when the read is done.
+    ///
+    /// # Safety
+    /// As `read_at_raw`.
+    pub(super) unsafe fn read_file_at(
+        file: &File,
+        dst: *mut u8,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<usize> {
+        // SAFETY: OVERLAPPED is plain data; all zeroes is a valid (empty) value.
+        let mut at: OVERLAPPED = unsafe { std::mem::zeroed() };
+        at.Anonymous.Anonymous.Offset = offset as u32;
+        at.Anonymous.Anonymous.OffsetHigh = (offset >> 32) as u32;
+        let mut read = 0u32;
+        // SAFETY: `dst` is valid for writes of `len` bytes (caller's contract), `len` fits
+        // a u32 (at most 1 GiB), and `read` and `at` outlive the synchronous call.
+        let ok = unsafe { ReadFile(file.as_raw_handle(), dst, len as u32, &mut read, &mut at) };
+        if ok == FALSE {
+            let e = io::Error::last_os_error();
+            // A read that starts at or past the end of the file.
+            if e.raw_os_error() == Some(ERROR_HANDLE_EOF as i32) {
+                return Ok(0);
+            }
+            return Err(e);
+        }
+        Ok(read as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_of(data: &[u8]) -> (tempfile::TempDir, File) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, data).unwrap();
+        let file = File::open(&path).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn positional_reads_return_the_bytes_at_the_offset_and_zero_at_the_end() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let (_dir, file) = file_of(&data);
+        let mut buf = [0u8; 16];
+        assert_eq!(read_at(&file, &mut buf, 1000).unwrap(), 16);
+        assert_eq!(buf, data[1000..1016]);
+        assert_eq!(read_at(&file, &mut buf, 9_990).unwrap(), 10);
+        assert_eq!(buf[..10], data[9_990..]);
+        assert_eq!(read_at(&file, &mut buf, 10_000).unwrap(), 0);
+        assert_eq!(read_at(&file, &mut buf, 1 << 40).unwrap(), 0);
+        read_exact_at(&file, &mut buf, 0).unwrap();
+        assert_eq!(buf, data[..16]);
+        let e = read_exact_at(&file, &mut buf, 9_999).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        // The file position is not used: interleaved reads at other offsets don't matter.
+        assert_eq!(read_at(&file, &mut buf[..4], 5).unwrap(), 4);
+        assert_eq!(buf[..4], data[5..9]);
+    }
+
+    #[test]
+    fn vectored_reads_fill_each_buffer_in_turn_and_stop_at_the_end() {
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 253) as u8).collect();
+        let (_dir, file) = file_of(&data);
+        let (mut a, mut b, mut c) = ([0u8; 3], [0u8; 0], [0u8; 5000]);
+        let bufs = [
+            ReadBuf::new(a.as_mut_ptr(), a.len()),
+            ReadBuf::new(b.as_mut_ptr(), b.len()),
+            ReadBuf::new(c.as_mut_ptr(), c.len()),
+        ];
+        // SAFETY: three live local arrays, each described by its own length.
+        let n = unsafe { read_vectored_at(&file, &bufs, 100) }.unwrap();
+        assert_eq!(n, 5003);
+        assert_eq!(a, data[100..103]);
+        assert_eq!(c[..], data[103..5103]);
+        // Past the end: only what the file holds.
+        let bufs = [
+            ReadBuf::new(a.as_mut_ptr(), a.len()),
+            ReadBuf::new(c.as_mut_ptr(), c.len()),
+        ];
+        // SAFETY: as above.
+        let n = unsafe { read_vectored_at(&file, &bufs, 9_000) }.unwrap();
+        assert_eq!(n, 1000);
+        assert_eq!(a, data[9_000..9_003]);
+        assert_eq!(c[..997], data[9_003..]);
+        // SAFETY: as above.
+        let at_the_end = unsafe { read_vectored_at(&file, &bufs, 10_000) };
+        assert_eq!(at_the_end.unwrap(), 0);
+    }
+
+    #[test]
+    fn a_read_buffer_advances_within_itself() {
+        let mut bytes = [0u8; 10];
+        let mut buf = ReadBuf::new(bytes.as_mut_ptr(), 10);
+        buf.advance(4);
+        assert_eq!(buf.len(), 6);
+        assert_eq!(buf.base(), bytes[4..].as_mut_ptr());
+        buf.advance(6);
+        assert!(buf.is_empty());
+        assert!(std::panic::catch_unwind(move || buf.advance(1)).is_err());
+    }
+}
