@@ -56,6 +56,13 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return whl
 
 
+def _bin(root: Path, name: str) -> Path:
+    """A program in the virtual environment at `root` (Windows: Scripts\\name.exe)."""
+    if os.name == "nt":
+        return root / "Scripts" / f"{name}.exe"
+    return root / "bin" / name
+
+
 def _path_without_rust() -> str:
     """This PATH less every directory holding a Rust tool (or maturin)."""
     keep = [
@@ -70,7 +77,7 @@ def _path_without_rust() -> str:
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
-    py = root / "bin" / "python"
+    py = _bin(root, "python")
     site = Path(
         subprocess.run(
             [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -91,7 +98,7 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         for k, v in os.environ.items()
         if not k.startswith(("CARGO", "RUSTUP", "PYTHON", "VIRTUAL_ENV", "MATURIN"))
     }
-    env["PATH"] = os.pathsep.join([str(root / "bin"), _path_without_rust()])
+    env["PATH"] = os.pathsep.join([str(py.parent), _path_without_rust()])
     for tool in RUST_TOOLS:
         assert shutil.which(tool, path=env["PATH"]) is None, tool
     # pip from this environment installs into the new one (no network, no dependencies:
@@ -189,13 +196,14 @@ def test_wheel_installs_and_loads_without_rust(venv: dict, checkpoints: dict) ->
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.strip().splitlines()[-1])
     assert report["rust_on_path"] == []
-    assert Path(report["zeroload"]).is_relative_to(venv["site"])  # the wheel, not the tree
+    # the wheel, not the tree
+    assert Path(report["zeroload"]).resolve().is_relative_to(venv["site"].resolve())
     assert report["pth_equal"] and report["st_equal"] and report["open_equal"]
     assert report["quickstart_equal"]
 
 
 def test_wheel_command_line(venv: dict, checkpoints: dict, tmp_path: Path) -> None:
-    exe = venv["root"] / "bin" / "zeroload"
+    exe = _bin(venv["root"], "zeroload")
 
     def run(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -43,7 +43,7 @@ def _rss_bytes() -> int:
         import psutil
 
         return int(psutil.Process().memory_info().rss)
-    except ImportError:  # pragma: no cover - non-Linux without psutil
+    except ImportError:  # pragma: no cover - macOS without psutil (a dependency on Windows)
         import resource
 
         scale = 1 if sys.platform == "darwin" else 1024
