@@ -8,8 +8,9 @@
 //! This is its own test binary: the driver library cudarc loads is process-wide, and the
 //! other tests (`tests/transfer.rs`, the unit tests) check the behaviour without CUDA.
 //!
-//! Linux only: the fake is a shared object that stands in for `libcuda.so` by its SONAME.
-#![cfg(target_os = "linux")]
+//! Linux and Windows: the fake stands in for `libcuda.so` by its SONAME, and for
+//! `nvcuda.dll` by its file name (Windows matches a loaded DLL by name).
+#![cfg(any(target_os = "linux", windows))]
 
 use std::ffi::{c_char, c_int, c_uint, c_void, CString};
 use std::path::PathBuf;
@@ -102,23 +103,44 @@ fn fake_path() -> PathBuf {
         .status()
         .expect("run cargo to build tests/fakecuda");
     assert!(status.success(), "building tests/fakecuda failed");
-    root.join("target/fakecuda/release/libfakecuda.so")
+    let release = root.join("target/fakecuda/release");
+    if cfg!(windows) {
+        // A copy named like the driver, which cudarc's LoadLibrary("nvcuda.dll") then finds.
+        let named = release.join("nvcuda.dll");
+        std::fs::copy(release.join("fakecuda.dll"), &named).expect("copy fakecuda.dll");
+        return named;
+    }
+    release.join("libfakecuda.so")
 }
 
-/// Loads the fake (once): by absolute path, so that cudarc's `dlopen("libcuda.so")` finds
-/// it by its SONAME instead of searching for a real driver.
+/// Loads the fake (once) by absolute path, so that cudarc's `dlopen("libcuda.so")` (or
+/// `LoadLibrary("nvcuda.dll")`) finds it by its name instead of searching for a real
+/// driver. It stays loaded for the life of the process.
 fn fake() -> &'static Fake {
     static FAKE: OnceLock<Fake> = OnceLock::new();
     FAKE.get_or_init(|| {
-        let path = c(fake_path().to_str().unwrap());
+        let path = fake_path();
+        #[cfg(unix)]
         // SAFETY: loads our own test library; its initialisers only set up Rust statics.
-        let h = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
-        assert!(!h.is_null(), "dlopen of the fake CUDA driver failed");
+        let lib = unsafe {
+            libloading::os::unix::Library::open(
+                Some(&path),
+                libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+            )
+        }
+        .map(libloading::Library::from);
+        #[cfg(windows)]
+        // SAFETY: as above.
+        let lib = unsafe { libloading::Library::new(&path) };
+        let lib = lib.unwrap_or_else(|e| panic!("loading the fake CUDA driver failed: {e}"));
+        let lib: &'static libloading::Library = Box::leak(Box::new(lib));
         macro_rules! sym {
             ($name:literal) => {{
                 let n = c($name);
-                // SAFETY: `h` is a live handle; the name is NUL-terminated.
-                let p = unsafe { libc::dlsym(h, n.as_ptr()) };
+                // SAFETY: the library stays loaded (leaked); the name is NUL-terminated,
+                // and the symbol is only read as an address here.
+                let p: *mut c_void = *unsafe { lib.get::<*mut c_void>(n.as_bytes_with_nul()) }
+                    .unwrap_or_else(|e| panic!("fakecuda lacks {}: {e}", $name));
                 assert!(!p.is_null(), "fakecuda lacks {}", $name);
                 // SAFETY: the symbol is a function with the signature of the field it is
                 // stored in (see tests/fakecuda/src: control.rs and the driver entry

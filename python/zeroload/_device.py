@@ -143,7 +143,7 @@ def cuda_device(device: DeviceLike) -> torch.device:
     if not _core.cuda_available():
         raise _core.CudaError(
             f"cannot load to cuda:{index}: PyTorch sees CUDA but zeroload could not load the "
-            "CUDA driver library (libcuda.so)"
+            "CUDA driver library (libcuda.so, nvcuda.dll on Windows)"
         )
     return torch.device("cuda", index)
 

@@ -1,4 +1,4 @@
-//! Driver glue: loading `libcuda` at run time (cudarc `dynamic-loading`), `cuInit`,
+//! Driver glue: loading the driver (`libcuda.so`, `nvcuda.dll`) at run time (cudarc `dynamic-loading`), `cuInit`,
 //! contexts, turning driver errors and cudarc's panics into `Error`s, and checking that
 //! destinations are device memory. Everything that talks to the driver outside of the
 //! staging resources (`staging.rs`, `ring.rs`) is here.
@@ -69,6 +69,13 @@ pub(crate) fn cu(call: &'static str) -> impl Fn(DriverError) -> Error {
     }
 }
 
+/// The driver library's name, for messages (cudarc tries it among others).
+const DRIVER_LIBRARY: &str = if cfg!(windows) {
+    "nvcuda.dll"
+} else {
+    "libcuda.so"
+};
+
 fn culib_present() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
     *PRESENT.get_or_init(|| {
@@ -76,8 +83,9 @@ fn culib_present() -> bool {
         // closes it again. Loading a library runs its initialisers: here libcuda's (the
         // NVIDIA driver's own, the code every CUDA program, PyTorch included, runs when it
         // uses the GPU; they take no arguments and have no precondition we could break),
-        // or those of whatever the user's library path names `libcuda.so` (trusted as any
-        // library on that path is; the test suite's fake driver only sets up Rust statics).
+        // or those of whatever library the user's library path offers under the driver's
+        // name (trusted as any library on that path is; the test suite's fake driver only
+        // sets up Rust statics).
         // Nothing of ours is borrowed or running on other threads' behalf during the call,
         // and a panic inside cudarc is caught.
         catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false)
@@ -87,11 +95,10 @@ fn culib_present() -> bool {
 /// Loads the driver and runs `cuInit`.
 fn init() -> Result<()> {
     if !culib_present() {
-        return Err(Error::CudaUnavailable(
-            "no CUDA driver library (libcuda.so) could be loaded; is an NVIDIA driver \
+        return Err(Error::CudaUnavailable(format!(
+            "no CUDA driver library ({DRIVER_LIBRARY}) could be loaded; is an NVIDIA driver \
              installed?"
-                .into(),
-        ));
+        )));
     }
     match result::init() {
         Ok(()) => Ok(()),
@@ -101,12 +108,13 @@ fn init() -> Result<()> {
                 std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_default()
             )))
         }
-        Err(DriverError(sys::CUresult::CUDA_ERROR_STUB_LIBRARY)) => Err(Error::CudaUnavailable(
-            "the libcuda.so found is a stub library (CUDA_ERROR_STUB_LIBRARY), not an \
-                 NVIDIA driver; is the driver installed, and is a CUDA toolkit's stubs \
-                 directory on LD_LIBRARY_PATH?"
-                .into(),
-        )),
+        Err(DriverError(sys::CUresult::CUDA_ERROR_STUB_LIBRARY)) => {
+            Err(Error::CudaUnavailable(format!(
+                "the {DRIVER_LIBRARY} found is a stub library (CUDA_ERROR_STUB_LIBRARY), not \
+                 an NVIDIA driver; is the driver installed, and is a CUDA toolkit's stubs \
+                 directory on the library path?"
+            )))
+        }
         Err(e) => Err(cu("cuInit")(e)),
     }
 }

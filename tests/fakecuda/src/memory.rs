@@ -11,39 +11,76 @@ use super::*;
 /// A host mapping owned by the fake, unmapped on drop.
 pub(crate) struct HostMap {
     pub(crate) addr: usize,
+    #[cfg_attr(windows, allow(dead_code))] // munmap needs it; VirtualFree does not
     pub(crate) len: usize,
 }
 
 impl HostMap {
+    /// `len` bytes (rounded up to pages) of fresh memory: zeroed and read-write when
+    /// `readable`, else address space that faults on any access, as device addresses
+    /// would if the host dereferenced them.
     pub(crate) fn new(len: usize, readable: bool) -> Option<HostMap> {
         let len = len.max(1).div_ceil(PAGE) * PAGE;
-        let prot = if readable {
-            libc::PROT_READ | libc::PROT_WRITE
-        } else {
-            libc::PROT_NONE
-        };
-        // SAFETY: a fresh anonymous private mapping; nothing else refers to it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        (p != libc::MAP_FAILED).then_some(HostMap {
-            addr: p as usize,
-            len,
-        })
+        let addr = os_map(len, readable)?;
+        Some(HostMap { addr, len })
     }
+}
+
+#[cfg(unix)]
+fn os_map(len: usize, readable: bool) -> Option<usize> {
+    let prot = if readable {
+        libc::PROT_READ | libc::PROT_WRITE
+    } else {
+        libc::PROT_NONE
+    };
+    // SAFETY: a fresh anonymous private mapping; nothing else refers to it.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    (p != libc::MAP_FAILED).then_some(p as usize)
+}
+
+/// Windows: committed pages (zeroed, backed when first touched) when readable, else a
+/// reservation only, which faults on any access.
+#[cfg(windows)]
+fn os_map(len: usize, readable: bool) -> Option<usize> {
+    use windows_sys::Win32::System::Memory::{
+        VirtualAlloc, MEM_COMMIT, MEM_RESERVE, PAGE_NOACCESS, PAGE_READWRITE,
+    };
+    let (kind, protect) = if readable {
+        (MEM_RESERVE | MEM_COMMIT, PAGE_READWRITE)
+    } else {
+        (MEM_RESERVE, PAGE_NOACCESS)
+    };
+    // SAFETY: a fresh allocation at an address of the system's choosing; nothing else
+    // refers to it.
+    let p = unsafe { VirtualAlloc(std::ptr::null(), len, kind, protect) };
+    (!p.is_null()).then_some(p as usize)
 }
 
 impl Drop for HostMap {
     fn drop(&mut self) {
-        // SAFETY: our own mapping, unmapped once; whoever could still use it holds an Arc.
-        unsafe { libc::munmap(self.addr as *mut c_void, self.len) };
+        // SAFETY: our own mapping, released once; whoever could still use it holds an Arc.
+        #[cfg(unix)]
+        unsafe {
+            libc::munmap(self.addr as *mut c_void, self.len)
+        };
+        // SAFETY: as above; MEM_RELEASE frees the whole allocation (size 0).
+        #[cfg(windows)]
+        unsafe {
+            windows_sys::Win32::System::Memory::VirtualFree(
+                self.addr as *mut c_void,
+                0,
+                windows_sys::Win32::System::Memory::MEM_RELEASE,
+            )
+        };
     }
 }
 
