@@ -64,6 +64,10 @@ impl ReadBuf {
     }
 }
 
+/// Whether `read_vectored_at` fills all its buffers with one system call (Unix). Where it
+/// does not (Windows), reading a hole between two wanted ranges costs a call of its own.
+pub const VECTORED_READS: bool = cfg!(unix);
+
 /// Most buffers one `read_vectored_at` takes.
 pub fn max_read_bufs() -> usize {
     #[cfg(unix)]

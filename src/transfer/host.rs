@@ -175,8 +175,12 @@ unsafe fn read_chunk(file: &File, path: &Path, c: &Chunk, scratch: &mut Vec<u8>)
         iov.clear();
         r
     };
-    let gaps: u64 = {
-        // Largest hole in the chunk, to size the scratch buffer once.
+    // Largest hole in the chunk, to size the scratch buffer once. Without vectored reads
+    // (Windows) a hole costs a read of its own, so none is read: with no scratch, every
+    // hole ends a read and the next starts at the piece after it.
+    let gaps: u64 = if !fileio::VECTORED_READS {
+        0
+    } else {
         let mut end = 0u64;
         let mut largest = 0u64;
         for p in &c.pieces {
