@@ -113,7 +113,7 @@ pub(crate) fn worker(s: Arc<Stream>, seed: u64) {
         };
         if max_delay > 0 {
             let d = min_delay + rng.next() % (max_delay - min_delay + 1);
-            std::thread::sleep(Duration::from_micros(d));
+            pause(Duration::from_micros(d));
         }
         let error = match op {
             Op::Copy(c) => {
@@ -283,7 +283,7 @@ pub(crate) fn run_copy(
     if bps > 0.0 {
         let now = Instant::now();
         if *link_free > now {
-            std::thread::sleep(*link_free - now);
+            pause(*link_free - now);
         }
     }
     state().inflight_remove(dst, id);
@@ -688,4 +688,18 @@ pub extern "C" fn cuEventDestroy_v2(event: CUevent) -> CUresult {
         st.events.remove(&e.id);
         Ok(())
     })
+}
+
+/// Waits `d`. Windows rounds a sleep up to its timer tick (a millisecond or more), which
+/// would stretch the fake's microsecond delays a thousandfold; there a short wait yields
+/// until its deadline instead.
+fn pause(d: Duration) {
+    if cfg!(windows) && d < Duration::from_millis(2) {
+        let end = Instant::now() + d;
+        while Instant::now() < end {
+            std::thread::yield_now();
+        }
+    } else {
+        std::thread::sleep(d);
+    }
 }
