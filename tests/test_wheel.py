@@ -68,7 +68,8 @@ def _path_without_rust() -> str:
     keep = [
         d
         for d in os.environ.get("PATH", "").split(os.pathsep)
-        if d and not any(os.path.exists(os.path.join(d, t)) for t in RUST_TOOLS)
+        # (`which` with this one directory: on Windows the tools are `cargo.exe` and so on)
+        if d and not any(shutil.which(t, path=d) for t in RUST_TOOLS)
     ]
     return os.pathsep.join(keep)
 
