@@ -460,11 +460,7 @@ pub extern "C" fn cuMemAddressFree(ptr: CUdeviceptr, size: usize) -> CUresult {
             );
             return Err(INVALID_VALUE);
         }
-        if st
-            .regions
-            .range(ptr..ptr + size as u64)
-            .any(|(_, r)| r.kind == Kind::Mapped)
-        {
+        if !st.mappings_in(ptr, ptr + size as u64).is_empty() {
             st.find(
                 Class::Leak,
                 format!("cuMemAddressFree({ptr:#x}): the range still has mappings"),
@@ -609,12 +605,7 @@ pub unsafe extern "C" fn cuMemSetAccess(
         // SAFETY: driver contract: `count` descriptors.
         let descs = unsafe { std::slice::from_raw_parts(desc, count) };
         let end = ptr + size as u64;
-        let keys: Vec<u64> = st
-            .regions
-            .range(ptr..end)
-            .filter(|(_, r)| r.kind == Kind::Mapped)
-            .map(|(&k, _)| k)
-            .collect();
+        let keys = st.mappings_in(ptr, end);
         if keys.is_empty() {
             return Err(INVALID_VALUE);
         }
@@ -634,12 +625,7 @@ pub extern "C" fn cuMemUnmap(ptr: CUdeviceptr, size: usize) -> CUresult {
     guard("cuMemUnmap", || {
         let mut st = enter("cuMemUnmap", true)?;
         let end = ptr + size as u64;
-        let keys: Vec<u64> = st
-            .regions
-            .range(ptr..end)
-            .filter(|(_, r)| r.kind == Kind::Mapped)
-            .map(|(&k, _)| k)
-            .collect();
+        let keys = st.mappings_in(ptr, end);
         if keys.is_empty() {
             return Err(INVALID_VALUE);
         }

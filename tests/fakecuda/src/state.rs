@@ -261,6 +261,15 @@ impl State {
         Ok(pieces)
     }
 
+    /// Start addresses of the VMM mappings (`cuMemMap`) that begin in `[a, b)`.
+    pub(crate) fn mappings_in(&self, a: u64, b: u64) -> Vec<u64> {
+        self.regions
+            .range(a..b)
+            .filter(|(_, r)| r.kind == Kind::Mapped)
+            .map(|(&k, _)| k)
+            .collect()
+    }
+
     /// Whether `[a, b)` overlaps a destination in flight.
     pub(crate) fn inflight_overlap(&self, a: u64, b: u64) -> Option<(u64, u64)> {
         if let Some((&s, v)) = self.inflight.range(..=a).next_back() {
