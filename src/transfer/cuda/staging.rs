@@ -155,41 +155,32 @@ impl Orphans {
                 self.rings.push(ring);
             }
         }
-        for (ctx, e) in std::mem::take(&mut self.events) {
-            let r = with_context(ctx, || {
-                // SAFETY: an event of ours whose destruction failed before; never used
-                // since; its context is current.
-                unsafe { result::event::destroy(e as sys::CUevent) }
-                    .map_err(cu("cuEventDestroy_v2"))
-            });
-            if let Err(err) = r {
-                first.get_or_insert(err);
-                self.events.push((ctx, e));
-            }
-        }
-        for (ctx, s) in std::mem::take(&mut self.streams) {
-            let r = with_context(ctx, || {
-                // SAFETY: a stream of ours whose destruction failed before; never used
-                // since; its context is current.
-                unsafe { result::stream::destroy(s as sys::CUstream) }
-                    .map_err(cu("cuStreamDestroy_v2"))
-            });
-            if let Err(err) = r {
-                first.get_or_insert(err);
-                self.streams.push((ctx, s));
-            }
-        }
+        retry_each(&mut self.events, &mut first, |e| {
+            // SAFETY: an event of ours whose destruction failed before; never used since;
+            // its context is current.
+            unsafe { result::event::destroy(e as sys::CUevent) }.map_err(cu("cuEventDestroy_v2"))
+        });
+        retry_each(&mut self.streams, &mut first, |s| {
+            // SAFETY: a stream of ours whose destruction failed before; never used since;
+            // its context is current.
+            unsafe { result::stream::destroy(s as sys::CUstream) }.map_err(cu("cuStreamDestroy_v2"))
+        });
         first.map_or(Ok(()), Err)
     }
+}
 
-    /// Keeps the slabs a free refused, with the ring's context.
-    fn keep_slabs(&mut self, ring: &Ring, slabs: Vec<super::ring::Slab>) {
-        self.rings.push(Ring {
-            slabs,
-            slab_bytes: ring.slab_bytes,
-            wanted: ring.wanted,
-            ctx: ring.ctx,
-        });
+/// Destroys each `(context, handle)` of `orphans` again with `destroy`, in its own
+/// context; keeps the ones refused again and records the first error in `first`.
+fn retry_each(
+    orphans: &mut Vec<(usize, usize)>,
+    first: &mut Option<Error>,
+    destroy: impl Fn(usize) -> Result<()>,
+) {
+    for (ctx, handle) in std::mem::take(orphans) {
+        if let Err(e) = with_context(ctx, || destroy(handle)) {
+            first.get_or_insert(e);
+            orphans.push((ctx, handle));
+        }
     }
 }
 
@@ -265,8 +256,8 @@ impl Staging {
                 // portable, so the copy's context (current) frees them.
                 *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 if let Err(e) = old.free() {
-                    let kept = std::mem::take(&mut old.slabs);
-                    self.orphans.keep_slabs(&old, kept);
+                    // It keeps the slabs the driver refused, with their context.
+                    self.orphans.rings.push(old);
                     return Err(e);
                 }
             }
@@ -323,8 +314,7 @@ impl Staging {
         *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner()) = None;
         if let Some(mut ring) = self.ring.take() {
             if let Err(e) = with_context(ring.ctx, || ring.free()) {
-                let kept = std::mem::take(&mut ring.slabs);
-                self.orphans.keep_slabs(&ring, kept);
+                self.orphans.rings.push(ring);
                 first.get_or_insert(e);
             }
         }
