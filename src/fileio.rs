@@ -112,7 +112,7 @@ pub unsafe fn read_at_raw(file: &File, dst: *mut u8, len: usize, offset: u64) ->
 }
 
 /// Fills the buffers of `bufs` in turn from the bytes of `file` starting at `offset`,
-/// with one `preadv` on Unix (one `ReadFile` per buffer on Windows). Returns the bytes
+/// with one `preadv` on Unix (on Windows, each buffer read whole in turn). Returns the bytes
 /// read: fewer than the buffers hold where the file ends or the OS reads less, and `0`
 /// only at the end of the file (or when every buffer is empty). Unix may fail with
 /// `Interrupted`: the caller retries.
@@ -135,25 +135,13 @@ pub unsafe fn read_vectored_at(file: &File, bufs: &[ReadBuf], offset: u64) -> io
     {
         let mut done = 0usize;
         for buf in bufs {
-            let mut filled = 0usize;
-            while filled < buf.len() {
-                let at = offset + (done + filled) as u64;
-                // SAFETY: `buf.base() + filled` has `buf.len() - filled` bytes left of a
-                // buffer valid for writes (caller's contract).
-                let n = match unsafe {
-                    read_at_raw(file, buf.base().add(filled), buf.len() - filled, at)
-                } {
-                    Ok(n) => n,
-                    // What was read is reported; the next call meets the error again.
-                    Err(_) if done + filled > 0 => 0,
-                    Err(e) => return Err(e),
-                };
-                if n == 0 {
-                    return Ok(done + filled);
-                }
-                filled += n;
+            // SAFETY: the buffer is valid for writes of its length (caller's contract).
+            let n =
+                unsafe { read_fully_at_raw(file, buf.base(), buf.len(), offset + done as u64) }?;
+            done += n;
+            if n < buf.len() {
+                break; // the end of the file
             }
-            done += filled;
         }
         Ok(done)
     }
@@ -168,9 +156,24 @@ pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 /// Reads until `buf` is full or the file ends, retrying interrupted and short reads;
 /// returns the bytes read.
 pub fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: a live, exclusively borrowed slice of `buf.len()` bytes.
+    unsafe { read_fully_at_raw(file, buf.as_mut_ptr(), buf.len(), offset) }
+}
+
+/// `read_fully_at` into `len` bytes at `dst`.
+///
+/// # Safety
+/// As `read_at_raw`.
+unsafe fn read_fully_at_raw(
+    file: &File,
+    dst: *mut u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<usize> {
     let mut done = 0;
-    while done < buf.len() {
-        match read_at(file, &mut buf[done..], offset + done as u64) {
+    while done < len {
+        // SAFETY: `dst + done` has `len - done` bytes left of the caller's buffer.
+        match unsafe { read_at_raw(file, dst.add(done), len - done, offset + done as u64) } {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
