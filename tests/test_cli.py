@@ -424,6 +424,19 @@ def test_demo_writes_nothing_unless_asked(
     assert list(work.iterdir()) == [] and list(scratch.iterdir()) == []
 
 
+def test_demo_leaves_the_temp_dir_as_it_found_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torch creates its compile cache ($TMPDIR/torchinductor_<user>) whenever a model is
+    # built on the meta device, as the demo and its loaders do: in a fresh process, so that
+    # no earlier test has created it already.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    r = _run("demo", "--size", "tiny", "--methods", "zeroload", "mmap_assign")
+    assert r.returncode == 0, r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_model_labels_say_why_gpt2_small_has_163m_parameters() -> None:
     from zeroload.bench.gptmodel import describe
 

@@ -4,18 +4,37 @@ dispatch are :mod:`zeroload.cli`'s)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Iterator, List
 
 from zeroload._units import format_bytes
 from zeroload.bench import MODEL_METHODS, compare, gptmodel
 from zeroload.cli import UsageError
 
 __all__ = ["bench", "demo"]
+
+
+@contextlib.contextmanager
+def _torch_cache_removed_after() -> Iterator[None]:
+    """Points torch's compile cache into a temp dir removed at the end, for this process
+    and the loaders it starts (unless the user chose the cache's place). torch creates the
+    cache (``$TMPDIR/torchinductor_<user>``) whenever a model is built on the meta device,
+    and it would outlive the run."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="zeroload-torch-cache-") as cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            del os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def _check_device(device: str) -> str:
@@ -79,6 +98,7 @@ def _report(rows: List[Any], title: str, out: Path | None, stem: str, device: st
     return 0
 
 
+@_torch_cache_removed_after()
 def demo(args: argparse.Namespace) -> int:
     """``zeroload demo``: build and save the seed's GPTModel, then load it every way."""
     import torch
@@ -109,6 +129,7 @@ def demo(args: argparse.Namespace) -> int:
     return _report(rows, title, out, stem, device)
 
 
+@_torch_cache_removed_after()
 def bench(args: argparse.Namespace) -> int:
     """``zeroload bench PATH``: load the user's checkpoint every way."""
     device = _check_device(args.device)
