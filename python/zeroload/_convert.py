@@ -224,11 +224,13 @@ def convert(
     raw += b" " * (-len(raw) % 8)
 
     # A unique temporary name beside dst (same file system for the rename; "x" mode never
-    # clobbers), created with the default permissions, removed on any failure.
+    # clobbers), created with the default permissions, removed on any failure, but only
+    # once created: a file already under that name is someone else's and stays.
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.zeroload-tmp")
     sources: Dict[str, IO[bytes]] = {}
+    out = open(tmp, "xb")
     try:
-        with open(tmp, "xb") as out:
+        with out:
             out.write(len(raw).to_bytes(8, "little"))
             out.write(raw)
             buf = memoryview(bytearray(min(_CHUNK, max(offset, 1))))
@@ -238,11 +240,13 @@ def convert(
                     f = sources[t.ckpt.path] = open(t.ckpt.path, "rb")
                 _write_tensor(t, name, f, out, buf)
         os.replace(tmp, dst)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
     finally:
         for f in sources.values():
             f.close()
-        if tmp.exists():
-            tmp.unlink()
     return {
         "src": str(src),
         "dst": str(dst),

@@ -261,7 +261,11 @@ def _copy_fallback(
     names: list[str],
     dtype: torch.dtype | None,
 ) -> None:
-    """Loads the tensors as zero-copy CPU views (cast if asked) and `copy_`s them."""
-    loaded = _load_entries(entries, names, "cpu", dtype)
+    """`copy_`s each tensor (cast to `dtype` first if asked) into its target, reading it
+    with `pread` in bounded pieces (`_torch.fill_from_file`), never through the mapping:
+    a file truncated meanwhile raises `CheckpointError`."""
     for k in names:
-        targets[k].copy_(loaded[k])
+        e = entries[k]
+        file_dtype = getattr(torch, e.ckpt.tensor(e.tensor)[1])
+        via = dtype if _torch.casts(file_dtype, dtype) else None
+        _torch.fill_from_file(e.ckpt, e.tensor, targets[k], via)
