@@ -36,7 +36,7 @@ class _Entry(NamedTuple):
     tensor: int
 
 
-def _entries(path: str | os.PathLike) -> dict[str, _Entry]:
+def _entries(path: str | os.PathLike[str]) -> dict[str, _Entry]:
     """Every tensor name of the checkpoint (all shards), in file order."""
     shard_set = _shards.resolve(path)
     out: dict[str, _Entry] = {}
@@ -66,7 +66,7 @@ def _error(module: torch.nn.Module, msgs: list[str]) -> RuntimeError:
 
 def load_into(
     module: torch.nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     device: DeviceLike | None = None,
     dtype: torch.dtype | None = None,

@@ -56,7 +56,7 @@ class SafeOpen:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         framework: str = "pt",
         device: DeviceLike = "cpu",
         *,
@@ -323,7 +323,7 @@ def _numpy_view(ckpt: _core.Checkpoint, i: int, name: str) -> Any:
 
 
 def open(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     framework: str = "pt",
     device: DeviceLike = "cpu",
     *,

@@ -95,7 +95,7 @@ def _direct_target(out: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ...
     # with the view's strides.
     base = torch.empty(0, dtype=torch.uint8, device=t.device)
     base.set_(t.untyped_storage())
-    return base, t.storage_offset() * t.element_size(), tuple(t.stride())
+    return base, int(t.storage_offset()) * t.element_size(), tuple(t.stride())
 
 
 def _file_dtype(ckpt: _core.Checkpoint, i: int) -> torch.dtype:
@@ -334,7 +334,7 @@ def check_index(
     numpy too (as safetensors' numpy slices refuse them)."""
     for p in parts:
         if isinstance(p, slice) and p.step is not None:
-            step = operator.index(p.step)  # type: ignore[arg-type]
+            step = operator.index(p.step)
             if step == 0:
                 raise ValueError("slice step cannot be zero")
             if step < 0:
@@ -342,7 +342,7 @@ def check_index(
     if numpy:
         import numpy as np
 
-        np.broadcast_to(np.empty((), dtype=np.uint8), tuple(shape))[item]  # type: ignore[index]
+        np.broadcast_to(np.empty((), dtype=np.uint8), tuple(shape))[item]  # type: ignore[call-overload]
     else:
         dummy(shape)[item]  # type: ignore[index]
 

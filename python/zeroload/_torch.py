@@ -342,7 +342,7 @@ class _Builder:
         return getattr(torch, name)
 
     @staticmethod
-    def parameter(t: torch.Tensor | None, requires_grad: bool) -> torch.nn.Parameter | None:
+    def parameter(t: torch.Tensor | None, requires_grad: bool) -> torch.Tensor | None:
         if t is None:
             return None
         return torch.nn.Parameter(t, requires_grad=requires_grad)
@@ -392,7 +392,7 @@ def cast(
     todo = [t for t in tensors if castable(t, dtype)]
     total = sum(t.numel() * t.element_size() for t in todo if t is not None)
     bar = progress_bar(progress, total, f"zeroload cast to {dtype}") if todo else None
-    out = []
+    out: list[torch.Tensor | None] = []
     done = 0
     try:
         for i, t in enumerate(tensors):
