@@ -452,7 +452,8 @@ def test_bench_state_dict(files: dict, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     table = out.split("ratios")[0]
     lines = {ln.split()[0]: ln for ln in table.splitlines() if ln.split()[:1]}
-    assert "equal" in lines["torch_load"] and "equal" in lines["zeroload"]
+    # zeroload's digest compared with torch.load's (the reference row, not compared)
+    assert "reference" in lines["torch_load"] and "equal" in lines["zeroload"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
@@ -463,9 +464,9 @@ def test_cuda_without_cuda_is_a_clear_error(files: dict, capsys, cmd: str) -> No
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-# -- scale: every cost O(number of tensors) ---------------------------------------------
-# A quadratic path (a name set or the tensor table rebuilt per tensor) takes hours at
-# 100,000 tensors; linear ones take seconds. The timeouts are generous on purpose.
+# -- scale: 100,000 tensors ---------------------------------------------------------------
+# What these check is the output at 20k and 100k tensors; the timeouts only stop a run
+# that hangs (they are no measure of scaling, hence the names).
 
 
 @pytest.fixture(scope="module", params=[20_000, 100_000], ids=["20k", "100k"])
@@ -484,7 +485,9 @@ def many(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
-def test_inspect_scales_linearly(many: dict, fmt: str, capsys: pytest.CaptureFixture) -> None:
+def test_inspect_lists_every_tensor_of_a_large_file(
+    many: dict, fmt: str, capsys: pytest.CaptureFixture
+) -> None:
     info = _inspect_json(capsys, many["dir"] / f"many.{fmt}")
     names = [t["name"] for t in info["tensors"]]
     if fmt == "pth":
@@ -498,7 +501,7 @@ def test_inspect_scales_linearly(many: dict, fmt: str, capsys: pytest.CaptureFix
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_convert_scales_linearly(many: dict, tmp_path: Path, capsys) -> None:
+def test_convert_writes_every_tensor_of_a_large_file(many: dict, tmp_path: Path, capsys) -> None:
     src, n = many["dir"] / "many.pth", many["n"]
     dst = tmp_path / "out.safetensors"
     assert cli.main(["convert", str(src), str(dst)]) == 0

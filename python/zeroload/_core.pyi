@@ -3,6 +3,7 @@
 import pickle
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any, TypeVar, final
 
 _T = TypeVar("_T")
@@ -34,7 +35,8 @@ class ForbiddenGlobalError(CheckpointError, pickle.UnpicklingError):
 class CudaError(RuntimeError):
     """A CUDA driver call failed, or CUDA is not available."""
 
-_TensorTuple = tuple[int, str, tuple[int, ...], tuple[int, ...], int, bool]
+# (storage index, torch dtype name, shape, element strides, storage offset, requires_grad)
+_TensorTuple = tuple[int, str, list[int], list[int], int, bool]
 
 @final
 class DLPackView:
@@ -63,7 +65,7 @@ class Checkpoint:
     @staticmethod
     def from_memory(chunks: Iterable[bytes], name: str | PathLike[str]) -> Checkpoint: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def format(self) -> str: ...
     @property

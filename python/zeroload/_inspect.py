@@ -275,7 +275,7 @@ def format_inspect(info: Dict[str, Any]) -> str:
             lines.append(f"  metadata: {json.dumps(f['metadata'], sort_keys=True)}")
     if info["metadata"]:
         lines.append(f"index metadata: {json.dumps(info['metadata'], sort_keys=True)}")
-    rows = [
+    rows: List[Tuple[Any, ...]] = [
         (
             t["name"],
             t["dtype"],

@@ -16,7 +16,7 @@ from zeroload._device import DeviceLike
 from zeroload._torch import KeysFilter, MapLocation
 
 # What `load` takes: a path, or a binary file object (anything with `read`, as torch.load).
-Source = Union[str, os.PathLike, IO[bytes]]
+Source = Union[str, "os.PathLike[str]", IO[bytes]]
 # What `load_bytes` takes: anything exposing the buffer protocol.
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -84,11 +84,7 @@ def load(
         CudaError: CUDA is unavailable or a CUDA call failed.
     """
     if not weights_only:
-        raise ValueError(
-            "zeroload.load(weights_only=False) is not supported: zeroload never executes "
-            "code from a checkpoint. Checkpoints holding only tensors, containers and plain "
-            "values load with the default weights_only=True."
-        )
+        raise _no_weights_only_false("load")
     target = _torch.resolve_target(device, map_location)
     options: dict[str, Any] = dict(
         dtype=dtype, progress=progress, staging_bytes=staging_bytes, private=mmap is False
@@ -138,7 +134,7 @@ def load_bytes(
         CheckpointError: the bytes are not a valid checkpoint (named `<bytes>`).
     """
     if not weights_only:
-        return load(data, weights_only=False)  # the same refusal
+        raise _no_weights_only_false("load_bytes")
     target = _torch.resolve_target(device, map_location)
     ckpt = _core.Checkpoint.from_memory(_chunks_of_buffer(data), "<bytes>")
     return _torch.load_checkpoint(
@@ -204,8 +200,8 @@ def _chunks_of_file(f: Any) -> Iterator[bytes]:
 
 
 def _load_shards(
-    shard_set: _shards.ShardSet, target: MapLocation, keys: KeysFilter, options: dict
-) -> dict:
+    shard_set: _shards.ShardSet, target: MapLocation, keys: KeysFilter, options: dict[str, Any]
+) -> dict[str, Any]:
     weight_map = shard_set.weight_map or {}
     if keys is not None and not callable(keys):
         wanted = [keys] if isinstance(keys, str) else list(keys)
@@ -232,3 +228,11 @@ def _load_shards(
                 "but the shard does not hold it"
             )
     return merged
+
+
+def _no_weights_only_false(name: str) -> ValueError:
+    return ValueError(
+        f"zeroload.{name}(weights_only=False) is not supported: zeroload never executes "
+        "code from a checkpoint. Checkpoints holding only tensors, containers and plain "
+        "values load with the default weights_only=True."
+    )

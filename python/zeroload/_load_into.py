@@ -36,7 +36,7 @@ class _Entry(NamedTuple):
     tensor: int
 
 
-def _entries(path: str | os.PathLike) -> dict[str, _Entry]:
+def _entries(path: str | os.PathLike[str]) -> dict[str, _Entry]:
     """Every tensor name of the checkpoint (all shards), in file order."""
     shard_set = _shards.resolve(path)
     out: dict[str, _Entry] = {}
@@ -66,7 +66,7 @@ def _error(module: torch.nn.Module, msgs: list[str]) -> RuntimeError:
 
 def load_into(
     module: torch.nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     *,
     device: DeviceLike | None = None,
     dtype: torch.dtype | None = None,
@@ -261,7 +261,11 @@ def _copy_fallback(
     names: list[str],
     dtype: torch.dtype | None,
 ) -> None:
-    """Loads the tensors as zero-copy CPU views (cast if asked) and `copy_`s them."""
-    loaded = _load_entries(entries, names, "cpu", dtype)
+    """`copy_`s each tensor (cast to `dtype` first if asked) into its target, reading it
+    with `pread` in bounded pieces (`_torch.fill_from_file`), never through the mapping:
+    a file truncated meanwhile raises `CheckpointError`."""
     for k in names:
-        targets[k].copy_(loaded[k])
+        e = entries[k]
+        file_dtype = getattr(torch, e.ckpt.tensor(e.tensor)[1])
+        via = dtype if _torch.casts(file_dtype, dtype) else None
+        _torch.fill_from_file(e.ckpt, e.tensor, targets[k], via)

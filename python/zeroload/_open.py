@@ -56,7 +56,7 @@ class SafeOpen:
 
     def __init__(
         self,
-        path: str | os.PathLike,
+        path: str | os.PathLike[str],
         framework: str = "pt",
         device: DeviceLike = "cpu",
         *,
@@ -113,9 +113,11 @@ class SafeOpen:
     def close(self) -> None:
         """Drops this handle's references to the files. Tensors and slice handles it gave
         out stay valid; calls on the handle raise `CheckpointError`."""
+        # In this order, which `_lookup` reads in reverse: a lookup racing this either
+        # sees the old index and the old files (and succeeds), or finds its name gone.
         self._open = False
-        self._ckpts = []
         self._index = {}
+        self._ckpts = []
 
     def keys(self) -> list[str]:
         """Tensor names, in `safe_open(...).keys()` order (sorted, for safetensors files);
@@ -125,8 +127,14 @@ class SafeOpen:
 
     def offset_keys(self) -> list[str]:
         """Tensor names in the order their data lies in the file(s)."""
-        self._check_open()
-        return sorted(self._index, key=self._place)
+        ckpts, index = self._ckpts, self._index  # in this order: see close()
+        self._check_open()  # after the reads: open now, so both were the open handle's
+
+        def place(name: str) -> tuple[int, int]:  # (file number, byte offset of its data)
+            n, i = index[name]
+            return n, ckpts[n].describe(i)[2]
+
+        return sorted(index, key=place)
 
     def metadata(self) -> dict[str, str] | None:
         """The safetensors `__metadata__` (a shard index's `metadata`), or None."""
@@ -159,17 +167,19 @@ class SafeOpen:
         `safe_open(...).get_tensors()` and `safetensors.torch.load_file` give them), the
         state dict's order for torch files. One load per file: GPU copies go through the
         copy engine together, and tensors that share a storage in a torch file share it."""
-        self._check_open()
-        by_file: list[list[str]] = [[] for _ in self._ckpts]
-        for k, (n, _i) in self._index.items():
+        ckpts, index = self._ckpts, self._index  # in this order: see close()
+        self._check_open()  # after the reads: open now, so both were the open handle's
+        by_file: list[list[str]] = [[] for _ in ckpts]
+        for k, (n, _i) in index.items():
             by_file[n].append(k)
         out: dict[str, Any] = {}
-        for ckpt, names in zip(self._ckpts, by_file):
+        for ckpt, names in zip(ckpts, by_file):
             if ckpt.format == "safetensors":
-                names.sort(key=self._place)
+                offsets = {k: ckpt.describe(index[k][1])[2] for k in names}
+                names.sort(key=offsets.__getitem__)
             if self._numpy:
                 for k in names:
-                    out[k] = _numpy_view(ckpt, self._index[k][1], k)
+                    out[k] = _numpy_view(ckpt, index[k][1], k)
                 continue
             # Every tensor of the file is in the index (flat files only), so load it whole.
             loaded = _torch.load_checkpoint(
@@ -188,24 +198,23 @@ class SafeOpen:
         return _Slice(self._numpy, self._device, ckpt, i, name)
 
     def _lookup(self, name: str) -> tuple[_core.Checkpoint, int]:
+        ckpts = self._ckpts  # before the index: see close()
         try:
             n, i = self._index[name]
         except KeyError:
             self._check_open()
             raise KeyError(_torch.missing_key_message(self._path, name, self._index)) from None
-        return self._ckpts[n], i
-
-    def _place(self, name: str) -> tuple[int, int]:
-        """(file number, byte offset) of a tensor's data."""
-        n, i = self._index[name]
-        return n, self._ckpts[n].describe(i)[2]
+        return ckpts[n], i
 
     def _check_open(self) -> None:
         if not self._open:
-            raise ClosedHandleError(
-                f"{self._path}: the handle is closed (by close() or at the end of its "
-                "`with` block); tensors it gave out stay valid"
-            )
+            raise self._closed()
+
+    def _closed(self) -> ClosedHandleError:
+        return ClosedHandleError(
+            f"{self._path}: the handle is closed (by close() or at the end of its "
+            "`with` block); tensors it gave out stay valid"
+        )
 
 
 class _Slice:
@@ -314,7 +323,7 @@ def _numpy_view(ckpt: _core.Checkpoint, i: int, name: str) -> Any:
 
 
 def open(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     framework: str = "pt",
     device: DeviceLike = "cpu",
     *,

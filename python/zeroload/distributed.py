@@ -159,7 +159,7 @@ class StorageReader(_DCPStorageReader):
                     raise CheckpointError(f"{f}: tensor {fqn!r} disagrees with another file")
         self.storage_data = storage
         return Metadata(
-            state_dict_metadata=sd_meta,  # type: ignore[arg-type]
+            state_dict_metadata=sd_meta,
             storage_data=storage,
             storage_meta=StorageMeta(checkpoint_id=self.path, load_id=self.load_id),
         )
@@ -285,7 +285,7 @@ class _PlaceholderBuilder(_torch._Builder):
     and dtypes as `zeroload.load` builds them."""
 
     def __init__(self, ckpt: _core.Checkpoint) -> None:
-        self.tensors: list[torch.Tensor] = []
+        self.tensors: list[torch.Tensor | None] = []
         self.index: dict[int, int] = {}
         self._path = ckpt.path
         for i, (_s, dtype_name, shape, stride, _o, _rg) in enumerate(ckpt.tensors()):

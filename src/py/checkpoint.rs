@@ -1,7 +1,6 @@
 //! `zeroload._core.Checkpoint`: an open, parsed checkpoint, and the conversion of its
 //! object graph into Python objects.
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyIndexError;
@@ -15,10 +14,21 @@ use crate::dlpack::Export;
 use crate::dtype::DType;
 use crate::format::{Checkpoint, ObjId, Value};
 
-/// Dtypes whose typed DLPack export a consumer refused (bit `dtype as u64`): older torch
-/// builds cannot import some (float8, uint16 and wider). Once refused, tensors of that
-/// dtype are left to the caller's storage-and-view path without asking again.
-static REFUSED_DTYPES: AtomicU64 = AtomicU64::new(0);
+/// Dtypes whose typed DLPack export a consumer refused (bit `dtype as u32`): older torch
+/// builds cannot import some (float8, uint16 and wider). Kept for one call only (one
+/// `export_tensors` asks once per dtype, not once per tensor): a later call asks again,
+/// so one failure (transient, or a `make` that differs) never refuses a dtype for good.
+#[derive(Default)]
+struct Refused(u64);
+
+impl Refused {
+    fn has(&self, d: DType) -> bool {
+        self.0 & dtype_bit(d) != 0
+    }
+    fn add(&mut self, d: DType) {
+        self.0 |= dtype_bit(d);
+    }
+}
 
 fn dtype_bit(d: DType) -> u64 {
     1u64 << (d as u32)
@@ -88,19 +98,20 @@ impl PyCheckpoint {
 
     /// `make(capsule)` for tensor `i`, exported with its own dtype, shape and strides,
     /// if it covers its storage exactly, does not require grad, and its dtype was not
-    /// refused before; `None` otherwise. An `Exception` from `make` marks the dtype
-    /// refused and gives `None` (the caller then builds the tensor from its storage);
-    /// other `BaseException`s (KeyboardInterrupt) propagate.
+    /// refused earlier in this call (`refused`); `None` otherwise. An `Exception` from
+    /// `make` marks the dtype in `refused` and gives `None` (the caller then builds the
+    /// tensor from its storage); other `BaseException`s (KeyboardInterrupt) propagate.
     fn make_typed(
         &self,
         py: Python<'_>,
         i: usize,
         make: &Bound<'_, PyAny>,
+        refused: &mut Refused,
     ) -> PyResult<Option<Py<PyAny>>> {
         let t = self.tensor_at(i)?;
         if t.requires_grad
             || t.dtype.dlpack().is_none()
-            || REFUSED_DTYPES.load(Ordering::Relaxed) & dtype_bit(t.dtype) != 0
+            || refused.has(t.dtype)
             || !self.inner.covers_storage(i)
         {
             return Ok(None);
@@ -120,7 +131,7 @@ impl PyCheckpoint {
         match make.call1((cap,)) {
             Ok(tensor) => Ok(Some(tensor.unbind())),
             Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(py) => {
-                REFUSED_DTYPES.fetch_or(dtype_bit(t.dtype), Ordering::Relaxed);
+                refused.add(t.dtype);
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -299,7 +310,7 @@ impl PyCheckpoint {
         i: usize,
         make: &Bound<'_, PyAny>,
     ) -> PyResult<Option<Py<PyAny>>> {
-        self.make_typed(py, i, make)
+        self.make_typed(py, i, make, &mut Refused::default())
     }
 
     /// `export_tensor` for many tensors at once, for loads: a list indexed like the
@@ -315,10 +326,11 @@ impl PyCheckpoint {
     ) -> PyResult<Bound<'py, PyList>> {
         let n = self.inner.parsed.tensors.len();
         let mut out: Vec<Option<Py<PyAny>>> = (0..n).map(|_| None).collect();
+        let mut refused = Refused::default();
         let mut one = |i: usize| -> PyResult<()> {
             let t = self.tensor_at(i)?;
             if !self.inner.storage_shared(t.storage) {
-                out[i] = self.make_typed(py, i, make)?;
+                out[i] = self.make_typed(py, i, make, &mut refused)?;
             }
             Ok(())
         };
