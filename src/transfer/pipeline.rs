@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc};
 
 use super::Plan;
 use crate::error::{panic_message, Error, Result};
@@ -280,16 +280,21 @@ struct Filled {
 /// The slabs free for reading: a stack, so that the slab freed last (its pages warm in the
 /// caches and TLB) is read into first, and the ring's memory is walked only as far as the
 /// copies lag behind the reads. Closing it dismisses the readers waiting for a slab.
+// A blocking lock (clippy.toml): taken by reader threads and by the coordinator, which runs
+// detached from Python (src/py runs every copy inside `py.detach`), and held for a push
+// or a pop only.
+#[allow(clippy::disallowed_types)]
 struct FreeSlabs {
-    state: Mutex<(Vec<usize>, bool)>,
-    cv: Condvar,
+    state: std::sync::Mutex<(Vec<usize>, bool)>,
+    cv: std::sync::Condvar,
 }
 
+#[allow(clippy::disallowed_types)] // as `FreeSlabs`
 impl FreeSlabs {
     fn new(n: usize) -> FreeSlabs {
         FreeSlabs {
-            state: Mutex::new(((0..n).rev().collect(), false)),
-            cv: Condvar::new(),
+            state: std::sync::Mutex::new(((0..n).rev().collect(), false)),
+            cv: std::sync::Condvar::new(),
         }
     }
 
@@ -572,6 +577,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_types)] // a test's record of the units run; no Python here
     fn scoped_workers_count_every_unit_and_stop_on_error_or_cancel() {
         for threads in [1, 2, 5] {
             let mut calls = Vec::new();
@@ -581,7 +587,7 @@ mod tests {
             };
             let total = 100 * PROGRESS_STEP;
             let mut rep = Reporter::start(&mut cb, total).unwrap();
-            let seen = Mutex::new(Vec::new());
+            let seen = std::sync::Mutex::new(Vec::new());
             let out = run_scoped(
                 threads,
                 100,
