@@ -1,15 +1,26 @@
-//! Positional reads of a file: the one place that knows how each OS does them.
+//! Positional reads of a file: the one place that reads a checkpoint's bytes, and the one
+//! place that knows how each OS does it.
 //!
 //! Unix: `pread` and `preadv`. Windows: `ReadFile` at an offset. Windows has no vectored
 //! read of cached files (`ReadFileScatter` wants unbuffered, page-sized buffers), so there
-//! a vector is read one buffer at a time.
+//! a vector is read one buffer at a time. Linux also reads around the page cache
+//! (`O_DIRECT`, [`Source`]); elsewhere such a read falls back to a buffered one.
 //!
 //! Every read names its offset. Nothing here uses a descriptor's file position, so one
 //! descriptor serves any number of threads at once. (On Windows a positional read also
 //! moves the position, which nothing reads.)
+//!
+//! Two levels: the system calls ([`read_at_raw`], [`read_vectored_at`]: one call, may
+//! read less, `io::Result`) and the reads the loaders use, which retry interrupted and
+//! short reads in the one loop here and call a file that ends early truncated, naming it
+//! ([`read_exact_at`], [`read_at_least`], [`read_vectored_exact`], [`Source::read_into`]).
+//! Nothing reads through the mmap, so a file truncated under us is an error, not a SIGBUS.
 
 use std::fs::File;
 use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
 
 /// One buffer of a vectored read: `len` writable bytes at `base`. On Unix it is a
 /// `struct iovec`, handed to `preadv` as is.
@@ -136,8 +147,9 @@ pub unsafe fn read_vectored_at(file: &File, bufs: &[ReadBuf], offset: u64) -> io
         let mut done = 0usize;
         for buf in bufs {
             // SAFETY: the buffer is valid for writes of its length (caller's contract).
-            let n =
-                unsafe { read_fully_at_raw(file, buf.base(), buf.len(), offset + done as u64) }?;
+            let n = unsafe {
+                fill_at_raw(file, buf.base(), buf.len(), offset + done as u64, buf.len())
+            }?;
             done += n;
             if n < buf.len() {
                 break; // the end of the file
@@ -157,23 +169,28 @@ pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
 /// returns the bytes read.
 pub fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     // SAFETY: a live, exclusively borrowed slice of `buf.len()` bytes.
-    unsafe { read_fully_at_raw(file, buf.as_mut_ptr(), buf.len(), offset) }
+    unsafe { fill_at_raw(file, buf.as_mut_ptr(), buf.len(), offset, buf.len()) }
 }
 
-/// `read_fully_at` into `len` bytes at `dst`.
+/// The retry loop of every read: reads up to `cap` bytes at `offset` into `dst` until at
+/// least `need` (`<= cap`) are in or the file ends, retrying interrupted and short reads;
+/// returns the bytes read. Each read after the first starts where the previous one
+/// ended, so with `O_DIRECT` an aligned `dst`, `offset` and `cap` keep every read aligned.
 ///
 /// # Safety
-/// As `read_at_raw`.
-unsafe fn read_fully_at_raw(
+/// As `read_at_raw` for `cap` bytes.
+unsafe fn fill_at_raw(
     file: &File,
     dst: *mut u8,
-    len: usize,
+    cap: usize,
     offset: u64,
+    need: usize,
 ) -> io::Result<usize> {
+    debug_assert!(need <= cap);
     let mut done = 0;
-    while done < len {
-        // SAFETY: `dst + done` has `len - done` bytes left of the caller's buffer.
-        match unsafe { read_at_raw(file, dst.add(done), len - done, offset + done as u64) } {
+    while done < need {
+        // SAFETY: `dst + done .. dst + cap` lies inside the caller's buffer.
+        match unsafe { read_at_raw(file, dst.add(done), cap - done, offset + done as u64) } {
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -183,13 +200,211 @@ unsafe fn read_fully_at_raw(
     Ok(done)
 }
 
-/// Fills `buf` from the bytes at `offset` (see `read_fully_at`); a file that ends first is
-/// `UnexpectedEof`.
-pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    if read_fully_at(file, buf, offset)? < buf.len() {
-        return Err(io::ErrorKind::UnexpectedEof.into());
+// ---------------------------------------------------------------------------------------
+// Reads of a checkpoint: errors name the file, a short file is truncated
+// ---------------------------------------------------------------------------------------
+
+/// The error for a file that ended before byte `end` of a read that needed it.
+pub fn truncated(path: &Path, end: u64) -> Error {
+    Error::malformed(
+        path,
+        "file",
+        format!("file ended before byte {end} (was it truncated while loading?)"),
+    )
+}
+
+/// Fills `buf` from the bytes of `file` (at `path`) at `offset`, retrying interrupted and
+/// short reads; a file that ends first is [`truncated`].
+pub fn read_exact_at(file: &File, path: &Path, buf: &mut [u8], offset: u64) -> Result<()> {
+    // SAFETY: a live, exclusively borrowed slice of `buf.len()` bytes.
+    unsafe { read_exact_at_raw(file, path, buf.as_mut_ptr(), buf.len(), offset) }
+}
+
+/// [`read_exact_at`] into `len` bytes at `dst`.
+///
+/// # Safety
+/// `dst` must be valid for writes of `len` bytes, and nothing else may read or write them
+/// during the call. The bytes need not be initialised.
+pub unsafe fn read_exact_at_raw(
+    file: &File,
+    path: &Path,
+    dst: *mut u8,
+    len: usize,
+    offset: u64,
+) -> Result<()> {
+    // SAFETY: forwarded contract.
+    unsafe { read_at_least(file, path, dst, len, offset, len) }.map(|_| ())
+}
+
+/// Reads up to `cap` bytes at `offset` of `file` into `dst` until at least `need` bytes
+/// (`need <= cap`) are in (see `fill_at_raw`); returns how many were read. End of file
+/// before `need` bytes is [`truncated`]; after them it just ends the read (an `O_DIRECT`
+/// read of a whole aligned span may run past it).
+///
+/// # Safety
+/// `dst` must be valid for writes of `cap` bytes, and nothing else may read or write them
+/// during the call. The bytes need not be initialised.
+pub unsafe fn read_at_least(
+    file: &File,
+    path: &Path,
+    dst: *mut u8,
+    cap: usize,
+    offset: u64,
+    need: usize,
+) -> Result<usize> {
+    // SAFETY: forwarded contract.
+    let done =
+        unsafe { fill_at_raw(file, dst, cap, offset, need) }.map_err(|e| Error::io(path, e))?;
+    if done < need {
+        return Err(truncated(path, offset + need as u64));
+    }
+    Ok(done)
+}
+
+/// Fills every buffer of `bufs` in turn from the bytes of `file` starting at `offset`
+/// (one `preadv` a try on Unix), retrying interrupted and short reads (the vector is
+/// consumed as it goes); a file that ends first is [`truncated`].
+///
+/// # Safety
+/// Each buffer must be valid for writes of its length, by no one else during the call;
+/// at most `max_read_bufs()` of them.
+pub unsafe fn read_vectored_exact(
+    file: &File,
+    path: &Path,
+    bufs: &mut [ReadBuf],
+    offset: u64,
+) -> Result<()> {
+    let total: u64 = bufs.iter().map(|v| v.len() as u64).sum();
+    let mut at = offset;
+    let mut first = 0usize;
+    while first < bufs.len() {
+        if bufs[first].is_empty() {
+            first += 1;
+            continue;
+        }
+        // SAFETY: the buffers are valid for writes and at most `max_read_bufs()` (the
+        // caller's contract).
+        let mut n = match unsafe { read_vectored_at(file, &bufs[first..], at) } {
+            Ok(0) => return Err(truncated(path, offset + total)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::io(path, e)),
+        };
+        at += n as u64;
+        // Skip the buffers filled, shorten the one filled in part.
+        while n > 0 {
+            let v = &mut bufs[first];
+            let step = n.min(v.len());
+            v.advance(step);
+            n -= step;
+            if v.is_empty() {
+                first += 1;
+            }
+        }
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// Reading around the page cache (O_DIRECT)
+// ---------------------------------------------------------------------------------------
+
+/// Alignment of `O_DIRECT` reads (and of staging slab sizes).
+pub const ALIGN: u64 = 4096;
+
+/// The file staged reads come from: a duplicate of an open file's descriptor (reader
+/// threads outlive one copy) or an `O_DIRECT` descriptor of its path.
+pub struct Source {
+    file: File,
+    /// Whether reads bypass the page cache (`O_DIRECT`), so must be aligned.
+    pub direct: bool,
+    pub path: PathBuf,
+}
+
+impl Source {
+    /// Opens `path` (open as `file`) again, with `O_DIRECT` if `direct` and the filesystem
+    /// allows it (else buffered, as if `direct` were false).
+    pub fn open(file: &File, path: &Path, direct: bool) -> Result<Source> {
+        let path = path.to_path_buf();
+        if direct {
+            if let Some(file) = open_direct(&path) {
+                return Ok(Source {
+                    file,
+                    direct: true,
+                    path,
+                });
+            }
+        }
+        let file = file.try_clone().map_err(|e| Error::io(&path, e))?;
+        Ok(Source {
+            file,
+            direct: false,
+            path,
+        })
+    }
+
+    /// Reads `[off, off + len)` of the file into `slab` (capacity `cap`); returns the skew
+    /// of the first wanted byte inside the slab (non-zero only for `O_DIRECT` reads, which
+    /// start at an aligned offset).
+    ///
+    /// # Safety
+    /// `slab` must be valid for writes of `cap` bytes and used by no one else during the
+    /// call; for `O_DIRECT` it must be `ALIGN`-aligned. `len <= max_chunk(self.direct, cap)`.
+    pub unsafe fn read_into(&self, slab: *mut u8, cap: usize, off: u64, len: u64) -> Result<usize> {
+        if !self.direct {
+            debug_assert!(len as usize <= cap);
+            // SAFETY: `len <= cap` (the caller's contract); the slab is ours for the call.
+            unsafe { read_exact_at_raw(&self.file, &self.path, slab, len as usize, off) }?;
+            return Ok(0);
+        }
+        let start = off / ALIGN * ALIGN;
+        let end = (off + len).div_ceil(ALIGN) * ALIGN;
+        let total = (end - start) as usize;
+        debug_assert!(total <= cap);
+        // SAFETY: `total <= cap` (`len` is 2 * ALIGN shorter than the slab), so the reads
+        // stay in the slab, which is ours for the call. Slab base, `start` and `total` are
+        // multiples of ALIGN, as O_DIRECT wants; the span may end past the end of the
+        // file, and only the wanted bytes must be there.
+        unsafe {
+            read_at_least(
+                &self.file,
+                &self.path,
+                slab,
+                total,
+                start,
+                (off + len - start) as usize,
+            )
+        }?;
+        Ok((off - start) as usize)
+    }
+}
+
+/// Longest chunk that fits a slab of `slab_bytes` (`O_DIRECT` reads start up to ALIGN-1
+/// bytes early and end up to ALIGN-1 bytes late).
+pub fn max_chunk(direct: bool, slab_bytes: usize) -> u64 {
+    if direct {
+        slab_bytes as u64 - 2 * ALIGN
+    } else {
+        slab_bytes as u64
+    }
+}
+
+/// `path` opened for reads that bypass the page cache (`O_DIRECT`); None where that is
+/// refused (tmpfs, some file systems) or not offered (macOS has no `O_DIRECT`): the
+/// caller then reads through the page cache.
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> Option<File> {
+    None
 }
 
 #[cfg(unix)]
@@ -251,6 +466,24 @@ mod windows {
 mod tests {
     use super::*;
 
+    #[test]
+    fn exact_reads_read_and_report_truncation() {
+        use std::io::Write;
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(b"hello world").unwrap();
+        let file = f.reopen().unwrap();
+        let mut buf = [0u8; 5];
+        read_exact_at(&file, f.path(), &mut buf, 6).unwrap();
+        assert_eq!(&buf, b"world");
+        let e = read_exact_at(&file, f.path(), &mut buf, 8).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        assert!(e.to_string().contains("before byte 13"), "{e}");
+        let mut bufs = [ReadBuf::new(buf.as_mut_ptr(), 5)];
+        // SAFETY: `buf` is a live local array of 5 bytes.
+        let e = unsafe { read_vectored_exact(&file, f.path(), &mut bufs, 8) }.unwrap_err();
+        assert!(e.to_string().contains("before byte 13"), "{e}");
+    }
+
     fn file_of(data: &[u8]) -> (tempfile::TempDir, File) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
@@ -270,10 +503,8 @@ mod tests {
         assert_eq!(buf[..10], data[9_990..]);
         assert_eq!(read_at(&file, &mut buf, 10_000).unwrap(), 0);
         assert_eq!(read_at(&file, &mut buf, 1 << 40).unwrap(), 0);
-        read_exact_at(&file, &mut buf, 0).unwrap();
-        assert_eq!(buf, data[..16]);
-        let e = read_exact_at(&file, &mut buf, 9_999).unwrap_err();
-        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(read_fully_at(&file, &mut buf, 9_999).unwrap(), 1);
+        assert_eq!(buf[0], data[9_999]);
         // The file position is not used: interleaved reads at other offsets don't matter.
         assert_eq!(read_at(&file, &mut buf[..4], 5).unwrap(), 4);
         assert_eq!(buf[..4], data[5..9]);

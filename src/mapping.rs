@@ -153,20 +153,7 @@ impl Mapping {
     /// Reads exactly `buf.len()` bytes at `offset` from the file with `pread` (never through
     /// the map, so a file truncated under us is an error, not a SIGBUS).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        fileio::read_exact_at(&self.file, buf, offset).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                Error::malformed(
-                    &self.path,
-                    "file",
-                    format!(
-                        "file ended before byte {} (was it truncated while loading?)",
-                        offset + buf.len() as u64
-                    ),
-                )
-            } else {
-                Error::io(&self.path, e)
-            }
-        })
+        fileio::read_exact_at(&self.file, &self.path, buf, offset)
     }
 
     /// A `Read + Seek` view of the file that reads with `pread`, never through the map.

@@ -148,6 +148,7 @@ fn panic_error_message(
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests attach to an interpreter of their own; no locks
 mod tests {
     use super::*;
 

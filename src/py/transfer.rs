@@ -148,6 +148,9 @@ where
 {
     let mut raised: Option<PyErr> = None;
     let outcome = py.detach(|| {
+        // The one vetted attach (clippy.toml): on the calling thread, between reads, with
+        // no lock of ours held (the staging resources are checked out, not locked).
+        #[allow(clippy::disallowed_methods)]
         let mut cb = |done: u64, total: u64| -> bool {
             Python::attach(|py| {
                 let r = py.check_signals().and_then(|()| match &progress {

@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use super::pipeline::{default_threads, pread_exact, read_result, run_scoped, Reporter};
+use super::pipeline::{default_threads, run_scoped, Reporter};
 use super::{Chunk, CopyRequest, Outcome, Plan, PlanOptions, ProgressFn};
 use crate::error::Result;
 use crate::fileio::{self, ReadBuf};
@@ -171,7 +171,7 @@ unsafe fn read_chunk(file: &File, path: &Path, c: &Chunk, scratch: &mut Vec<u8>)
         // or the start of the thread's own scratch buffer, no longer than it (holes longer
         // than the buffer end the read instead), which is not reallocated while the batch
         // is pending (it is sized before the batch is built).
-        let r = unsafe { preadv_exact(file, path, iov, start) };
+        let r = unsafe { fileio::read_vectored_exact(file, path, iov, start) };
         iov.clear();
         r
     };
@@ -227,7 +227,7 @@ unsafe fn read_chunk(file: &File, path: &Path, c: &Chunk, scratch: &mut Vec<u8>)
     for p in overlapping {
         // SAFETY: as for every piece, per the caller's contract.
         unsafe {
-            pread_exact(
+            fileio::read_exact_at_raw(
                 file,
                 path,
                 p.dest as *mut u8,
@@ -235,42 +235,6 @@ unsafe fn read_chunk(file: &File, path: &Path, c: &Chunk, scratch: &mut Vec<u8>)
                 c.file_offset + p.offset,
             )
         }?;
-    }
-    Ok(())
-}
-
-/// Fills every buffer of `iov` in turn from the file bytes starting at `offset`
-/// (`preadv` on Unix), retrying on `EINTR` and short reads (the vector is consumed as it
-/// goes).
-///
-/// # Safety
-/// Each `iov` entry must be valid for writes of its length, by no one else during the call.
-unsafe fn preadv_exact(file: &File, path: &Path, iov: &mut [ReadBuf], offset: u64) -> Result<()> {
-    let total: u64 = iov.iter().map(|v| v.len() as u64).sum();
-    let mut at = offset;
-    let mut first = 0usize;
-    while first < iov.len() {
-        if iov[first].is_empty() {
-            first += 1;
-            continue;
-        }
-        // SAFETY: the entries are valid for writes (caller's contract); there are at most
-        // `max_read_bufs()` of them (the caller batches).
-        let n = unsafe { fileio::read_vectored_at(file, &iov[first..], at) };
-        let Some(mut n) = read_result(path, n, offset + total)? else {
-            continue;
-        };
-        at += n as u64;
-        // Skip the buffers filled, shorten the one filled in part.
-        while n > 0 {
-            let v = &mut iov[first];
-            let step = n.min(v.len());
-            v.advance(step);
-            n -= step;
-            if v.is_empty() {
-                first += 1;
-            }
-        }
     }
     Ok(())
 }

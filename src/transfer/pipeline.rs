@@ -1,12 +1,11 @@
-//! The driver-free half of the copy engine, shared by both sinks: reading file ranges
-//! (`pread`, `O_DIRECT`), handing units of work to threads, cancelling, and reporting
-//! progress on the calling thread. Nothing here knows CUDA; the CUDA sink adds only the
-//! driver glue (`transfer/cuda/`).
+//! The driver-free half of the copy engine, shared by both sinks: handing units of work to
+//! threads, cancelling, reporting progress on the calling thread, and the staged loop.
+//! Nothing here knows CUDA, and nothing here reads a file itself: reads are `fileio`'s
+//! (`Source`, `read_exact_at_raw`, ...). The CUDA sink adds only the driver glue
+//! (`transfer/cuda/`).
 //!
 //! - [`Reporter`]: progress, throttled to one call per [`PROGRESS_STEP`] bytes; the
 //!   callback may cancel. Called on the thread that started the copy, never under a lock.
-//! - [`pread_exact`] / [`pread_at_least`]: reads that retry `EINTR` and short reads and call
-//!   a file that ends early truncated (never a SIGBUS: nothing reads through the mmap).
 //! - [`Claims`]: units of work claimed in order by any number of threads, with a stop flag
 //!   that cancellation, errors and unwinding all set.
 //! - [`run_scoped`]: scoped worker threads run units (the host sink: each unit reads
@@ -17,16 +16,17 @@
 //!   copies completed.
 
 use std::collections::VecDeque;
-use std::fs::File;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc};
 
 use super::Plan;
 use crate::error::{panic_message, Error, Result};
-use crate::fileio;
-use crate::mapping::Mapping;
+use crate::fileio::Source;
+// The staging ring sizes its slabs in `O_DIRECT`'s unit (transfer/cuda/ring.rs imports it
+// from here; fileio.rs owns it).
+pub(crate) use crate::fileio::ALIGN;
 
 /// How a copy ended when it did not fail.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,190 +86,6 @@ pub fn default_threads() -> usize {
         .map(|n| n.get())
         .unwrap_or(1)
         .clamp(1, 8)
-}
-
-// ---------------------------------------------------------------------------------------
-// Reading
-// ---------------------------------------------------------------------------------------
-
-/// Reads exactly `len` bytes at `offset` of `file` into `dst` with `pread`, retrying on
-/// `EINTR` and short reads. A file shorter than `offset + len` is reported as truncated.
-///
-/// # Safety
-/// `dst` must be valid for writes of `len` bytes, and nothing else may read or write them
-/// during the call. The bytes need not be initialised.
-pub(crate) unsafe fn pread_exact(
-    file: &File,
-    path: &Path,
-    dst: *mut u8,
-    len: usize,
-    offset: u64,
-) -> Result<()> {
-    // SAFETY: forwarded contract.
-    unsafe { pread_at_least(file, path, dst, len, offset, len) }.map(|_| ())
-}
-
-/// Reads up to `cap` bytes at `offset` of `file` into `dst` with `pread`, retrying on
-/// `EINTR` and short reads until at least `need` bytes (`need <= cap`) are in; returns how
-/// many were read. End of file before `need` bytes is reported as truncation; after them
-/// it just ends the read (an `O_DIRECT` read of a whole aligned span may run past it).
-/// Each `pread` after the first starts where the previous one ended, so with `O_DIRECT`
-/// an aligned `dst`, `offset` and `cap` keep every read aligned.
-///
-/// # Safety
-/// `dst` must be valid for writes of `cap` bytes, and nothing else may read or write them
-/// during the call. The bytes need not be initialised.
-pub(crate) unsafe fn pread_at_least(
-    file: &File,
-    path: &Path,
-    dst: *mut u8,
-    cap: usize,
-    offset: u64,
-    need: usize,
-) -> Result<usize> {
-    debug_assert!(need <= cap);
-    let mut done = 0usize;
-    while done < need {
-        // SAFETY: `dst + done .. dst + cap` lies inside the caller's buffer (valid for
-        // writes of `cap` bytes, exclusively ours for the call).
-        let n =
-            unsafe { fileio::read_at_raw(file, dst.add(done), cap - done, offset + done as u64) };
-        match read_result(path, n, offset + need as u64)? {
-            Some(n) => done += n,
-            None => continue,
-        }
-    }
-    Ok(done)
-}
-
-/// What a positional read's result means: `Some(bytes read)`, `None` to retry
-/// (`EINTR`), an I/O error, or truncation (end of file before byte `end`).
-pub(crate) fn read_result(
-    path: &Path,
-    n: std::io::Result<usize>,
-    end: u64,
-) -> Result<Option<usize>> {
-    match n {
-        Ok(0) => Err(truncated(path, end)),
-        Ok(n) => Ok(Some(n)),
-        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Ok(None),
-        Err(e) => Err(Error::io(path, e)),
-    }
-}
-
-pub(crate) fn truncated(path: &Path, end: u64) -> Error {
-    Error::malformed(
-        path,
-        "file",
-        format!("file ended before byte {end} (was it truncated while loading?)"),
-    )
-}
-
-/// Alignment of `O_DIRECT` reads (and of staging slab sizes).
-pub(crate) const ALIGN: u64 = 4096;
-
-/// The file staged reads come from: the mapping's file (a duplicate descriptor: reader
-/// threads outlive one copy) or an `O_DIRECT` descriptor.
-pub(crate) struct Source {
-    file: File,
-    /// Whether reads bypass the page cache (`O_DIRECT`), so must be aligned.
-    pub(crate) direct: bool,
-    pub(crate) path: PathBuf,
-}
-
-impl Source {
-    /// Opens `mapping`'s file, with `O_DIRECT` if `direct` and the filesystem allows it
-    /// (else buffered, as if `direct` were false).
-    pub(crate) fn open(mapping: &Mapping, direct: bool) -> Result<Source> {
-        let path = mapping.path().to_path_buf();
-        if direct {
-            if let Some(file) = open_direct(&path) {
-                return Ok(Source {
-                    file,
-                    direct: true,
-                    path,
-                });
-            }
-        }
-        let file = mapping
-            .file()
-            .try_clone()
-            .map_err(|e| Error::io(&path, e))?;
-        Ok(Source {
-            file,
-            direct: false,
-            path,
-        })
-    }
-
-    /// Reads `[off, off + len)` of the file into `slab` (capacity `cap`); returns the skew
-    /// of the first wanted byte inside the slab (non-zero only for `O_DIRECT` reads, which
-    /// start at an aligned offset).
-    ///
-    /// # Safety
-    /// `slab` must be valid for writes of `cap` bytes and used by no one else during the
-    /// call; for `O_DIRECT` it must be `ALIGN`-aligned. `len <= max_chunk(self.direct, cap)`.
-    pub(crate) unsafe fn read_into(
-        &self,
-        slab: *mut u8,
-        cap: usize,
-        off: u64,
-        len: u64,
-    ) -> Result<usize> {
-        if !self.direct {
-            debug_assert!(len as usize <= cap);
-            // SAFETY: `len <= cap` (the caller's contract); the slab is ours for the call.
-            unsafe { pread_exact(&self.file, &self.path, slab, len as usize, off) }?;
-            return Ok(0);
-        }
-        let start = off / ALIGN * ALIGN;
-        let end = (off + len).div_ceil(ALIGN) * ALIGN;
-        let total = (end - start) as usize;
-        debug_assert!(total <= cap);
-        // SAFETY: `total <= cap` (`len` is 2 * ALIGN shorter than the slab), so the reads
-        // stay in the slab, which is ours for the call. Slab base, `start` and `total` are
-        // multiples of ALIGN, as O_DIRECT wants; the span may end past the end of the
-        // file, and only the wanted bytes must be there.
-        unsafe {
-            pread_at_least(
-                &self.file,
-                &self.path,
-                slab,
-                total,
-                start,
-                (off + len - start) as usize,
-            )
-        }?;
-        Ok((off - start) as usize)
-    }
-}
-
-/// Longest chunk that fits a slab of `slab_bytes` (`O_DIRECT` reads start up to ALIGN-1
-/// bytes early and end up to ALIGN-1 bytes late).
-pub(crate) fn max_chunk(direct: bool, slab_bytes: usize) -> u64 {
-    if direct {
-        slab_bytes as u64 - 2 * ALIGN
-    } else {
-        slab_bytes as u64
-    }
-}
-
-/// `path` opened for reads that bypass the page cache (`O_DIRECT`); None where that is
-/// refused (tmpfs, some file systems) or not offered (macOS has no `O_DIRECT`): the
-/// caller then reads through the page cache.
-#[cfg(target_os = "linux")]
-fn open_direct(path: &Path) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .ok()
-}
-
-#[cfg(not(target_os = "linux"))]
-fn open_direct(_path: &Path) -> Option<File> {
-    None
 }
 
 // ---------------------------------------------------------------------------------------
@@ -464,16 +280,21 @@ struct Filled {
 /// The slabs free for reading: a stack, so that the slab freed last (its pages warm in the
 /// caches and TLB) is read into first, and the ring's memory is walked only as far as the
 /// copies lag behind the reads. Closing it dismisses the readers waiting for a slab.
+// A blocking lock (clippy.toml): taken by reader threads and by the coordinator, which runs
+// detached from Python (src/py runs every copy inside `py.detach`), and held for a push
+// or a pop only.
+#[allow(clippy::disallowed_types)]
 struct FreeSlabs {
-    state: Mutex<(Vec<usize>, bool)>,
-    cv: Condvar,
+    state: std::sync::Mutex<(Vec<usize>, bool)>,
+    cv: std::sync::Condvar,
 }
 
+#[allow(clippy::disallowed_types)] // as `FreeSlabs`
 impl FreeSlabs {
     fn new(n: usize) -> FreeSlabs {
         FreeSlabs {
-            state: Mutex::new(((0..n).rev().collect(), false)),
-            cv: Condvar::new(),
+            state: std::sync::Mutex::new(((0..n).rev().collect(), false)),
+            cv: std::sync::Condvar::new(),
         }
     }
 
@@ -602,10 +423,10 @@ pub(crate) struct Slabs<'a> {
 /// stopped touching the slabs and every queued copy has completed on return.
 ///
 /// # Safety
-/// Each slab must be valid for writes of `slabs.bytes` bytes (`ALIGN`-aligned if
+/// Each slab must be valid for writes of `slabs.bytes` bytes (`fileio::ALIGN`-aligned if
 /// `source.direct`) and used by nothing else during the call; every piece's destination
 /// must be valid for `stage`; chunks must fit a slab
-/// (`len <= max_chunk(source.direct, slabs.bytes)`).
+/// (`len <= fileio::max_chunk(source.direct, slabs.bytes)`).
 pub(crate) unsafe fn run_staged<S: Stage>(
     stage: &mut S,
     plan: Arc<Plan>,
@@ -714,6 +535,8 @@ pub(crate) unsafe fn run_staged<S: Stage>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fileio::max_chunk;
+    use crate::mapping::Mapping;
     use crate::transfer::{CopyRequest, PlanOptions};
 
     #[test]
@@ -744,21 +567,6 @@ mod tests {
     }
 
     #[test]
-    fn pread_exact_reads_and_reports_truncation() {
-        use std::io::Write;
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(b"hello world").unwrap();
-        let file = f.reopen().unwrap();
-        let mut buf = [0u8; 5];
-        // SAFETY: `buf` is a live local array of 5 bytes.
-        unsafe { pread_exact(&file, f.path(), buf.as_mut_ptr(), 5, 6) }.unwrap();
-        assert_eq!(&buf, b"world");
-        // SAFETY: as above.
-        let e = unsafe { pread_exact(&file, f.path(), buf.as_mut_ptr(), 5, 8) }.unwrap_err();
-        assert!(e.to_string().contains("truncated"), "{e}");
-    }
-
-    #[test]
     fn claims_hand_out_each_unit_once_until_stopped() {
         let c = Claims::new(3);
         assert_eq!((c.claim(), c.claim()), (Some(0), Some(1)));
@@ -769,6 +577,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::disallowed_types)] // a test's record of the units run; no Python here
     fn scoped_workers_count_every_unit_and_stop_on_error_or_cancel() {
         for threads in [1, 2, 5] {
             let mut calls = Vec::new();
@@ -778,7 +587,7 @@ mod tests {
             };
             let total = 100 * PROGRESS_STEP;
             let mut rep = Reporter::start(&mut cb, total).unwrap();
-            let seen = Mutex::new(Vec::new());
+            let seen = std::sync::Mutex::new(Vec::new());
             let out = run_scoped(
                 threads,
                 100,
@@ -945,7 +754,7 @@ mod tests {
                 dest: d.as_mut_ptr() as u64,
             })
             .collect();
-        let source = Source::open(m, direct).unwrap();
+        let source = Source::open(m.file(), m.path(), direct).unwrap();
         let plan = Plan::new(
             &reqs,
             m.len(),

@@ -1,11 +1,7 @@
 //! The allow-list: which `module.name` globals a checkpoint may name, and what each one
 //! is to the VM. Mirrors torch's `weights_only` unpickler; anything else is refused.
 
-use super::limits::clip;
-use super::vm::Vm;
-use super::{PickleError, Res};
 use crate::dtype::DType;
-use crate::format::Value;
 
 /// A tensor rebuild function of `torch._utils`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -207,35 +203,6 @@ pub(super) fn resolve(module: &str, name: &str) -> Result<Resolved, Refusal> {
         _ => return Err(Refusal::Forbidden),
     };
     Ok(Resolved::Global(g))
-}
-
-impl Vm<'_> {
-    pub(super) fn global(&mut self, module: &str, name: &str) -> Res<()> {
-        // fix_imports: protocol 2 pickles written by Python 3 use Python 2 module names.
-        let module = match module {
-            "__builtin__" => "builtins",
-            "copy_reg" => "copyreg",
-            m => m,
-        };
-        match resolve(module, name) {
-            Ok(Resolved::DType(d)) => self.push_new(Value::DType(d)),
-            Ok(Resolved::Global(g)) => {
-                let id = self.node(Value::None)?;
-                self.globals.insert(id, g);
-                self.push(id)
-            }
-            Err(Refusal::Forbidden) => Err(PickleError::Forbidden {
-                offset: self.at as u64,
-                module: clip(module),
-                name: clip(name),
-            }),
-            Err(Refusal::Unsupported(why)) => Err(self.unsupported(format!(
-                "{why} (the pickle refers to {}.{})",
-                clip(module),
-                clip(name)
-            ))),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,7 @@
 //! Bounds on what a pickle may make the VM do: sizes (nodes, stack, memo, nesting,
 //! dimensions, digits) and a work budget linear in the input for opcodes that copy data
-//! already built.
-
-use super::vm::Vm;
-use super::{PickleError, Res};
+//! already built. A leaf: the VM and the handlers read these bounds, nothing here
+//! reads the VM (the VM enforces them: `Vm::limit`, `Vm::charge`).
 
 /// Most nodes (objects) a pickle may create.
 pub const MAX_NODES: usize = 1 << 24;
@@ -34,26 +32,6 @@ pub(super) fn clip(s: &str) -> String {
         end -= 1;
     }
     format!("{}...", &s[..end])
-}
-
-impl Vm<'_> {
-    pub(super) fn limit(&self, what: &str, limit: usize) -> PickleError {
-        self.malformed(format!(
-            "the pickle exceeds zeroload's limit of {limit} {what}"
-        ))
-    }
-
-    pub(super) fn charge(&mut self, units: usize) -> Res<()> {
-        match self.work_left.checked_sub(units) {
-            Some(left) => {
-                self.work_left = left;
-                Ok(())
-            }
-            None => {
-                Err(self.malformed("the pickle copies more data than its size allows (memo abuse)"))
-            }
-        }
-    }
 }
 
 #[cfg(test)]

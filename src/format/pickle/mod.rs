@@ -21,11 +21,15 @@
 //! time and memory linear in the size of the pickle. The returned graph is acyclic and at
 //! most [`MAX_DEPTH`] deep, so consumers may walk it recursively.
 //!
-//! Layout: [`vm`] holds the machine (input, stack, memo, nodes) and its typed accessors;
-//! [`opcodes`] decodes and runs each opcode; [`allowlist`] resolves `GLOBAL`s;
-//! [`calls`] interprets the allowed callables and `BUILD`; [`torch`] turns persistent ids
-//! and rebuild calls into storages, tensors and parameters; [`limits`] bounds size and
-//! work.
+//! Layout, in layers (a module imports only from the layers above it; a test checks it):
+//! 1. [`limits`] the bounds on size and work, and [`allowlist`] which `module.name`
+//!    globals exist and what each is (`resolve`): plain data, no VM.
+//! 2. [`vm`] the machine (input, stack, memo, nodes, side tables) and its typed
+//!    accessors; it enforces the limits (`Vm::limit`, `Vm::charge`).
+//! 3. The handlers, each an `impl Vm` block: [`opcodes`] decodes and runs each opcode
+//!    (`GLOBAL` asks the allow-list); [`calls`] interprets the allowed callables and
+//!    `BUILD`; [`torch`] turns persistent ids and rebuild calls into storages, tensors and
+//!    parameters.
 #![forbid(unsafe_code)]
 
 mod allowlist;
@@ -107,6 +111,46 @@ type Res<T> = Result<T, PickleError>;
 mod tests {
     use super::testutil::*;
     use super::*;
+
+    /// The layering stated at the top of this file: no module imports from its own layer
+    /// or a layer below it (no import cycles between `vm`, `limits`, `allowlist`, `torch`).
+    #[test]
+    fn modules_import_only_from_the_layers_above() {
+        let layer = |m: &str| match m {
+            "limits" | "allowlist" => 1,
+            "vm" => 2,
+            "opcodes" | "calls" | "torch" => 3,
+            _ => unreachable!("a module the layering does not name: {m}"),
+        };
+        let sources = [
+            ("limits", include_str!("limits.rs")),
+            ("allowlist", include_str!("allowlist.rs")),
+            ("vm", include_str!("vm.rs")),
+            ("opcodes", include_str!("opcodes.rs")),
+            ("calls", include_str!("calls.rs")),
+            ("torch", include_str!("torch.rs")),
+        ];
+        for (name, src) in sources {
+            // Only the module's own code: its tests may use anything.
+            let code = src.split("#[cfg(test)]").next().unwrap();
+            for line in code.lines() {
+                let Some(rest) = line.trim().strip_prefix("use super::") else {
+                    continue;
+                };
+                let dep: String = rest
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if !rest[dep.len()..].starts_with("::") {
+                    continue; // `use super::{Res, ..}`: the parent's items, not a module
+                }
+                assert!(
+                    layer(&dep) < layer(name),
+                    "{name}.rs imports {dep} from its own layer or a lower one: {line}"
+                );
+            }
+        }
+    }
 
     // ----- real torch.save vectors -----
 

@@ -1,7 +1,8 @@
 //! Opcode decoding: what each pickle opcode does to the stack, the memo and the nodes.
 //! `run` is the loop; `step` sends each opcode to the handler of its family.
 
-use super::limits::{MAX_DEPTH, MAX_INT_DIGITS};
+use super::allowlist::{resolve, Refusal, Resolved};
+use super::limits::{clip, MAX_DEPTH, MAX_INT_DIGITS};
 use super::vm::{type_name, Vm};
 use super::{PickleError, Res, Unpickled};
 use crate::format::Value;
@@ -695,6 +696,36 @@ pub(super) fn setitem_error(at: usize, what: &str, target: &Value) -> PickleErro
             "{what} can only set items of a dict, OrderedDict or Counter, not a {}",
             type_name(target)
         ),
+    }
+}
+
+/// GLOBAL and STACK_GLOBAL: the allow-list's answer for `module.name` becomes a node.
+impl Vm<'_> {
+    pub(super) fn global(&mut self, module: &str, name: &str) -> Res<()> {
+        // fix_imports: protocol 2 pickles written by Python 3 use Python 2 module names.
+        let module = match module {
+            "__builtin__" => "builtins",
+            "copy_reg" => "copyreg",
+            m => m,
+        };
+        match resolve(module, name) {
+            Ok(Resolved::DType(d)) => self.push_new(Value::DType(d)),
+            Ok(Resolved::Global(g)) => {
+                let id = self.node(Value::None)?;
+                self.globals.insert(id, g);
+                self.push(id)
+            }
+            Err(Refusal::Forbidden) => Err(PickleError::Forbidden {
+                offset: self.at as u64,
+                module: clip(module),
+                name: clip(name),
+            }),
+            Err(Refusal::Unsupported(why)) => Err(self.unsupported(format!(
+                "{why} (the pickle refers to {}.{})",
+                clip(module),
+                clip(name)
+            ))),
+        }
     }
 }
 

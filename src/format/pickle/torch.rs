@@ -3,20 +3,10 @@
 
 use super::allowlist::{Global, Rebuild};
 use super::limits::clip;
-use super::vm::{type_name, Vm};
+use super::vm::{type_name, StorageUse, Vm};
 use super::{Res, StorageRef};
 use crate::dtype::DType;
 use crate::format::{ObjId, Tensor, Value};
-
-/// One BINPERSID reference to a storage: which storage, and with which dtype this
-/// reference views it (torch re-wraps a cached storage in the dtype each reference asks
-/// for, so a `_rebuild_tensor_v2` uses the dtype of its own persistent id).
-#[derive(Clone, Copy, Debug)]
-pub(super) struct StorageUse {
-    index: usize,
-    /// `None`: `UntypedStorage` (a v2 tensor on it is uint8).
-    dtype: Option<DType>,
-}
 
 /// Whether torch lets a tensor of this dtype require gradients.
 pub(super) fn can_require_grad(d: DType) -> bool {

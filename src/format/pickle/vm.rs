@@ -7,8 +7,8 @@ use super::allowlist::Global;
 use super::limits::{
     MAX_DEPTH, MAX_MEMO, MAX_NDIM, MAX_NODES, MAX_STACK, WORK_BASE, WORK_PER_BYTE,
 };
-use super::torch::StorageUse;
 use super::{PickleError, Res, StorageRef, Unpickled};
+use crate::dtype::DType;
 use crate::format::{ObjId, ObjectGraph, Tensor, Value};
 
 /// The pickle memo: dense for the sequential indices every writer uses, sparse otherwise
@@ -134,6 +134,16 @@ pub(super) fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// One BINPERSID reference to a storage: which storage, and with which dtype this
+/// reference views it (torch re-wraps a cached storage in the dtype each reference asks
+/// for, so a `_rebuild_tensor_v2` uses the dtype of its own persistent id).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct StorageUse {
+    pub(super) index: usize,
+    /// `None`: `UntypedStorage` (a v2 tensor on it is uint8).
+    pub(super) dtype: Option<DType>,
+}
+
 pub(super) struct Vm<'a> {
     pub(super) data: &'a [u8],
     /// Next byte to read.
@@ -192,6 +202,26 @@ impl<'a> Vm<'a> {
         PickleError::Unsupported {
             offset: self.at as u64,
             what: what.into(),
+        }
+    }
+
+    // ----- bounds (limits.rs holds the numbers) -----
+
+    pub(super) fn limit(&self, what: &str, limit: usize) -> PickleError {
+        self.malformed(format!(
+            "the pickle exceeds zeroload's limit of {limit} {what}"
+        ))
+    }
+
+    pub(super) fn charge(&mut self, units: usize) -> Res<()> {
+        match self.work_left.checked_sub(units) {
+            Some(left) => {
+                self.work_left = left;
+                Ok(())
+            }
+            None => {
+                Err(self.malformed("the pickle copies more data than its size allows (memo abuse)"))
+            }
         }
     }
 

@@ -35,6 +35,10 @@
 
 mod driver;
 mod ring;
+// The staging resources' slot, geometry and warning are blocking locks (clippy.toml): they
+// are checked out, looked at and released only by copies and queries that src/py runs
+// detached from Python.
+#[allow(clippy::disallowed_types)]
 mod staging;
 
 use std::sync::Arc;
@@ -46,10 +50,11 @@ pub use ring::{
 };
 pub use staging::{release_staging, staging_allocated, take_staging_warning};
 
-use super::pipeline::{default_threads, max_chunk, run_staged, Reporter, Slabs, Source};
+use super::pipeline::{default_threads, run_staged, Reporter, Slabs};
 use super::plan::written_extents;
 use super::{CopyRequest, Extent, Outcome, Plan, PlanOptions, ProgressFn};
 use crate::error::Result;
+use crate::fileio::{max_chunk, Source};
 use crate::mapping::Mapping;
 use driver::{check_destination, context, guarded, with_context};
 use staging::Staging;
@@ -97,7 +102,7 @@ pub unsafe fn copy_to_cuda(
 ) -> Result<Outcome> {
     guarded(|| {
         let budget = staging_budget(opts.budget)?;
-        let source = Source::open(mapping, opts.direct)?;
+        let source = Source::open(mapping.file(), mapping.path(), opts.direct)?;
         let what = mapping.path().display().to_string();
         let direct = source.direct;
         let plan_for = |slab_bytes: usize| {
