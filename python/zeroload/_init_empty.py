@@ -94,10 +94,18 @@ def init_empty(include_buffers: bool = False) -> Iterator[None]:
             tensor = meta
         old_register_buffer(self, name, tensor, persistent=persistent)
 
+    # An outer `init_empty(include_buffers=True)`'s patch, undone inside this one when
+    # this one keeps buffers real: the innermost context decides.
+    unpatched_register_buffer = getattr(old_register_buffer, "_zeroload_unpatched", None)
+    register_buffer._zeroload_unpatched = (  # type: ignore[attr-defined]
+        unpatched_register_buffer or old_register_buffer
+    )
     with _lock:
         module_cls.register_parameter = register_parameter  # type: ignore[method-assign]
         if include_buffers:
             module_cls.register_buffer = register_buffer  # type: ignore[method-assign]
+        elif unpatched_register_buffer is not None:
+            module_cls.register_buffer = unpatched_register_buffer  # type: ignore[method-assign]
     try:
         yield
     finally:

@@ -157,12 +157,12 @@ def load_into(
     on_meta = _left_on_meta(module, {id(targets[k]) for k in source})
     if strict and on_meta:
         msgs.append(
-            "Left on the meta device (nothing in the checkpoint for them): {}. Build the "
-            "model inside `with zeroload.init_empty():` (parameters on meta, buffers "
-            "computed by the modules), or materialise these before loading, or pass "
-            "strict=False to get them in missing_keys. ".format(
-                ", ".join(f'"{k}"' for k in on_meta)
-            )
+            "Left on the meta device (the checkpoint has nothing for them): {}. Buffers "
+            "that no checkpoint holds (non-persistent ones, such as a rotary inv_freq) are "
+            "computed when the model is built inside `with zeroload.init_empty():` "
+            "(parameters on meta, buffers real) instead of `torch.device('meta')`; or "
+            "materialise these before loading; strict=False lists them in "
+            "missing_keys. ".format(", ".join(f'"{k}"' for k in on_meta))
         )
     if msgs:
         raise _error(module, msgs)
@@ -251,9 +251,16 @@ def _load_entries(
     readahead = _torch.Readahead(None)
     loaded: dict[str, torch.Tensor] = {}
     for keys in by_file.values():
+        ckpt = entries[keys[0]].ckpt
+        if ckpt.single_tensor() is not None:  # a file of a per-tensor directory
+            (name,) = keys
+            loaded[name] = _torch.load_checkpoint(
+                ckpt, target, dtype=dtype, keys=None, progress=progress, readahead=readahead
+            )
+            continue
         loaded.update(
             _torch.load_checkpoint(
-                entries[keys[0]].ckpt,
+                ckpt,
                 target,
                 dtype=dtype,
                 keys=set(keys).__contains__,
