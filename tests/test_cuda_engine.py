@@ -81,8 +81,10 @@ class Worker:
         self.tx = Connection(to_child[1], readable=False)
         self.rx = Connection(from_child[0], writable=False)
 
-    def run(self, name: str, args: tuple[Any, ...]) -> tuple[str, Any, list[str]]:
-        self.tx.send((__name__, name, args))
+    def run(
+        self, name: str, args: tuple[Any, ...], module: str = __name__
+    ) -> tuple[str, Any, list[str]]:
+        self.tx.send((module, name, args))
         if not self.rx.poll(TIMEOUT):
             # Dump every thread's stack (faulthandler, to stderr), then give up on it.
             self.proc.send_signal(signal.SIGUSR1)
@@ -119,7 +121,7 @@ def run(worker: list[Worker], case: Callable[..., Any], *args: Any) -> Any:
     fake driver during it or the cleanup after it."""
     if worker[0].proc.poll() is not None:
         worker[0] = Worker()
-    status, result, after = worker[0].run(case.__name__, args)
+    status, result, after = worker[0].run(case.__name__, args, case.__module__)
     if status != "ok":
         pytest.fail(f"{case.__name__} (in the fake-driver process):\n{result}", pytrace=False)
     assert after == [], "the fake CUDA driver recorded contract violations:\n" + "\n".join(after)

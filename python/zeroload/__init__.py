@@ -14,6 +14,8 @@ memory from PyTorch's caching allocator, with host memory bounded by a small bud
     with zeroload.open("model.safetensors") as f:     # lazily, like safe_open
         w = f.get_tensor("lm_head.weight")
 
+    with zeroload.init_empty():                       # parameters on meta, buffers real
+        model = Model(cfg)
     zeroload.load_into(model, "model.safetensors")    # into an nn.Module
 
 Importing the package does not import torch (so `zeroload --help` is quick); the
@@ -29,6 +31,7 @@ from zeroload._core import CheckpointError, CudaError, ForbiddenGlobalError
 
 if TYPE_CHECKING:
     from zeroload._device import release_staging
+    from zeroload._init_empty import init_empty
     from zeroload._load import load, load_bytes
     from zeroload._load_into import load_into
     from zeroload._open import SafeOpen, open
@@ -40,6 +43,7 @@ __all__ = [
     "CudaError",
     "ForbiddenGlobalError",
     "SafeOpen",
+    "init_empty",
     "load",
     "load_bytes",
     "load_into",
@@ -55,6 +59,7 @@ _LAZY = {
     "open": "zeroload._open",
     "SafeOpen": "zeroload._open",
     "load_into": "zeroload._load_into",
+    "init_empty": "zeroload._init_empty",
     "release_staging": "zeroload._device",
     "track": "zeroload._track",
 }

@@ -68,7 +68,7 @@ def _source_tensors(src: Path, key: str | None) -> Tuple[List[Path], List[Tuple[
     for f in shard_set.files:
         ckpt = _core.Checkpoint.open(os.fspath(f))
         if key is None:
-            named, flat = checkpoint_tensors(ckpt)
+            named, flat = checkpoint_tensors(ckpt, shard_set.file_tensors(f, ckpt))
             if not flat:
                 # Name what is there and how to pick a state dict.
                 _select(checkpoint_objects(ckpt), None, f)

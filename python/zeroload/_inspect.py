@@ -151,14 +151,18 @@ def named_tensor_refs(obj: Any) -> Iterator[Tuple[str, TensorRef]]:
         stack.extend(reversed(children))
 
 
-def checkpoint_tensors(ckpt: _core.Checkpoint) -> Tuple[List[Tuple[str, TensorRef]], bool]:
+def checkpoint_tensors(
+    ckpt: _core.Checkpoint, flat: List[Tuple[str, int]] | None = None
+) -> Tuple[List[Tuple[str, TensorRef]], bool]:
     """The named tensors of one file and whether it is a flat dict of tensors.
 
     Flat state dicts are named from the tensor table; other checkpoints (a training
     checkpoint holding ``model``, ``optimizer``, ...) by their dotted path
-    (``optimizer.state.0.exp_avg``).
+    (``optimizer.state.0.exp_avg``). ``flat``: the file's ``(name, tensor index)`` pairs
+    when the caller knows them (a file of a per-tensor directory, named by its file).
     """
-    flat = ckpt.flat_tensors()
+    if flat is None:
+        flat = ckpt.flat_tensors()
     if flat is not None:
         rows = _tensor_rows(ckpt)
         return [(name, TensorRef(ckpt, i, rows[i])) for name, i in flat], True
@@ -212,7 +216,7 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
     by_dtype: Dict[str, Dict[str, int]] = {}
     for f in shard_set.files:
         ck = _core.Checkpoint.open(os.fspath(f))
-        named, flat = checkpoint_tensors(ck)
+        named, flat = checkpoint_tensors(ck, shard_set.file_tensors(f, ck))
         storage_bytes = sum(ck.storage(i)[2] for i in range(ck.num_storages))
         out_files.append(
             {

@@ -94,6 +94,8 @@ def load(
         return _torch.load_checkpoint(ckpt, target, keys=keys, **options)
     options["readahead"] = _torch.Readahead(readahead if mmap is not False else False)
     shard_set = _shards.resolve(path)  # type: ignore[arg-type]
+    if shard_set.tensor_names is not None:
+        return _load_tensor_files(shard_set, target, keys, options)
     if len(shard_set.files) == 1 and shard_set.weight_map is None:
         ckpt = _core.Checkpoint.open(os.fspath(shard_set.files[0]))
         return _torch.load_checkpoint(ckpt, target, keys=keys, **options)
@@ -236,3 +238,27 @@ def _no_weights_only_false(name: str) -> ValueError:
         "code from a checkpoint. Checkpoints holding only tensors, containers and plain "
         "values load with the default weights_only=True."
     )
+
+
+def _load_tensor_files(
+    shard_set: _shards.ShardSet, target: MapLocation, keys: KeysFilter, options: dict
+) -> dict:
+    """A directory of per-tensor `torch.save` files: `{name: torch.load(f"{name}.pt")}`, in
+    file name order; only the files of the tensors asked for are opened."""
+    names = shard_set.tensor_names or {}
+    if keys is not None and not callable(keys):
+        wanted = [keys] if isinstance(keys, str) else list(keys)
+        have = set(names.values())
+        unknown = [k for k in wanted if k not in have]
+        if unknown:
+            folder = shard_set.files[0].parent
+            raise KeyError(_torch.missing_key_message(folder, unknown[0], names.values()))
+        keys = set(wanted).__contains__
+    out: dict[str, Any] = {}
+    for file, name in names.items():
+        if keys is not None and not keys(name):
+            continue
+        ckpt = _core.Checkpoint.open(os.fspath(file))
+        shard_set.file_tensors(file, ckpt)  # one tensor, or a CheckpointError naming the file
+        out[name] = _torch.load_checkpoint(ckpt, target, keys=None, **options)
+    return out

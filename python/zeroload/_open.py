@@ -83,9 +83,13 @@ class SafeOpen:
         # Name -> (file number, tensor index), built once: every call is a dict lookup.
         self._ckpts = [_core.Checkpoint.open(os.fspath(f)) for f in shard_set.files]
         self._index: dict[str, tuple[int, int]] = {}
-        single = len(self._ckpts) == 1
+        per_tensor = shard_set.tensor_names is not None  # a directory of per-tensor files
+        single = len(self._ckpts) == 1 and not per_tensor
         for n, ckpt in enumerate(self._ckpts):
-            names = ckpt.flat_index()
+            if per_tensor:
+                names = dict(shard_set.file_tensors(shard_set.files[n], ckpt) or ())
+            else:
+                names = ckpt.flat_index()
             if names is None:
                 raise CheckpointError(
                     f"{ckpt.path}: zeroload.open needs a flat dict of tensors (a state dict); "

@@ -1,4 +1,5 @@
-"""Hugging Face layouts: a model directory or a shard index resolves to its files."""
+"""Hugging Face layouts: a model directory or a shard index resolves to its files; so does
+a directory of per-tensor `torch.save` files (`{name}.pt`, one tensor each)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zeroload import _core
 from zeroload._core import CheckpointError
 
 # What a directory may hold, best first (safetensors preferred, as transformers does).
@@ -16,6 +18,8 @@ _DIRECTORY_CANDIDATES = (
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
 )
+# The suffixes of `torch.save` files in a directory of per-tensor files.
+_TENSOR_FILE_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -26,6 +30,8 @@ class ShardSet:
     weight_map: dict[str, str] | None = None
     index: Path | None = None
     metadata: dict = field(default_factory=dict)
+    # A directory of per-tensor files: each file's tensor name (its name less the suffix).
+    tensor_names: dict[Path, str] | None = None
 
     def names_by_file(self) -> dict[Path, list[str]]:
         """The index's tensor names grouped by file (one pass over the weight map)."""
@@ -41,6 +47,26 @@ class ShardSet:
             out.setdefault(file, []).append(name)
         return out
 
+    def file_tensors(self, file: Path, ckpt: _core.Checkpoint) -> list[tuple[str, int]] | None:
+        """`(name, tensor index)` of every tensor of `file` (opened as `ckpt`): a flat
+        dict's items, or, in a directory of per-tensor files, the file's one tensor under
+        the file's name; None for a file holding other objects (a training checkpoint).
+
+        Raises:
+            CheckpointError: a file of a per-tensor directory does not hold one tensor.
+        """
+        if self.tensor_names is None:
+            return ckpt.flat_tensors()
+        i = ckpt.single_tensor()
+        if i is None:
+            folder = file.parent
+            raise CheckpointError(
+                f"{file}: {folder} is read as a directory of per-tensor files (it has no "
+                f"{' or '.join(_DIRECTORY_CANDIDATES)}), so each file must hold one tensor "
+                "saved with torch.save(tensor, path); this one holds other objects"
+            )
+        return [(self.tensor_names[file], i)]
+
 
 def resolve(path: str | os.PathLike) -> ShardSet:
     """Finds the checkpoint files behind `path` (a file, a shard index or a directory)."""
@@ -49,6 +75,9 @@ def resolve(path: str | os.PathLike) -> ShardSet:
         for name in _DIRECTORY_CANDIDATES:
             if (p / name).is_file():
                 return resolve(p / name)
+        per_tensor = _tensor_files(p)
+        if per_tensor is not None:
+            return per_tensor
         found = sorted(x.name for x in p.iterdir() if x.suffix in (".safetensors", ".bin", ".pt"))
         hint = f" (it holds {', '.join(found[:5])})" if found else ""
         raise FileNotFoundError(
@@ -60,6 +89,28 @@ def resolve(path: str | os.PathLike) -> ShardSet:
     if not p.exists():
         raise FileNotFoundError(f"{p}: no such file")
     return ShardSet(files=[p])
+
+
+def _tensor_files(folder: Path) -> ShardSet | None:
+    """A directory of per-tensor `torch.save` files (`torch.save(param, f"{name}.pt")` for
+    each parameter, the seed notebook's layout): every `.pt`/`.pth`/`.bin` file in it, in
+    name order, each named by its file name less the suffix; None when it holds none."""
+    names: dict[Path, str] = {}
+    seen: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix not in _TENSOR_FILE_SUFFIXES or not entry.is_file():
+            continue
+        name = entry.name[: -len(entry.suffix)]
+        if name in seen:
+            raise CheckpointError(
+                f"{entry}: tensor {name!r} is also saved as {seen[name].name} in this "
+                "directory of per-tensor files; keep one"
+            )
+        seen[name] = entry
+        names[entry] = name
+    if not names:
+        return None
+    return ShardSet(files=list(names), tensor_names=names)
 
 
 def _read_index(index: Path) -> ShardSet:

@@ -563,6 +563,12 @@ impl Checkpoint {
     pub fn flat_tensors(&self) -> Option<Vec<(String, usize)>> {
         flat_tensors(&self.parsed.objects)
     }
+
+    /// The tensor index when the root is one tensor (or a `Parameter` wrapping one): a
+    /// file written by `torch.save(tensor, path)`; `None` otherwise.
+    pub fn single_tensor(&self) -> Option<usize> {
+        single_tensor(&self.parsed.objects)
+    }
 }
 
 /// Collections of at least this many objects are freed on a thread of their own.
@@ -625,9 +631,47 @@ pub fn flat_tensors(g: &ObjectGraph) -> Option<Vec<(String, usize)>> {
     Some(out)
 }
 
+/// See `Checkpoint::single_tensor`.
+pub fn single_tensor(g: &ObjectGraph) -> Option<usize> {
+    match g.nodes.get(g.root)? {
+        Value::Tensor(t) => Some(*t),
+        Value::Parameter { tensor, .. } => match g.nodes.get(*tensor)? {
+            Value::Tensor(t) => Some(*t),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_tensor_is_a_root_tensor_or_parameter_only() {
+        let mut g = ObjectGraph::default();
+        let t = g.push(Value::Tensor(3));
+        g.root = t;
+        assert_eq!(single_tensor(&g), Some(3));
+        let p = g.push(Value::Parameter {
+            tensor: t,
+            requires_grad: true,
+        });
+        g.root = p;
+        assert_eq!(single_tensor(&g), Some(3));
+        let key = g.push(Value::Str("w".into()));
+        g.root = g.push(Value::Dict(vec![(key, t)]));
+        assert_eq!(single_tensor(&g), None);
+        assert_eq!(flat_tensors(&g), Some(vec![("w".to_string(), 3)]));
+        g.root = g.push(Value::List(vec![t]));
+        assert_eq!(single_tensor(&g), None);
+        let odd = g.push(Value::Int(1));
+        g.root = g.push(Value::Parameter {
+            tensor: odd,
+            requires_grad: false,
+        });
+        assert_eq!(single_tensor(&g), None);
+    }
 
     #[test]
     fn compaction_keeps_the_tree_and_drops_what_it_does_not_reach() {

@@ -288,6 +288,12 @@ impl PyCheckpoint {
         self.inner.flat_tensors()
     }
 
+    /// The tensor index when the checkpoint is one tensor (`torch.save(tensor, path)`,
+    /// a `Parameter` included), else None.
+    fn single_tensor(&self) -> Option<usize> {
+        self.inner.single_tensor()
+    }
+
     /// `{name: tensor index}` when the checkpoint is a flat dict of tensors (in the dict's
     /// order), else None: the index a lazy handle looks names up in.
     fn flat_index<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
