@@ -6,6 +6,7 @@
 //! never touch the file or Python, so they can be fuzzed directly.
 #![forbid(unsafe_code)]
 
+pub mod legacy;
 pub mod pickle;
 pub mod safetensors;
 pub mod torchzip;
@@ -23,6 +24,9 @@ pub enum Format {
     Safetensors,
     /// `torch.save` zip archive (`.pt`, `.pth`, `.bin`), torch >= 1.6.
     TorchZip,
+    /// Legacy (pre-zip) `torch.save` file: torch < 1.6, or
+    /// `_use_new_zipfile_serialization=False`.
+    TorchLegacy,
 }
 
 impl Format {
@@ -30,6 +34,7 @@ impl Format {
         match self {
             Format::Safetensors => "safetensors",
             Format::TorchZip => "torch zip",
+            Format::TorchLegacy => "torch legacy",
         }
     }
 }
@@ -286,6 +291,9 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let parsed = match detect(path, bytes)? {
         Format::Safetensors => safetensors::parse(path, bytes)?,
         Format::TorchZip => torchzip::parse(path, std::io::Cursor::new(bytes), bytes.len() as u64)?,
+        Format::TorchLegacy => {
+            legacy::parse(path, std::io::Cursor::new(bytes), bytes.len() as u64)?
+        }
     };
     validate(path, bytes.len() as u64, &parsed)?;
     Ok(parsed)
@@ -308,6 +316,7 @@ pub fn parse_mapped(path: &Path, mapping: &Mapping) -> Result<Parsed> {
             safetensors::parse_header(path, &json, mapping.len())?
         }
         Format::TorchZip => torchzip::parse(path, mapping.reader(), mapping.len())?,
+        Format::TorchLegacy => legacy::parse(path, mapping.reader(), mapping.len())?,
     };
     validate(path, mapping.len(), &parsed)?;
     Ok(parsed)
@@ -322,17 +331,9 @@ pub fn detect(path: &Path, bytes: &[u8]) -> Result<Format> {
     if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
         return Ok(Format::TorchZip);
     }
-    // Legacy torch.save (< 1.6): a bare pickle stream starting with the magic number
-    // 0x1950a86a20f9469cfc6c as a LONG1 (protocol 2: 0x80 0x02 0x8a 0x0a ...).
-    if bytes.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") {
-        return Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            entry: "file".into(),
-            what: "this is a legacy (pre-1.6, non-zip) torch.save file, which zeroload does \
-                   not read; re-save it with a current torch: \
-                   `torch.save(torch.load(path, weights_only=True), new_path)`"
-                .into(),
-        });
+    // Legacy torch.save: a bare pickle stream whose first pickle is the magic number.
+    if legacy::is_legacy(bytes) {
+        return Ok(Format::TorchLegacy);
     }
     if bytes.len() >= 262 && &bytes[257..262] == b"ustar" {
         return Err(Error::Unsupported {
@@ -354,8 +355,8 @@ pub fn detect(path: &Path, bytes: &[u8]) -> Result<Format> {
     } else if bytes.len() < 9 {
         format!("the file is only {} bytes long", bytes.len())
     } else {
-        "not a checkpoint: expected a safetensors header (8-byte length then '{') or a torch \
-         zip archive ('PK')"
+        "not a checkpoint: expected a safetensors header (8-byte length then '{'), a torch \
+         zip archive ('PK') or a legacy torch.save file (a pickle of torch's magic number)"
             .to_string()
     };
     Err(Error::Malformed {
