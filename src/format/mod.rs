@@ -469,6 +469,9 @@ pub struct Checkpoint {
     pub parsed: Parsed,
     /// How many tensors, and storage objects of the object tree, refer to each storage.
     storage_users: Vec<u32>,
+    /// The storages whose bytes in the file are not aligned for a dtype of a tensor on
+    /// them, by increasing index (see `unaligned_storages`).
+    unaligned: Vec<usize>,
 }
 
 impl Checkpoint {
@@ -512,12 +515,28 @@ impl Checkpoint {
                 *n = n.saturating_add(1);
             }
         }
+        let unaligned = unaligned_storages(&parsed);
         Checkpoint {
             path: path.to_path_buf(),
             mapping,
             parsed,
             storage_users,
+            unaligned,
         }
+    }
+
+    /// The storages whose first byte is not aligned for the dtype of some tensor on them
+    /// (its size: complex128 needs 16 bytes) in the mapping, whose base is page-aligned.
+    /// Safetensors and torch zip files align their data; legacy torch.save files do not.
+    /// Loads must not hand out views of those bytes (a misaligned tensor is undefined
+    /// behaviour for torch's kernels): they read them into memory of their own instead.
+    pub fn unaligned_storages(&self) -> &[usize] {
+        &self.unaligned
+    }
+
+    /// Whether storage `i`'s bytes can be handed out in place (see `unaligned_storages`).
+    pub fn storage_aligned(&self, i: usize) -> bool {
+        self.unaligned.binary_search(&i).is_err()
     }
 
     /// Whether tensor `i` is its storage, byte for byte: no offset, C-contiguous, and as
@@ -564,6 +583,23 @@ impl Checkpoint {
     pub fn flat_tensors(&self) -> Option<Vec<(String, usize)>> {
         flat_tensors(&self.parsed.objects)
     }
+}
+
+/// See `Checkpoint::unaligned_storages`.
+fn unaligned_storages(p: &Parsed) -> Vec<usize> {
+    let mut align = vec![1u64; p.storages.len()];
+    for t in &p.tensors {
+        if let Some(a) = align.get_mut(t.storage) {
+            *a = (*a).max(t.dtype.size() as u64);
+        }
+    }
+    p.storages
+        .iter()
+        .zip(&align)
+        .enumerate()
+        .filter(|(_, (s, &a))| s.offset % a != 0)
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// Collections of at least this many objects are freed on a thread of their own.
