@@ -65,6 +65,32 @@ impl PyCheckpoint {
         self.inner.mapping.base_ptr().wrapping_add(offset as usize)
     }
 
+    /// Where storage `s`'s bytes can be exported from, and what keeps them alive: the
+    /// mapping, or a copy of its own for a storage `unaligned_storages` lists (read with
+    /// `pread`, aligned for any dtype; each call makes a new one, which its exports own).
+    fn storage_memory(&self, s: usize) -> PyResult<(crate::dlpack::Owner, *mut u8)> {
+        let st = self.storage_at(s)?;
+        if self.inner.storage_aligned(s) {
+            return Ok((self.owner.clone(), self.data_ptr(st.offset)));
+        }
+        let too_large = || {
+            CheckpointError::new_err(format!(
+                "{}: storage {:?} ({} bytes) is too large to copy into memory",
+                self.inner.path.display(),
+                st.key,
+                st.nbytes
+            ))
+        };
+        let len = usize::try_from(st.nbytes).map_err(|_| too_large())?;
+        let mut copy = crate::dlpack::OwnedBytes::zeroed(len).ok_or_else(too_large)?;
+        self.inner
+            .mapping
+            .read_at(copy.as_mut_slice(), st.offset)
+            .map_err(PyErr::from)?;
+        let ptr = copy.as_ptr();
+        Ok((Arc::new(copy), ptr))
+    }
+
     /// Tensor `i`, for anything that builds or reads it: a `CheckpointError` naming the
     /// tensor and its dtype if torch cannot hold it (see `Unrepresentable`).
     fn tensor_at(&self, i: usize) -> PyResult<&crate::format::Tensor> {
@@ -113,6 +139,7 @@ impl PyCheckpoint {
             || t.dtype.dlpack().is_none()
             || refused.has(t.dtype)
             || !self.inner.covers_storage(i)
+            || !self.inner.storage_aligned(t.storage)
         {
             return Ok(None);
         }
@@ -364,21 +391,30 @@ impl PyCheckpoint {
         self.inner.mapping.readahead(&ranges, max_bytes)
     }
 
-    /// Storage `i` as a 1-D uint8 DLPack view over the copy-on-write mapping.
+    /// Storage `i` as a 1-D uint8 DLPack view over the copy-on-write mapping (over a
+    /// copy of its own for the storages `unaligned_storages` lists).
     fn storage_view(&self, i: usize) -> PyResult<DLPackView> {
         let s = self.storage_at(i)?;
         let nbytes = i64::try_from(s.nbytes)
             .map_err(|_| CheckpointError::new_err(format!("storage {:?} is too large", s.key)))?;
+        let (owner, data) = self.storage_memory(i)?;
         Ok(DLPackView::new(
-            self.inner.mapping.clone(),
-            self.data_ptr(s.offset),
+            owner,
+            data,
             crate::dtype::DType::U8,
             vec![nbytes],
             vec![1],
         ))
     }
 
-    /// Tensor `i` as a DLPack view with its own dtype, shape and strides (for numpy).
+    /// The storages whose bytes are not aligned for their dtype in the file (legacy
+    /// torch.save files): their views are copies, not views of the file.
+    fn unaligned_storages(&self) -> Vec<usize> {
+        self.inner.unaligned_storages().to_vec()
+    }
+
+    /// Tensor `i` as a DLPack view with its own dtype, shape and strides (for numpy); on
+    /// a copy of its storage when that is not aligned (see `unaligned_storages`).
     fn tensor_view(&self, i: usize) -> PyResult<DLPackView> {
         let t = self.tensor_at(i)?;
         if t.dtype.dlpack().is_none() {
@@ -387,14 +423,14 @@ impl PyCheckpoint {
                 t.dtype
             )));
         }
-        let s = self.storage_at(t.storage)?;
         let (shape, strides) = check_dims(&t.shape, &t.strides)?;
         // validate() proved the tensor's span lies inside the storage, so this cannot
         // overflow.
-        let offset = s.offset + t.storage_offset * t.dtype.size() as u64;
+        let within = t.storage_offset * t.dtype.size() as u64;
+        let (owner, data) = self.storage_memory(t.storage)?;
         Ok(DLPackView::new(
-            self.inner.mapping.clone(),
-            self.data_ptr(offset),
+            owner,
+            data.wrapping_add(within as usize),
             t.dtype,
             shape,
             strides,
