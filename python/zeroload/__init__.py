@@ -29,6 +29,7 @@ from zeroload._core import CheckpointError, CudaError, ForbiddenGlobalError
 
 if TYPE_CHECKING:
     from zeroload._device import release_staging
+    from zeroload._hf import from_pretrained
     from zeroload._load import load, load_bytes
     from zeroload._load_into import load_into
     from zeroload._open import SafeOpen, open
@@ -40,6 +41,7 @@ __all__ = [
     "CudaError",
     "ForbiddenGlobalError",
     "SafeOpen",
+    "from_pretrained",
     "load",
     "load_bytes",
     "load_into",
@@ -55,6 +57,7 @@ _LAZY = {
     "open": "zeroload._open",
     "SafeOpen": "zeroload._open",
     "load_into": "zeroload._load_into",
+    "from_pretrained": "zeroload._hf",
     "release_staging": "zeroload._device",
     "track": "zeroload._track",
 }
