@@ -382,3 +382,57 @@ def test_unsupported_transformers_versions_are_refused(
 def test_supported_versions() -> None:
     assert _hf._supported("5.0.0") and _hf._supported("5.24.0.dev0")
     assert not _hf._supported("4.99.0") and not _hf._supported("6.1")
+
+
+# -- the GPU path, on the fake CUDA driver (tests/fakecuda; see test_cuda_engine.py) -------
+
+
+@pytest.fixture(scope="module")
+def worker() -> Iterator[list[Any]]:
+    from test_cuda_engine import Worker
+
+    box = [Worker()]
+    yield box
+    box[0].close()
+
+
+def _case_cuda(tmp: str) -> None:
+    """In the fake-driver process: every tensor goes file -> pinned staging -> (fake)
+    device memory, through transformers' loading threads, and comes back equal."""
+    from test_cuda_engine import _fake, _gpu
+
+    root = Path(tmp)
+    cases = []
+    llama = root / "llama"
+    _build("llama-tied").save_pretrained(llama, max_shard_size="20KB")
+    cases.append((llama, {}))
+    mixtral = root / "mixtral-bin"
+    _write_bin(_build("mixtral"), mixtral, shards=2)
+    cases.append((mixtral, {"dtype": torch.bfloat16}))
+    for path, kwargs in cases:
+        ref = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with _gpu("plain") as backend, _fake().watch():
+            ours = _load_checked(path, device="cuda", **kwargs)
+        stored = len(zeroload.open(path).keys())
+        assert backend.allocations >= stored, (backend.allocations, stored)
+        _same_model(ours, ref)
+    assert ours.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_cuda_path_on_the_fake_driver(worker: list[Any], tmp_path: Path) -> None:
+    from test_cuda_engine import TIMEOUT
+
+    w = worker[0]
+    w.tx.send((__name__, _case_cuda.__name__, (str(tmp_path),)))  # as test_cuda_engine.run
+    if not w.rx.poll(TIMEOUT):
+        w.close()
+        pytest.fail(f"_case_cuda hung for {TIMEOUT} s")
+    status, result, after = w.rx.recv()
+    if status != "ok":
+        pytest.fail(f"_case_cuda (in the fake-driver process):\n{result}", pytrace=False)
+    assert after == [], "the fake CUDA driver recorded contract violations:\n" + "\n".join(after)
+
+
+def test_cuda_without_a_device_is_a_clear_error(store: dict[str, Path]) -> None:
+    with pytest.raises(zeroload.CudaError, match="cannot load to cuda"):
+        zeroload.from_pretrained(store["gpt2"], device="cuda")
