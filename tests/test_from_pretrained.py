@@ -218,6 +218,13 @@ def test_matches_transformers(store: dict[str, Path], name: str) -> None:
     ref = _reference(name, store[name])
     ours = _load_checked(store[name])
     _same_model(ours, ref)
+    # ... and both hold the saved weights (none left to _init_weights, which would agree
+    # between the two for norms), old names and per-expert layouts converted.
+    saved = _build(FAMILY.get(name, name)).state_dict()
+    loaded = ours.state_dict()
+    assert loaded.keys() == saved.keys()
+    for k, v in saved.items():
+        assert torch.equal(loaded[k], v), k
     if name == "llama-tied":
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
     if name == "llama-untied":
