@@ -31,6 +31,7 @@ from zeroload._core import CheckpointError, CudaError, ForbiddenGlobalError
 
 if TYPE_CHECKING:
     from zeroload._device import release_staging
+    from zeroload._hf import from_pretrained
     from zeroload._init_empty import init_empty
     from zeroload._load import load, load_bytes
     from zeroload._load_into import load_into
@@ -43,6 +44,7 @@ __all__ = [
     "CudaError",
     "ForbiddenGlobalError",
     "SafeOpen",
+    "from_pretrained",
     "init_empty",
     "load",
     "load_bytes",
@@ -59,6 +61,7 @@ _LAZY = {
     "open": "zeroload._open",
     "SafeOpen": "zeroload._open",
     "load_into": "zeroload._load_into",
+    "from_pretrained": "zeroload._hf",
     "init_empty": "zeroload._init_empty",
     "release_staging": "zeroload._device",
     "track": "zeroload._track",
