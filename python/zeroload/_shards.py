@@ -3,6 +3,7 @@ a directory of per-tensor `torch.save` files (`{name}.pt`, one tensor each)."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
@@ -10,6 +11,9 @@ from pathlib import Path
 
 from zeroload import _core
 from zeroload._core import CheckpointError
+
+# Names a checkpoint file usually has (the hint for a directory without a known layout).
+_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 # What a directory may hold, best first (safetensors preferred, as transformers does).
 _DIRECTORY_CANDIDATES = (
@@ -78,8 +82,8 @@ def resolve(path: str | os.PathLike) -> ShardSet:
         per_tensor = _tensor_files(p)
         if per_tensor is not None:
             return per_tensor
-        found = sorted(x.name for x in p.iterdir() if x.suffix in (".safetensors", ".bin", ".pt"))
-        hint = f" (it holds {', '.join(found[:5])})" if found else ""
+        found = sorted(x.name for x in p.iterdir() if x.suffix in _CHECKPOINT_SUFFIXES)
+        hint = f" (it holds {', '.join(found[:5])}: pass one of them)" if found else ""
         raise FileNotFoundError(
             f"{p}: no checkpoint in this directory: expected one of "
             f"{', '.join(_DIRECTORY_CANDIDATES)}{hint}"
@@ -87,7 +91,7 @@ def resolve(path: str | os.PathLike) -> ShardSet:
     if p.name.endswith(".index.json"):
         return _read_index(p)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
+        raise not_found(p)
     return ShardSet(files=[p])
 
 
@@ -113,11 +117,32 @@ def _tensor_files(folder: Path) -> ShardSet | None:
     return ShardSet(files=list(names), tensor_names=names)
 
 
+def not_found(path: str | os.PathLike) -> FileNotFoundError:
+    """``path: no such file or directory``, with "did you mean" and the closest name in
+    its directory when one is close (a typo in the name), or the closest existing parent
+    when the directory itself is missing."""
+    p = Path(os.fspath(path))
+    parent = p.parent
+    if not parent.is_dir():
+        up = parent
+        while not up.is_dir() and up != up.parent:
+            up = up.parent
+        where = f" ({parent} does not exist" + (f"; {up} does)" if up.is_dir() else ")")
+        return FileNotFoundError(f"{p}: no such file or directory{where}")
+    try:
+        names = [x.name for x in parent.iterdir()]
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(p.name, names, n=1, cutoff=0.75)
+    hint = f"; did you mean {parent / close[0]}?" if close else ""
+    return FileNotFoundError(f"{p}: no such file or directory{hint}")
+
+
 def _read_index(index: Path) -> ShardSet:
     try:
         doc = json.loads(index.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{index}: no such file") from None
+        raise not_found(index) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{index}: not a valid shard index (bad JSON: {e})") from None
     except RecursionError:
