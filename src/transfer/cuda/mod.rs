@@ -35,6 +35,7 @@
 
 mod driver;
 mod ring;
+mod save;
 mod staging;
 
 use std::sync::Arc;
@@ -44,6 +45,7 @@ pub use ring::{
     parse_bytes, ring_geometry, staging_budget, DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES,
     STAGING_ENV,
 };
+pub use save::{write_from_cuda, CudaWriteOptions};
 pub use staging::{release_staging, staging_allocated, take_staging_warning};
 
 use super::pipeline::{default_threads, max_chunk, run_staged, Reporter, Slabs, Source};
