@@ -407,6 +407,55 @@ fn open_direct(_path: &Path) -> Option<File> {
     None
 }
 
+/// The most bytes one write hands the OS (as `MAX_READ`).
+const MAX_WRITE: usize = 1 << 30;
+
+/// Writes up to `len` bytes (at most 1 GiB) from `src` to `file` at `offset` with one
+/// system call; returns how many were written (possibly fewer). Unix may fail with
+/// `Interrupted`: the caller retries.
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes for the duration of the call.
+pub unsafe fn write_at_raw(
+    file: &File,
+    src: *const u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    let len = len.min(MAX_WRITE);
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let at = libc::off_t::try_from(offset).map_err(|_| too_far(offset))?;
+        // SAFETY: `src` is valid for reads of `len` bytes (caller's contract); pwrite
+        // reads at most that many.
+        let n = unsafe { libc::pwrite(file.as_raw_fd(), src.cast(), len, at) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    #[cfg(windows)]
+    {
+        // SAFETY: forwarded contract.
+        unsafe { windows::write_file_at(file, src, len, offset) }
+    }
+}
+
+/// Writes all of `buf` at `offset`, retrying interrupted and short writes. A write that
+/// makes no progress is `WriteZero`.
+pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        // SAFETY: `rest` is a live slice of `rest.len()` bytes.
+        match unsafe { write_at_raw(file, rest.as_ptr(), rest.len(), offset + done as u64) } {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(unix)]
 fn too_far(offset: u64) -> io::Error {
     io::Error::new(
@@ -427,8 +476,33 @@ mod windows {
     use std::os::windows::io::AsRawHandle;
 
     use windows_sys::Win32::Foundation::{ERROR_HANDLE_EOF, FALSE};
-    use windows_sys::Win32::Storage::FileSystem::ReadFile;
+    use windows_sys::Win32::Storage::FileSystem::{ReadFile, WriteFile};
     use windows_sys::Win32::System::IO::OVERLAPPED;
+
+    /// `WriteFile` of up to `len` (at most 1 GiB) bytes at `offset` (synchronous handle,
+    /// as `read_file_at`).
+    ///
+    /// # Safety
+    /// As `write_at_raw`.
+    pub(super) unsafe fn write_file_at(
+        file: &File,
+        src: *const u8,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<usize> {
+        // SAFETY: OVERLAPPED is plain data; all zeroes is a valid (empty) value.
+        let mut at: OVERLAPPED = unsafe { std::mem::zeroed() };
+        at.Anonymous.Anonymous.Offset = offset as u32;
+        at.Anonymous.Anonymous.OffsetHigh = (offset >> 32) as u32;
+        let mut written = 0u32;
+        // SAFETY: `src` is valid for reads of `len` bytes (caller's contract), `len` fits
+        // a u32 (at most 1 GiB), and `written` and `at` outlive the synchronous call.
+        let ok = unsafe { WriteFile(file.as_raw_handle(), src, len as u32, &mut written, &mut at) };
+        if ok == FALSE {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(written as usize)
+    }
 
     /// `ReadFile` of up to `len` (at most 1 GiB) bytes at `offset`. The handle is
     /// synchronous (std opens files without `FILE_FLAG_OVERLAPPED`), so the OVERLAPPED

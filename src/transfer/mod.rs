@@ -24,6 +24,8 @@ pub mod host;
 pub mod pipeline;
 pub mod plan;
 pub mod slice;
+pub mod writeback;
 
 pub use pipeline::{Outcome, ProgressFn, PROGRESS_STEP};
 pub use plan::{Chunk, CopyRequest, Extent, Piece, Plan, PlanOptions};
+pub use writeback::WriteRequest;
