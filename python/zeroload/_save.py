@@ -49,7 +49,7 @@ _DLPACK_DTYPES = {
 _ST_DTYPES: Dict[str, Tuple[str, int]] = {n: (st, k) for n, _, st, k in _core.dtypes() if st}
 #: The exact container types ``torch.load(weights_only=True)`` rebuilds.
 _DICTS = (dict, collections.OrderedDict, collections.Counter)
-_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device)
 
 
 def save(
