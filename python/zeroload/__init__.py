@@ -18,6 +18,8 @@ memory from PyTorch's caching allocator, with host memory bounded by a small bud
         model = Model(cfg)
     zeroload.load_into(model, "model.safetensors")    # into an nn.Module
 
+    zeroload.save(model.state_dict(), "model.pth")    # atomic; safe over a mapped file
+
 Importing the package does not import torch (so `zeroload --help` is quick); the
 functions that need it import it on first use.
 """
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from zeroload._load import load, load_bytes
     from zeroload._load_into import load_into
     from zeroload._open import SafeOpen, open
+    from zeroload._save import save
     from zeroload._track import track
 
 __version__ = "0.1.0"
@@ -51,6 +54,7 @@ __all__ = [
     "load_into",
     "open",
     "release_staging",
+    "save",
     "track",
 ]
 
@@ -65,6 +69,7 @@ _LAZY = {
     "init_empty": "zeroload._init_empty",
     "release_staging": "zeroload._device",
     "track": "zeroload._track",
+    "save": "zeroload._save",
 }
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "dtypes",
     "release_staging",
     "safetensors_dtype_name",
+    "write_host",
 ]
 
 class CheckpointError(ValueError):
@@ -153,3 +154,14 @@ def copy_slices_to_cuda(
     device_index: int,
     budget: int | None = None,
 ) -> int: ...
+
+# zeroload.save: (source index, byte offset in the source, nbytes, file offset)
+def write_host(
+    fd: int,
+    path: str | PathLike[str],
+    sources: Sequence[Any],
+    requests: Sequence[tuple[int, int, int, int]],
+    progress: Callable[[int, int], Any] | None = None,
+    crc: bool = True,
+    threads: int | None = None,
+) -> list[int]: ...
