@@ -88,6 +88,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     # Nothing here may import torch: `zeroload --help` and `zeroload inspect` start in a
     # fraction of its import time. `zeroload.bench` itself holds only names.
@@ -136,6 +146,14 @@ def _parser() -> argparse.ArgumentParser:
         help="where to write the temporary checkpoint, removed at the end "
         "(default: the system temp directory)",
     )
+    d.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="run every method N times, each in a fresh process, and print medians with "
+        "their range; a ratio only where ranges do not overlap (default: 3)",
+    )
     d.set_defaults(func=_cmd_demo)
 
     b = sub.add_parser(
@@ -160,6 +178,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run only these methods",
     )
     b.add_argument("--out", metavar="DIR", help="also write a PNG chart and JSON results here")
+    b.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="run every method N times, each in a fresh process, and print medians with "
+        "their range; a ratio only where ranges do not overlap (default: 3)",
+    )
     b.set_defaults(func=_cmd_bench)
 
     i = sub.add_parser(
