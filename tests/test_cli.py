@@ -597,6 +597,28 @@ def test_model_labels_say_why_gpt2_small_has_163m_parameters() -> None:
     assert describe("xl").startswith("gpt2-xl config, 1638M parameters (1558M as in GPT-2")
 
 
+def test_size_figures_are_the_models_own(tmp_path: Path) -> None:
+    # The help text's figures come from bench.parameter_count / checkpoint_bytes, which
+    # must agree with the model itself for every size.
+    from zeroload import bench
+    from zeroload.bench.gptmodel import GPTModel, num_parameters
+
+    for name, cfg in bench.CONFIGS.items():
+        assert bench.parameter_count(cfg) == num_parameters(cfg), name
+        with torch.device("meta"):
+            sd = GPTModel(cfg).state_dict()
+        assert bench.checkpoint_bytes(cfg) == sum(t.numel() * 4 for t in sd.values()), name
+    torch.save(GPTModel(bench.CONFIGS["tiny"]).state_dict(), tmp_path / "tiny.pth")
+    size = (tmp_path / "tiny.pth").stat().st_size
+    est = bench.checkpoint_bytes(bench.CONFIGS["tiny"])
+    assert est <= size <= 1.1 * est + (64 << 10)  # the file: tensors plus zip and pickle
+    small = bench.CONFIGS[bench.SIZES["small"]]
+    help_text = cli._parser()._subparsers._group_actions[0].choices["demo"].format_help()
+    n, gb = bench.parameter_count(small) / 1e6, bench.checkpoint_bytes(small) / 1e9
+    assert f"{n:.0f}M parameters" in " ".join(help_text.split())
+    assert f"{gb:.2f} GB file" in " ".join(help_text.split())
+
+
 def test_bench_state_dict(files: dict, capsys: pytest.CaptureFixture) -> None:
     args = ["bench", str(files["weird"]), "--methods", "torch_load", "zeroload"]
     rc = cli.main([*args, "--repeat", "1"])

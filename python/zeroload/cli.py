@@ -126,8 +126,11 @@ def _parser() -> argparse.ArgumentParser:
         "--size",
         choices=list(bench.SIZES),
         default="small",
-        help="model size: GPT-2's configs (default: small, 163M parameters with the "
-        "untied output head, a 0.65 GB file)",
+        help="model size: GPT-2's configs (default: small, {:.0f}M parameters with the "
+        "untied output head, a {:.2f} GB file)".format(
+            bench.parameter_count(bench.CONFIGS[bench.SIZES["small"]]) / 1e6,
+            bench.checkpoint_bytes(bench.CONFIGS[bench.SIZES["small"]]) / 1e9,
+        ),
     )
     d.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     d.add_argument(
