@@ -17,7 +17,8 @@ transformers and zeroload already imported):
 
 Page cache: "warm" runs read the files once first; "cold" runs drop each file of the
 directory from the page cache with posix_fadvise(POSIX_FADV_DONTNEED) (after a sync)
-before every process. Medians over --repeat runs, with the range.
+before every process. Medians over --repeat runs, with the range; the two methods'
+logits must agree bit for bit (checked). The header names the machine and versions.
 
     python benchmarks/from_pretrained.py                    # CPU, both formats, cold and warm
     python benchmarks/from_pretrained.py --device cuda      # on a GPU
@@ -211,6 +212,31 @@ def _mb(values: list[float]) -> str:
     return f"{mid:,.0f} ({lo:,.0f}-{hi:,.0f})"
 
 
+def machine() -> str:
+    """The machine and versions, for RESULTS.md."""
+    import platform
+
+    import torch
+    import transformers
+
+    import zeroload
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    return (
+        f"{cpu}, {os.cpu_count()} CPUs (load average {load}), {mem:.0f} GB RAM, GPU {gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, zeroload {zeroload.__version__}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=2, metavar=("METHOD", "DIR"), help=argparse.SUPPRESS)
@@ -237,6 +263,7 @@ def main() -> None:
             f"device {args.device}; {args.repeat} runs each, fresh process per run",
             flush=True,
         )
+        print(machine(), flush=True)
         caches = ["cold", "warm"] if args.cache == "both" else [args.cache]
         rows = []
         for fmt, d in (("safetensors", st), (".bin", bins)):
