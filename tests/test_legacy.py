@@ -178,6 +178,18 @@ def test_unaligned_storages_are_copied_aligned_ones_are_views(tmp_path: Path) ->
     assert_same(zeroload.load(io.BytesIO(path.read_bytes())), ours)
 
 
+@pytest.mark.parametrize("protocol", [1, 2, 3, 4, 5])
+def test_every_pickle_protocol(tmp_path: Path, protocol: int) -> None:
+    # torch.save(pickle_protocol=...) applies to every pickle of the file, the magic
+    # number's too. torch.load(weights_only=True) reads only protocols 2 and 3 (its
+    # unpickler lacks the others' opcodes); the reference here is the unrestricted
+    # torch.load of a file we just wrote.
+    obj = {"a": torch.arange(3.0), "b": torch.ones(2, dtype=torch.int8), "n": [1, "x"]}
+    path = tmp_path / "proto.pt"
+    torch.save(obj, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    assert_same(zeroload.load(path), torch.load(path, weights_only=False))
+
+
 def test_a_long_pickle_is_read_past_the_first_chunk(tmp_path: Path) -> None:
     # About 150 KiB of pickle before the first storage byte.
     obj = {f"layer.{i}.weight": torch.full((2,), float(i)) for i in range(2000)}
