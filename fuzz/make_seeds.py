@@ -1,8 +1,8 @@
 """Regenerates the committed seed corpora under fuzz/seeds/ (run from the repo root).
 
 Each seed is a tiny real file: torch.save zips, legacy (pre-zip) torch.save files,
-safetensors files, and the data.pkl pickles inside the zips (plus a few plain protocol-4 pickles). Keep them small: the
-fuzzers mutate faster on short inputs.
+safetensors files, and the data.pkl pickles inside the zips (plus a few plain protocol-4
+pickles). Keep them small: the fuzzers mutate faster on short inputs.
 """
 
 import collections

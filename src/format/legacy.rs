@@ -336,7 +336,7 @@ mod tests {
 
     /// `tests/data/legacy/generate.py`: views of one storage, a Parameter, a 3-byte
     /// storage first (so the others start at odd offsets), an empty tensor.
-    const TIED: &[u8] = include_bytes!("../../tests/data/legacy/tied.pt");
+    const TIED: &[u8] = include_bytes!("../../tests/data/legacy/tied.legacy");
 
     fn parse_bytes(b: &[u8]) -> Result<Parsed> {
         parse(Path::new("t.pt"), std::io::Cursor::new(b), b.len() as u64)

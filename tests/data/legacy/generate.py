@@ -1,5 +1,5 @@
 """Regenerates the legacy torch.save test vectors of src/format/legacy.rs (run from the
-repo root): whole files, as `torch.save(..., _use_new_zipfile_serialization=False)` writes
+repo root): whole files (named `.legacy`: `*.pt` is git-ignored), as `torch.save(..., _use_new_zipfile_serialization=False)` writes
 them. torch.load(weights_only=True) must accept each (checked here)."""
 
 import os
@@ -25,7 +25,7 @@ def main():
         },
     }
     for name, obj in vectors.items():
-        path = os.path.join(OUT, f"{name}.pt")
+        path = os.path.join(OUT, f"{name}.legacy")
         torch.save(obj, path, _use_new_zipfile_serialization=False)
         torch.load(path, weights_only=True)
 
