@@ -1,6 +1,7 @@
 """Regenerates the legacy torch.save test vectors of src/format/legacy.rs (run from the
-repo root): whole files (named `.legacy`: `*.pt` is git-ignored), as `torch.save(..., _use_new_zipfile_serialization=False)` writes
-them. torch.load(weights_only=True) must accept each (checked here)."""
+repo root): whole files as `torch.save(..., _use_new_zipfile_serialization=False)` writes
+them, named `.legacy` (`*.pt` is git-ignored). torch.load(weights_only=True) must accept
+each (checked here)."""
 
 import os
 
