@@ -108,6 +108,43 @@ def test_every_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
     check_like_torch(path)
 
 
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.complex32,
+        torch.bits8,
+    ],
+    ids=str,
+)
+def test_dtypes_torch_load_cannot_read_back(tmp_path: Path, dtype: torch.dtype) -> None:
+    # Legacy torch.save writes these on an UntypedStorage, which torch.load then fails to
+    # read ("UntypedStorage has no attribute dtype"); zeroload reads them, checked
+    # against the tensors saved.
+    obj = {"odd": torch.arange(3, dtype=torch.uint8), "x": random_tensor((4, 2), dtype, 7)}
+    path = save_legacy(obj, tmp_path / "new.pt")
+    with pytest.raises(AttributeError):
+        torch.load(path, weights_only=True)
+    ours = zeroload.load(path)
+    assert ours["x"].dtype == dtype and ours["x"].shape == obj["x"].shape
+    assert torch.equal(ours["x"].view(torch.uint8), obj["x"].view(torch.uint8))
+    assert ours["x"].data_ptr() % ours["x"].element_size() == 0
+
+
+def test_a_model_directory_with_a_legacy_bin(tmp_path: Path) -> None:
+    # Older Hub repositories: pytorch_model.bin in the legacy format.
+    torch.manual_seed(2)
+    sd = TinyNet().state_dict()
+    save_legacy(sd, tmp_path / "pytorch_model.bin")
+    assert_same(
+        zeroload.load(tmp_path), torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    )
+
+
 def test_shared_storages_and_views(tmp_path: Path) -> None:
     views = strided_views()
     views["same"] = views["base"]  # one tensor under two names stays one object
