@@ -88,6 +88,14 @@ def test_load_into_a_model(tmp_path: Path) -> None:
     zeroload.load_into(fresh, path)
     for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+    # A model built on the meta device gets the file's tensors themselves.
+    with torch.device("meta"):
+        empty = TinyNet().eval()
+    zeroload.load_into(empty, path)
+    idx = torch.randint(0, 50, (4,))
+    assert torch.equal(empty(idx), model(idx))
+    for name, t in empty.state_dict().items():
+        assert t.data_ptr() % t.element_size() == 0, name
 
 
 def test_nested_objects_and_plain_values(tmp_path: Path) -> None:
