@@ -822,3 +822,40 @@ print("read", flush=True)
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert child.stdout == "allocated\n", child
     assert child.returncode == -signal.SIGSEGV, child
+
+
+# -- legacy (pre-zip) torch.save files ---------------------------------------------------
+
+
+def _case_legacy_files(tmp: str) -> None:
+    """Legacy files put storages at unaligned offsets; the GPU path reads them with pread
+    like any other and must give what torch.load gives."""
+    fake = _fake()
+    legacy_dtypes = [
+        torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+        torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+        torch.complex128,
+    ]  # fmt: skip
+    dtypes = {"odd": torch.arange(3, dtype=torch.uint8)}
+    dtypes.update({str(d): random_tensor((5, 3), d, seed=i) for i, d in enumerate(legacy_dtypes)})
+    for what, obj in {
+        "training": training_checkpoint(),
+        "views": strided_views(),
+        "dtypes": dtypes,
+    }.items():
+        path = Path(tmp) / f"{what}.pt"
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+        assert _core.Checkpoint.open(str(path)).format == "torch legacy"
+        with _gpu() as backend, fake.watch():
+            ours = zeroload.load(path, device="cuda", staging_bytes=4 << 20)
+        ref = torch.load(path, map_location="cpu", weights_only=True)
+        assert_same(ours, ref, what)
+        assert_sharing_same(ours, ref)
+        assert backend.allocations > 0
+    with _gpu(), fake.watch(), zeroload.open(path, device="cuda") as f:
+        for name in ("odd", "torch.float64", "torch.complex128"):
+            assert torch.equal(f.get_tensor(name), dtypes[name]), name
+
+
+def test_legacy_files_on_cuda(worker: list[Worker], tmp_path: Path) -> None:
+    run(worker, _case_legacy_files, str(tmp_path))
