@@ -3,6 +3,7 @@
 //! transfer and slices (copies, GIL released), dlpack, dtypes (the dtype table).
 
 mod checkpoint;
+mod cuda_save;
 mod dlpack;
 mod dtypes;
 mod errors;
@@ -18,5 +19,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     transfer::register(m)?;
     slices::register(m)?;
     dtypes::register(m)?;
+    cuda_save::register(m)?;
     Ok(())
 }
