@@ -253,3 +253,117 @@ def _case_rss(tmp: str) -> int:
 def test_host_memory_stays_within_the_staging_budget(worker: list[Worker], tmp_path: Path) -> None:
     grew = run(worker, _case_rss, str(tmp_path))
     assert grew <= (16 << 20) + (64 << 20), f"RSS grew by {grew / 2**20:.0f} MiB"
+
+
+def _dtoh_bad_sequence(cls: str) -> None:
+    """Misuses `cuMemcpyDtoHAsync_v2` the way `cls` describes (plain ctypes calls)."""
+    fake = _fake()
+    L = fake.lib
+    vp = ctypes.c_void_p
+    dtoh = L.cuMemcpyDtoHAsync_v2
+    dtoh.argtypes = [vp, ctypes.c_uint64, ctypes.c_size_t, vp]
+    dtoh.restype = ctypes.c_uint
+    fake.bind(0)
+    stream, pinned = vp(), vp()
+    fake.call("cuStreamCreate", ctypes.byref(stream), 1)
+    fake.call("cuMemHostAlloc", ctypes.byref(pinned), 8192, 1)
+    src = fake.alloc(4096, 0)
+    fake.write(src, bytes(range(256)) * 16)
+    if cls in {"source-changed", "overlapping-destinations", "freed-while-pending"}:
+        fake.config("min_delay_us", 50_000)  # the stream starts every op 50 ms late
+        fake.config("max_delay_us", 50_000)
+        fake.call("cuMemcpyDtoHAsync_v2", pinned, src, 4096, stream)
+    if cls == "unpinned-source":  # here: an unpinned host destination
+        pageable = ctypes.create_string_buffer(4096)
+        fake.call("cuMemcpyDtoHAsync_v2", pageable, src, 4096, stream)
+    elif cls == "bad-device-range":
+        dtoh(pinned, pinned.value, 4096, stream)  # a host "source"
+        dtoh(pinned, src + 4000, 4096, stream)  # past the allocation
+    elif cls == "source-changed":  # here: the host buffer written before the copy ran
+        ctypes.memset(pinned, 7, 16)
+    elif cls == "overlapping-destinations":
+        fake.call("cuMemcpyDtoHAsync_v2", pinned.value + 100, src, 8, stream)
+    elif cls == "wrong-context":
+        fake.bind(1)
+        dtoh(pinned, src, 4096, stream)  # a stream of context 0
+        fake.bind(0)
+    elif cls == "invalid-handle":
+        dead = vp()
+        fake.call("cuStreamCreate", ctypes.byref(dead), 1)
+        fake.call("cuStreamDestroy_v2", dead)
+        dtoh(pinned, src, 4096, dead)
+    elif cls == "freed-while-pending":
+        fake.call("cuMemFreeHost", pinned)
+        pinned = None
+    elif cls == "unsynchronized-read":  # device bytes read while a copy into them is queued
+        fake.config("min_delay_us", 50_000)
+        fake.config("max_delay_us", 50_000)
+        fake.call("cuMemcpyHtoDAsync_v2", src, pinned.value + 4096, 4096, stream)
+        fake.call("cuMemcpyDtoHAsync_v2", pinned, src, 4096, stream)
+    else:
+        raise AssertionError(cls)
+    fake.call("cuStreamSynchronize", stream)
+    fake.call("cuStreamDestroy_v2", stream)
+    if pinned is not None:
+        fake.call("cuMemFreeHost", pinned)
+    fake.free(src)
+
+
+def _case_dtoh_misuse(cls: str) -> None:
+    fake = _fake()
+    assert fake.findings() == []
+    _dtoh_bad_sequence(cls)
+    fake.wait_idle()
+    found = fake.take_findings()
+    assert found, f"the fake recorded nothing for {cls}"
+    assert {line.split(":", 1)[0] for line in found} == {cls}, found
+
+
+DTOH_CLASSES = [
+    "unpinned-source",
+    "bad-device-range",
+    "source-changed",
+    "overlapping-destinations",
+    "wrong-context",
+    "invalid-handle",
+    "freed-while-pending",
+    "unsynchronized-read",
+]
+
+
+@pytest.mark.parametrize("cls", DTOH_CLASSES)
+def test_the_fake_driver_catches_each_misuse_of_async_device_to_host_copies(
+    worker: list[Worker], cls: str
+) -> None:
+    run(worker, _case_dtoh_misuse, cls)
+
+
+def _case_dtoh_poisons_until_done() -> None:
+    """The host buffer of an async device-to-host copy holds poison until the copy ran:
+    code that reads it before the copy's event completed reads garbage, as on a GPU."""
+    fake = _fake()
+    vp = ctypes.c_void_p
+    fake.bind(0)
+    stream, pinned = vp(), vp()
+    fake.call("cuStreamCreate", ctypes.byref(stream), 1)
+    fake.call("cuMemHostAlloc", ctypes.byref(pinned), 4096, 1)
+    src = fake.alloc(4096, 0)
+    fake.write(src, b"\x01" * 4096)
+    fake.config("min_delay_us", 50_000)
+    fake.config("max_delay_us", 50_000)
+    fake.lib.cuMemcpyDtoHAsync_v2.argtypes = [vp, ctypes.c_uint64, ctypes.c_size_t, vp]
+    fake.call("cuMemcpyDtoHAsync_v2", pinned, src, 4096, stream)
+    early = ctypes.string_at(pinned, 4096)
+    fake.call("cuStreamSynchronize", stream)
+    late = ctypes.string_at(pinned, 4096)
+    fake.call("cuStreamDestroy_v2", stream)
+    fake.call("cuMemFreeHost", pinned)
+    fake.free(src)
+    assert early == b"\xdb" * 4096
+    assert late == b"\x01" * 4096
+
+
+def test_an_async_device_to_host_copy_poisons_its_buffer_until_it_ran(
+    worker: list[Worker],
+) -> None:
+    run(worker, _case_dtoh_poisons_until_done)
