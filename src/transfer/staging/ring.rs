@@ -209,7 +209,7 @@ mod tests {
     use std::cell::Cell;
     use std::rc::Rc;
 
-    /// Pins from the heap, refusing once `limit` slabs are out; counts what is freed.
+    /// Pins from the C heap, refusing once `limit` slabs are out; counts what is out.
     #[derive(Clone)]
     struct Heap {
         limit: usize,
@@ -223,11 +223,13 @@ mod tests {
                 return Ok(Err(Error::Internal("no more".into())));
             }
             self.out.set(self.out.get() + 1);
-            Ok(Ok(Box::into_raw(vec![0u8; bytes].into_boxed_slice()).cast()))
+            // SAFETY: plain allocation; freed by `unpin`.
+            Ok(Ok(unsafe { libc::malloc(bytes) }.cast()))
         }
-        unsafe fn unpin(&self, _slab: *mut u8) -> Result<()> {
-            // The slab is leaked (a test); only the count matters.
+        unsafe fn unpin(&self, slab: *mut u8) -> Result<()> {
             self.out.set(self.out.get() - 1);
+            // SAFETY: `slab` came from `malloc` in `pin` and is freed once (contract).
+            unsafe { libc::free(slab.cast()) };
             Ok(())
         }
         fn exhausted(&self, message: String) -> Error {
