@@ -72,8 +72,9 @@ def assert_zip_like_torch(ours: Path, ref: Path) -> None:
         for info in a.infolist():
             assert info.compress_type == zipfile.ZIP_STORED
             at = info.header_offset
-            name_len, extra_len = int.from_bytes(raw[at + 26 : at + 28], "little"), int.from_bytes(
-                raw[at + 28 : at + 30], "little"
+            name_len, extra_len = (
+                int.from_bytes(raw[at + 26 : at + 28], "little"),
+                int.from_bytes(raw[at + 28 : at + 30], "little"),
             )
             assert (at + 30 + name_len + extra_len) % 64 == 0, info.filename
 

@@ -27,7 +27,7 @@ import struct
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 from torch.utils.dlpack import to_dlpack
@@ -54,10 +54,10 @@ _PLAIN = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dt
 
 def save(
     obj: Any,
-    path: "os.PathLike[str] | str",
+    path: os.PathLike[str] | str,
     *,
-    metadata: Optional[Mapping[str, str]] = None,
-    progress: Optional[bool] = None,
+    metadata: Mapping[str, str] | None = None,
+    progress: bool | None = None,
 ) -> None:
     """Save ``obj`` to ``path`` atomically, as ``torch.save`` or safetensors would.
 
@@ -110,7 +110,7 @@ class _Plan:
         self.requests: List[Request] = []
         self.cuda: List[Tuple[torch.Tensor, int]] = []
         self.crc = False
-        self.finish: Optional[Callable[[List[int]], Tail]] = None
+        self.finish: Callable[[List[int]], Tail] | None = None
         self.fixed: List[Tuple[bytes, int]] = []  # (bytes, file offset): no CRC needed
 
     def add(self, source: Any, nbytes: int, file_offset: int) -> None:
@@ -129,7 +129,7 @@ class _Plan:
             return
         self.add(to_dlpack(t if t.dtype in _DLPACK_DTYPES else _bytes_of(t)), nbytes, file_offset)
 
-    def write(self, path: Path, progress: Optional[bool]) -> None:
+    def write(self, path: Path, progress: bool | None) -> None:
         """Writes the file: data ranges (CRCs in request order), the fixed ranges with
         them (after them in the request list, so their CRCs are dropped), CUDA ranges,
         then what ``finish`` makes of the CRCs."""
@@ -183,7 +183,7 @@ def _write_cuda(
     fd: int,
     path: Path,
     items: List[Tuple[torch.Tensor, int]],
-    progress: Optional[Callable[[int, int], Any]],
+    progress: Callable[[int, int], Any] | None,
 ) -> List[int]:
     """Writes each contiguous CUDA tensor's bytes at its file offset; returns their
     CRC-32s. Through the core's device -> pinned staging -> file path when the extension
@@ -198,7 +198,9 @@ def _write_cuda(
         for device, idx in by_device.items():
             torch.cuda.current_stream(device).synchronize()
             sources = [_bytes_of(items[i][0]) for i in idx]
-            requests = [(k, 0, s.numel(), items[i][1]) for k, (i, s) in enumerate(zip(idx, sources))]
+            requests = [
+                (k, 0, s.numel(), items[i][1]) for k, (i, s) in enumerate(zip(idx, sources))
+            ]
             got = write_from_cuda(fd, sources, requests, device, None, progress)
             for i, c in zip(idx, got):
                 crcs[i] = c
@@ -412,7 +414,9 @@ def _plan_torch(obj: Any, path: Path) -> _Plan:
                 fields += [size, size]
             if at >= _U32:
                 fields.append(at)
-            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+            extra = b""
+            if fields:
+                extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
             central += struct.pack(
                 "<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 45 if fields else 0, 0x0808, 0, 0, 0, crc,
                 min(size, _U32), min(size, _U32), len(name), len(extra), 0, 0, 0, 0,
@@ -448,7 +452,7 @@ def _serialization_id() -> bytes:
 # ---------------------------------------------------------------------------------------
 
 
-def _plan_safetensors(obj: Any, path: Path, metadata: Optional[Mapping[str, str]]) -> _Plan:
+def _plan_safetensors(obj: Any, path: Path, metadata: Mapping[str, str] | None) -> _Plan:
     import json
 
     if not isinstance(obj, dict):
@@ -514,7 +518,7 @@ def _refuse_shared(path: Path, tensors: List[Tuple[str, torch.Tensor]]) -> None:
         spans.setdefault(key, []).append((lo, hi, name))
     for group in spans.values():
         group.sort()
-        for (lo_a, hi_a, a), (lo_b, _, b) in zip(group, group[1:]):
+        for (_lo_a, hi_a, a), (lo_b, _, b) in zip(group, group[1:]):
             if lo_b < hi_a:
                 raise _core.CheckpointError(
                     f"{path}: tensors {a!r} and {b!r} share memory; a safetensors file "
