@@ -71,6 +71,58 @@ pub const FLAG_READ_ONLY: u64 = 1 << 0;
 /// Anything that keeps exported memory valid.
 pub type Owner = Arc<dyn Send + Sync>;
 
+/// Heap memory of our own that exports may hand out (and consumers may write): a copy
+/// of file bytes that cannot be exported in place, such as a storage not aligned for its
+/// dtype. Aligned to [`OwnedBytes::ALIGN`] bytes, zero-filled when made.
+pub struct OwnedBytes {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: `OwnedBytes` owns its allocation outright (like a `Box<[u8]>`); the pointer is
+// never shared except through exports, whose consumers follow DLPack's rules.
+unsafe impl Send for OwnedBytes {}
+// SAFETY: as above; `&OwnedBytes` only reads the pointer and length.
+unsafe impl Sync for OwnedBytes {}
+
+impl OwnedBytes {
+    /// Alignment of every buffer: enough for any dtype (and a cache line).
+    pub const ALIGN: usize = 64;
+
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), Self::ALIGN)
+            .expect("a buffer size that fits in isize")
+    }
+
+    /// `len` zero bytes, or `None` if the allocation fails.
+    pub fn zeroed(len: usize) -> Option<OwnedBytes> {
+        if len > isize::MAX as usize - Self::ALIGN {
+            return None;
+        }
+        // SAFETY: the layout has a non-zero size.
+        let p = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
+        std::ptr::NonNull::new(p).map(|ptr| OwnedBytes { ptr, len })
+    }
+
+    /// The bytes, for filling before the buffer is shared.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: `len` initialised (zeroed) bytes that `&mut self` borrows exclusively.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The address of the first byte, for exports.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for OwnedBytes {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this very layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+    }
+}
+
 /// What a tensor export describes: `data + byte_offset` is the first element.
 pub struct Export<'a> {
     pub owner: &'a Owner,

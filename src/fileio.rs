@@ -407,6 +407,165 @@ fn open_direct(_path: &Path) -> Option<File> {
     None
 }
 
+/// The most bytes one write hands the OS (as `MAX_READ`).
+const MAX_WRITE: usize = 1 << 30;
+
+/// One buffer of a vectored write: `len` readable bytes at `base`. On Unix it is a
+/// `struct iovec`, handed to `pwritev` as is.
+#[cfg(unix)]
+#[repr(transparent)]
+pub struct WriteBuf(libc::iovec);
+
+/// One buffer of a vectored write: `len` readable bytes at `base`.
+#[cfg(windows)]
+pub struct WriteBuf {
+    base: *const u8,
+    len: usize,
+}
+
+impl WriteBuf {
+    /// A buffer of `len` bytes at `base`. Nothing is read here: the unsafe writes that
+    /// take it state what it must point to.
+    pub fn new(base: *const u8, len: usize) -> WriteBuf {
+        #[cfg(unix)]
+        return WriteBuf(libc::iovec {
+            iov_base: base.cast_mut().cast(),
+            iov_len: len,
+        });
+        #[cfg(windows)]
+        return WriteBuf { base, len };
+    }
+
+    pub fn base(&self) -> *const u8 {
+        #[cfg(unix)]
+        return self.0.iov_base.cast_const().cast();
+        #[cfg(windows)]
+        return self.base;
+    }
+
+    pub fn len(&self) -> usize {
+        #[cfg(unix)]
+        return self.0.iov_len;
+        #[cfg(windows)]
+        return self.len;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Writes up to `len` bytes (at most 1 GiB) from `src` to `file` at `offset` with one
+/// system call; returns how many were written (possibly fewer). Unix may fail with
+/// `Interrupted`: the caller retries.
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes for the duration of the call.
+pub unsafe fn write_at_raw(
+    file: &File,
+    src: *const u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    let len = len.min(MAX_WRITE);
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let at = libc::off_t::try_from(offset).map_err(|_| too_far(offset))?;
+        // SAFETY: `src` is valid for reads of `len` bytes (caller's contract); pwrite
+        // reads at most that many.
+        let n = unsafe { libc::pwrite(file.as_raw_fd(), src.cast(), len, at) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    #[cfg(windows)]
+    {
+        // SAFETY: forwarded contract.
+        unsafe { windows::write_file_at(file, src, len, offset) }
+    }
+}
+
+/// Writes all of `buf` at `offset`, retrying interrupted and short writes. A write that
+/// makes no progress is `WriteZero`.
+pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        // SAFETY: `rest` is a live slice of `rest.len()` bytes.
+        match unsafe { write_at_raw(file, rest.as_ptr(), rest.len(), offset + done as u64) } {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes the buffers of `bufs` one after the other from `offset` (one `pwritev` per
+/// round on Unix, each buffer in turn on Windows), retrying interrupted and short writes
+/// until every byte is written. At most `max_read_bufs()` buffers.
+///
+/// # Safety
+/// Each buffer must be valid for reads of its length for the duration of the call.
+pub unsafe fn write_all_vectored_at(file: &File, bufs: &[WriteBuf], offset: u64) -> io::Result<()> {
+    let total: usize = bufs.iter().map(WriteBuf::len).sum();
+    let mut done = 0usize; // bytes written so far, counted from `offset`
+    let mut first = 0usize; // the first buffer not yet written whole
+    let mut skip = 0usize; // bytes of `bufs[first]` already written
+    while done < total {
+        while bufs[first].len() == skip {
+            first += 1;
+            skip = 0;
+        }
+        let at = offset + done as u64;
+        #[cfg(unix)]
+        let n = {
+            use std::os::fd::AsRawFd;
+            let pos = libc::off_t::try_from(at).map_err(|_| too_far(at))?;
+            let mut rest: Vec<libc::iovec> = bufs[first..].iter().map(|b| b.0).collect();
+            rest[0] = libc::iovec {
+                iov_base: bufs[first].base().wrapping_add(skip).cast_mut().cast(),
+                iov_len: bufs[first].len() - skip,
+            };
+            let count = libc::c_int::try_from(rest.len()).map_err(|_| too_many())?;
+            // SAFETY: each iovec describes (the unwritten tail of) a caller's buffer,
+            // valid for reads of its length (caller's contract); `rest` is live.
+            let n = unsafe { libc::pwritev(file.as_raw_fd(), rest.as_ptr(), count, pos) };
+            usize::try_from(n).map_err(|_| io::Error::last_os_error())
+        };
+        #[cfg(windows)]
+        // SAFETY: the unwritten tail of a caller's buffer, valid for reads.
+        let n = unsafe {
+            write_at_raw(
+                file,
+                bufs[first].base().wrapping_add(skip),
+                bufs[first].len() - skip,
+                at,
+            )
+        };
+        match n {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(mut n) => {
+                done += n;
+                while n > 0 {
+                    let left = bufs[first].len() - skip;
+                    if n < left {
+                        skip += n;
+                        n = 0;
+                    } else {
+                        n -= left;
+                        first += 1;
+                        skip = 0;
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(unix)]
 fn too_far(offset: u64) -> io::Error {
     io::Error::new(
@@ -427,8 +586,33 @@ mod windows {
     use std::os::windows::io::AsRawHandle;
 
     use windows_sys::Win32::Foundation::{ERROR_HANDLE_EOF, FALSE};
-    use windows_sys::Win32::Storage::FileSystem::ReadFile;
+    use windows_sys::Win32::Storage::FileSystem::{ReadFile, WriteFile};
     use windows_sys::Win32::System::IO::OVERLAPPED;
+
+    /// `WriteFile` of up to `len` (at most 1 GiB) bytes at `offset` (synchronous handle,
+    /// as `read_file_at`).
+    ///
+    /// # Safety
+    /// As `write_at_raw`.
+    pub(super) unsafe fn write_file_at(
+        file: &File,
+        src: *const u8,
+        len: usize,
+        offset: u64,
+    ) -> io::Result<usize> {
+        // SAFETY: OVERLAPPED is plain data; all zeroes is a valid (empty) value.
+        let mut at: OVERLAPPED = unsafe { std::mem::zeroed() };
+        at.Anonymous.Anonymous.Offset = offset as u32;
+        at.Anonymous.Anonymous.OffsetHigh = (offset >> 32) as u32;
+        let mut written = 0u32;
+        // SAFETY: `src` is valid for reads of `len` bytes (caller's contract), `len` fits
+        // a u32 (at most 1 GiB), and `written` and `at` outlive the synchronous call.
+        let ok = unsafe { WriteFile(file.as_raw_handle(), src, len as u32, &mut written, &mut at) };
+        if ok == FALSE {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(written as usize)
+    }
 
     /// `ReadFile` of up to `len` (at most 1 GiB) bytes at `offset`. The handle is
     /// synchronous (std opens files without `FILE_FLAG_OVERLAPPED`), so the OVERLAPPED
@@ -538,6 +722,33 @@ mod tests {
         // SAFETY: as above.
         let at_the_end = unsafe { read_vectored_at(&file, &bufs, 10_000) };
         assert_eq!(at_the_end.unwrap(), 0);
+    }
+
+    #[test]
+    fn positional_writes_land_at_their_offsets_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        write_all_at(&file, b"world", 6).unwrap();
+        write_all_at(&file, b"hello ", 0).unwrap();
+        let (a, b, c) = (b"ab".to_vec(), Vec::<u8>::new(), vec![7u8; 100_000]);
+        let bufs = [
+            WriteBuf::new(a.as_ptr(), a.len()),
+            WriteBuf::new(b.as_ptr(), b.len()),
+            WriteBuf::new(c.as_ptr(), c.len()),
+        ];
+        // SAFETY: three live vectors, each described by its own length.
+        unsafe { write_all_vectored_at(&file, &bufs, 11) }.unwrap();
+        let got = std::fs::read(&path).unwrap();
+        assert_eq!(&got[..13], b"hello worldab");
+        assert_eq!(got.len(), 13 + 100_000);
+        assert!(got[13..].iter().all(|&x| x == 7));
     }
 
     #[test]

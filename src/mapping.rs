@@ -8,13 +8,15 @@
 //! while it is mapped, touching the lost pages raises SIGBUS, and changed bytes show through
 //! untouched pages. zeroload maps only to hand out CPU tensors; parsing and every copy
 //! read with `pread` (`Mapping::read_at`, `Mapping::reader`), which reports a short file as
-//! an error instead, and no Rust reference into the mapping is ever made.
+//! an error instead, and no Rust reference into the mapping is ever made: the mapping is
+//! held as a `memmap2::MmapRaw`, which hands out raw pointers only (no `Deref` to
+//! `&[u8]`), so such a reference cannot be written by accident.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{MmapOptions, MmapRaw};
 
 use crate::error::{Error, Result};
 use crate::fileio;
@@ -23,8 +25,9 @@ use crate::fileio;
 pub struct Mapping {
     path: PathBuf,
     file: File,
-    /// `None` for an empty file (which cannot be mapped).
-    map: Option<MmapMut>,
+    /// `None` for an empty file (which cannot be mapped). Raw: no `&[u8]` into the file
+    /// can be made from it (the file may change or shrink under the mapping).
+    map: Option<MmapRaw>,
 }
 
 impl Mapping {
@@ -70,7 +73,8 @@ impl Mapping {
             // nothing we or PyTorch write reaches the file.
             let map =
                 unsafe { MmapOptions::new().map_copy(&file) }.map_err(|e| Error::io(path, e))?;
-            Some(map)
+            // Straight into the raw form, before anything could deref it to `&[u8]`.
+            Some(MmapRaw::from(map))
         };
         Ok(Arc::new(Mapping {
             path: path.to_path_buf(),
@@ -103,7 +107,9 @@ impl Mapping {
             // SAFETY: a private (copy-on-write) mapping of a file no one else can reach
             // (sealed, or unlinked with its only descriptor ours), so nothing can write,
             // shrink or grow it: none of the hazards of mapping a shared file apply.
-            Some(unsafe { MmapOptions::new().map_copy(&file) }.map_err(err)?)
+            Some(MmapRaw::from(
+                unsafe { MmapOptions::new().map_copy(&file) }.map_err(err)?,
+            ))
         };
         Ok(Arc::new(Mapping {
             path: name.to_path_buf(),
@@ -124,17 +130,22 @@ impl Mapping {
         self.len() == 0
     }
 
-    /// The file's bytes as mapped (tests only: the library never reads the mapping through
-    /// Rust references, see `open`).
+    /// A copy of the file's bytes as mapped (tests only: the library never reads the
+    /// mapping, see `open`). A copy, not a reference: no `&[u8]` into the mapping exists.
     #[cfg(test)]
-    pub fn bytes(&self) -> &[u8] {
-        self.map.as_deref().unwrap_or(&[])
+    pub fn bytes(&self) -> Vec<u8> {
+        match &self.map {
+            // SAFETY: tests map files nothing else changes; the range is the mapping's own
+            // and is copied out at once, so no reference outlives this call.
+            Some(m) => unsafe { std::slice::from_raw_parts(m.as_ptr(), m.len()) }.to_vec(),
+            None => Vec::new(),
+        }
     }
 
     /// Base address of the mapping, for handing out tensors. Writable: pages are private.
     pub fn base_ptr(&self) -> *mut u8 {
         match &self.map {
-            Some(m) => m.as_ptr() as *mut u8,
+            Some(m) => m.as_mut_ptr(),
             None => std::ptr::NonNull::<u8>::dangling().as_ptr(),
         }
     }
@@ -303,6 +314,15 @@ fn anonymous_file() -> std::io::Result<File> {
 /// name, while it lasts, opens nothing.
 #[cfg_attr(target_os = "linux", allow(dead_code))]
 fn private_temp_file(dir: &Path) -> std::io::Result<File> {
+    private_temp_file_with(dir, |p| std::fs::remove_file(p))
+}
+
+/// `private_temp_file`, with the unlink it makes (tests stand a failing one in).
+#[cfg_attr(target_os = "linux", allow(dead_code))]
+fn private_temp_file_with(
+    dir: &Path,
+    #[cfg_attr(not(unix), allow(unused_variables, unused_mut))] mut remove: impl FnMut(&Path) -> std::io::Result<()>,
+) -> std::io::Result<File> {
     for attempt in 0..100u32 {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -326,7 +346,13 @@ fn private_temp_file(dir: &Path) -> std::io::Result<File> {
         match options.open(&path) {
             Ok(file) => {
                 #[cfg(unix)]
-                std::fs::remove_file(&path)?;
+                if let Err(e) = remove(&path) {
+                    // Not left behind under its name: closed, and removed again (the
+                    // first failure may have been transient); the error is the first one.
+                    drop(file);
+                    let _ = remove(&path);
+                    return Err(e);
+                }
                 return Ok(file);
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
@@ -608,7 +634,7 @@ mod tests {
         use std::io::Write;
         let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
         let m = Mapping::anonymous(Path::new("<bytes>"), |f| f.write_all(&data)).unwrap();
-        assert_eq!(m.bytes(), &data[..]);
+        assert_eq!(m.bytes(), data);
         assert_eq!(m.path(), Path::new("<bytes>"));
         let mut buf = vec![0u8; 10];
         m.read_at(&mut buf, 500).unwrap();
@@ -656,6 +682,26 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_failed_unlink_leaves_no_temp_file_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut calls = 0;
+        let err = private_temp_file_with(dir.path(), |p| {
+            calls += 1;
+            if calls == 1 {
+                Err(std::io::Error::other("unlink refused"))
+            } else {
+                std::fs::remove_file(p)
+            }
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), "unlink refused");
+        assert_eq!(calls, 2);
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(left.is_empty(), "left behind: {left:?}");
+    }
+
     #[test]
     fn readahead_ranges_keep_their_order_and_merge_forward() {
         let ranges = [
@@ -697,6 +743,6 @@ mod tests {
                 || (cfg!(unix) && e.raw_os_error() == Some(libc::EOPNOTSUPP))
         });
         assert!(unsupported || cached(m.file(), 0, 3 << 20));
-        assert_eq!(m.bytes(), &vec![7u8; 3 << 20][..]);
+        assert_eq!(m.bytes(), vec![7u8; 3 << 20]);
     }
 }

@@ -265,6 +265,97 @@ def test_inspect_corrupt_file_subprocess(tmp_path: Path) -> None:
     assert "CheckpointError" in r.stderr and "bad.pth" in r.stderr
 
 
+def test_inspect_lists_non_tensor_entries(files: dict, capsys: pytest.CaptureFixture) -> None:
+    info = _inspect_json(capsys, files["train"])
+    ref = torch.load(files["train"], weights_only=True)
+    assert [(e["name"], e["type"], e["value"]) for e in info["entries"]] == [
+        ("epoch", "int", repr(ref["epoch"])),
+        ("opt.lr", "float", repr(ref["opt"]["lr"])),
+    ]
+    assert _inspect_json(capsys, files["gpt"])["entries"] == []  # a flat state dict
+    assert cli.main(["inspect", str(files["train"])]) == 0
+    out = capsys.readouterr().out
+    assert "other entries (2, not tensors):" in out
+    assert any(ln.split() == ["epoch", "int", "3"] for ln in out.splitlines())
+
+
+def test_inspect_lists_many_entries_up_to_a_limit(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "many.pth"
+    torch.save({"w": torch.ones(2), "steps": list(range(50)), "name": "x" * 100}, path)
+    info = _inspect_json(capsys, path)
+    assert len(info["entries"]) == 51
+    assert info["entries"][-1]["value"].endswith("...")  # long values are cut short
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "other entries (51, not tensors):" in out and "... and 11 more (--json" in out
+
+
+def test_inspect_says_one_tensor_not_one_tensors(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "one.pth"
+    torch.save({"w": torch.ones(1)}, path)
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 tensor in 1 storage\n" in out
+    assert "total: 1 tensor, 1 element, " in out
+    assert "tensors" not in out and "storages" not in out and "elements" not in out
+    dst = tmp_path / "one.safetensors"
+    assert cli.main(["convert", str(path), str(dst)]) == 0
+    assert ": 1 tensor, " in capsys.readouterr().out
+
+
+def test_inspect_directory_hint_lists_pth_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    torch.save({"w": torch.ones(2)}, tmp_path / "net.pth")
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "net.pth" in err and "no checkpoint in this directory" in err
+
+
+def test_mistyped_path_gets_did_you_mean(files: dict, capsys: pytest.CaptureFixture) -> None:
+    typo = files["dir"] / "gtp.pth"
+    assert cli.main(["inspect", str(typo)]) == 1
+    err = capsys.readouterr().err
+    assert f"did you mean {files['gpt']}?" in err
+    with pytest.raises(FileNotFoundError, match="did you mean"):
+        zeroload.load(typo)
+    # nothing close: no guess; a missing directory names the closest one that exists
+    assert cli.main(["inspect", str(files["dir"] / "zzzzzzzz.pth")]) == 1
+    assert "did you mean" not in capsys.readouterr().err
+    assert cli.main(["inspect", str(files["dir"] / "nodir" / "gpt.pth")]) == 1
+    err = capsys.readouterr().err
+    assert "nodir does not exist" in err and f"{files['dir']} does)" in err
+
+
+def test_exit_statuses_are_documented_in_help() -> None:
+    r = _run("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "Exit status: 0 done, 1 checkpoint error" in text
+    assert "2 usage error" in text and "130 interrupted" in text
+
+
+def test_cli_and_bench_commands_import_no_cycle() -> None:
+    # bench.commands takes UsageError from the leaf module, not from the CLI that imports it
+    code = (
+        "import sys, zeroload.bench.commands as c, zeroload._usage as u;"
+        "assert c.UsageError is u.UsageError;"
+        "assert 'zeroload.cli' not in sys.modules, 'bench.commands imported the cli'"
+    )
+    env = dict(os.environ)
+    pkg = str(Path(zeroload.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg, env.get("PYTHONPATH")) if p)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    from zeroload import _usage
+
+    assert cli.UsageError is _usage.UsageError  # the old name still works
+
+
 # -- convert --------------------------------------------------------------------------
 
 
@@ -353,7 +444,7 @@ def test_convert_dedupe_drops_aliases(files: dict, tmp_path: Path, capsys) -> No
 def test_convert_refuses_to_overwrite(files: dict, tmp_path: Path, capsys) -> None:
     dst = tmp_path / "exists.safetensors"
     dst.write_bytes(b"keep me")
-    assert cli.main(["convert", str(files["gpt"]), str(dst)]) == 1
+    assert cli.main(["convert", str(files["gpt"]), str(dst)]) == 2  # usage: --force fixes it
     assert "--force" in capsys.readouterr().err
     assert dst.read_bytes() == b"keep me"
     assert cli.main(["convert", "--force", str(files["gpt"]), str(dst)]) == 0
@@ -452,7 +543,8 @@ def test_bench_state_dict(files: dict, capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     table = out.split("ratios")[0]
     lines = {ln.split()[0]: ln for ln in table.splitlines() if ln.split()[:1]}
-    assert "equal" in lines["torch_load"] and "equal" in lines["zeroload"]
+    # zeroload's digest compared with torch.load's (the reference row, not compared)
+    assert "reference" in lines["torch_load"] and "equal" in lines["zeroload"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
@@ -463,9 +555,9 @@ def test_cuda_without_cuda_is_a_clear_error(files: dict, capsys, cmd: str) -> No
     assert "CUDA is not available" in capsys.readouterr().err
 
 
-# -- scale: every cost O(number of tensors) ---------------------------------------------
-# A quadratic path (a name set or the tensor table rebuilt per tensor) takes hours at
-# 100,000 tensors; linear ones take seconds. The timeouts are generous on purpose.
+# -- scale: 100,000 tensors ---------------------------------------------------------------
+# What these check is the output at 20k and 100k tensors; the timeouts only stop a run
+# that hangs (they are no measure of scaling, hence the names).
 
 
 @pytest.fixture(scope="module", params=[20_000, 100_000], ids=["20k", "100k"])
@@ -484,7 +576,9 @@ def many(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
-def test_inspect_scales_linearly(many: dict, fmt: str, capsys: pytest.CaptureFixture) -> None:
+def test_inspect_lists_every_tensor_of_a_large_file(
+    many: dict, fmt: str, capsys: pytest.CaptureFixture
+) -> None:
     info = _inspect_json(capsys, many["dir"] / f"many.{fmt}")
     names = [t["name"] for t in info["tensors"]]
     if fmt == "pth":
@@ -498,7 +592,7 @@ def test_inspect_scales_linearly(many: dict, fmt: str, capsys: pytest.CaptureFix
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_convert_scales_linearly(many: dict, tmp_path: Path, capsys) -> None:
+def test_convert_writes_every_tensor_of_a_large_file(many: dict, tmp_path: Path, capsys) -> None:
     src, n = many["dir"] / "many.pth", many["n"]
     dst = tmp_path / "out.safetensors"
     assert cli.main(["convert", str(src), str(dst)]) == 0

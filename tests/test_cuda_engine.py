@@ -81,8 +81,10 @@ class Worker:
         self.tx = Connection(to_child[1], readable=False)
         self.rx = Connection(from_child[0], writable=False)
 
-    def run(self, name: str, args: tuple[Any, ...]) -> tuple[str, Any, list[str]]:
-        self.tx.send((__name__, name, args))
+    def run(
+        self, name: str, args: tuple[Any, ...], module: str = __name__
+    ) -> tuple[str, Any, list[str]]:
+        self.tx.send((module, name, args))
         if not self.rx.poll(TIMEOUT):
             # Dump every thread's stack (faulthandler, to stderr), then give up on it.
             self.proc.send_signal(signal.SIGUSR1)
@@ -119,7 +121,7 @@ def run(worker: list[Worker], case: Callable[..., Any], *args: Any) -> Any:
     fake driver during it or the cleanup after it."""
     if worker[0].proc.poll() is not None:
         worker[0] = Worker()
-    status, result, after = worker[0].run(case.__name__, args)
+    status, result, after = worker[0].run(case.__name__, args, case.__module__)
     if status != "ok":
         pytest.fail(f"{case.__name__} (in the fake-driver process):\n{result}", pytrace=False)
     assert after == [], "the fake CUDA driver recorded contract violations:\n" + "\n".join(after)
@@ -443,6 +445,28 @@ def test_a_ring_that_cannot_be_pinned_falls_back_with_one_warning(
     worker: list[Worker], tmp_path: Path
 ) -> None:
     run(worker, _case_pinning_fallback, str(tmp_path))
+
+
+def _case_slice_pinning_fallback(tmp: str) -> None:
+    fake = _fake()
+    zeroload.release_staging()  # the slice below allocates the ring afresh
+    path = _save(tmp, _big())
+    ref = torch.load(path, weights_only=True)
+    fake.fail("cuMemHostAlloc", nth=3, code=fakecuda.OUT_OF_MEMORY, count=0)
+    # The warning belongs to the slice copy that fell back, raised by it...
+    with _gpu(), zeroload.open(path, device="cuda") as f:
+        with fake.watch(), pytest.warns(UserWarning, match="could pin only"):
+            part = f.get_slice("w11")[1000:300_000]
+        assert_same(part, ref["w11"][1000:300_000])
+    # ...and not left for a later, unrelated load.
+    with _gpu(), fake.watch(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same(zeroload.load(path, device="cuda"), ref)
+    assert zeroload.release_staging() is True
+
+
+def test_a_slice_copy_that_falls_back_warns_itself(worker: list[Worker], tmp_path: Path) -> None:
+    run(worker, _case_slice_pinning_fallback, str(tmp_path))
 
 
 def _case_release_staging(tmp: str) -> None:

@@ -1,5 +1,10 @@
 """examples/quickstart.ipynb runs top to bottom (tiny model) so it never rots, uses only the
-public API, and leaves nothing behind: not in the temp dir, not in its working directory."""
+public API, and leaves nothing behind: not in the temp dir, not in its working directory.
+
+It runs with its recipes in both orders, and no timed run may import a module: the warm-up
+must pay every recipe's one-off import cost (the first meta-device model imports ~900
+modules), or whichever recipe ran first would carry it in its time. Counting imports, not
+comparing times, makes that check exact rather than noisy."""
 
 from __future__ import annotations
 
@@ -26,8 +31,12 @@ def test_quickstart_uses_only_the_public_api() -> None:
     )
 
 
+RECIPES = ("torch.load", "torch.load(mmap=True)", "zeroload.load")
+
+
+@pytest.mark.parametrize("order", ["usual,builtin,zeroload", "zeroload,builtin,usual"])
 def test_quickstart_notebook_runs_and_leaves_nothing_behind(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, order: str
 ) -> None:
     import zeroload
 
@@ -44,6 +53,8 @@ def test_quickstart_notebook_runs_and_leaves_nothing_behind(
     # the notebook's litter, so it goes elsewhere here.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "torch-cache"))
     monkeypatch.setenv("ZEROLOAD_NOTEBOOK_SIZE", "tiny")
+    monkeypatch.setenv("ZEROLOAD_NOTEBOOK_ORDER", order)
+    monkeypatch.setenv("ZEROLOAD_NOTEBOOK_REPEAT", "2")
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join(p for p in (pkg, os.environ.get("PYTHONPATH")) if p)
     )
@@ -65,5 +76,15 @@ def test_quickstart_notebook_runs_and_leaves_nothing_behind(
     html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
     assert sum("<table" in h for h in html) == 3  # one report per recipe
     assert any("image/png" in o.get("data", {}) for o in outputs)  # the chart
+    # the summary: a median and range per recipe, and no module imported inside a timed run
+    lines = text.splitlines()
+    header = next(i for i, ln in enumerate(lines) if "median (range)" in ln)
+    assert "modules imported while timed" in lines[header]
+    rows = {ln[:24].strip(): ln[24:].split() for ln in lines[header + 1 : header + 4]}
+    assert set(rows) == set(RECIPES)
+    for label, cells in rows.items():
+        # "0.012 s (0.010-0.013)" twice, then the count of modules imported while timed
+        assert cells[1] == "s" and cells[2].startswith("(") and cells[4] == "s", cells
+        assert cells[-1] == "0", f"{label}: a timed run imported {cells[-1]} modules ({order})"
     assert sorted(p.name for p in kernel_tmp.iterdir()) == []
     assert sorted(p.name for p in kernel_cwd.iterdir()) == []

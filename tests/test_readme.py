@@ -28,6 +28,8 @@ def _documented(params: str) -> list[tuple[str, str, str | None]]:
         out.append((arg.arg, "positional", ast.unparse(d) if d is not None else None))
     for arg, d in zip(a.kwonlyargs, a.kw_defaults):
         out.append((arg.arg, "keyword", ast.unparse(d) if d is not None else None))
+    if a.kwarg is not None:
+        out.append((a.kwarg.arg, "**", None))
     return out
 
 
@@ -35,6 +37,7 @@ def _actual(fn: object) -> list[tuple[str, str, str | None]]:
     out: list[tuple[str, str, str | None]] = []
     for p in inspect.signature(fn).parameters.values():  # type: ignore[arg-type]
         kind = "keyword" if p.kind is p.KEYWORD_ONLY else "positional"
+        kind = "**" if p.kind is p.VAR_KEYWORD else kind
         default = None if p.default is p.empty else repr(p.default)
         out.append((p.name, kind, default))
     return out

@@ -14,7 +14,11 @@ memory from PyTorch's caching allocator, with host memory bounded by a small bud
     with zeroload.open("model.safetensors") as f:     # lazily, like safe_open
         w = f.get_tensor("lm_head.weight")
 
+    with zeroload.init_empty():                       # parameters on meta, buffers real
+        model = Model(cfg)
     zeroload.load_into(model, "model.safetensors")    # into an nn.Module
+
+    zeroload.save(model.state_dict(), "model.pth")    # atomic; safe over a mapped file
 
 Importing the package does not import torch (so `zeroload --help` is quick); the
 functions that need it import it on first use.
@@ -29,9 +33,12 @@ from zeroload._core import CheckpointError, CudaError, ForbiddenGlobalError
 
 if TYPE_CHECKING:
     from zeroload._device import release_staging
+    from zeroload._hf import from_pretrained
+    from zeroload._init_empty import init_empty
     from zeroload._load import load, load_bytes
     from zeroload._load_into import load_into
     from zeroload._open import SafeOpen, open
+    from zeroload._save import save
     from zeroload._track import track
 
 __version__ = "0.1.0"
@@ -40,11 +47,14 @@ __all__ = [
     "CudaError",
     "ForbiddenGlobalError",
     "SafeOpen",
+    "from_pretrained",
+    "init_empty",
     "load",
     "load_bytes",
     "load_into",
     "open",
     "release_staging",
+    "save",
     "track",
 ]
 
@@ -55,8 +65,11 @@ _LAZY = {
     "open": "zeroload._open",
     "SafeOpen": "zeroload._open",
     "load_into": "zeroload._load_into",
+    "from_pretrained": "zeroload._hf",
+    "init_empty": "zeroload._init_empty",
     "release_staging": "zeroload._device",
     "track": "zeroload._track",
+    "save": "zeroload._save",
 }
 
 

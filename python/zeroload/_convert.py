@@ -10,6 +10,7 @@ transposed or strided view) is gathered in memory, with numpy, one tensor at a t
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -67,7 +68,7 @@ def _source_tensors(src: Path, key: str | None) -> Tuple[List[Path], List[Tuple[
     for f in shard_set.files:
         ckpt = _core.Checkpoint.open(os.fspath(f))
         if key is None:
-            named, flat = checkpoint_tensors(ckpt)
+            named, flat = checkpoint_tensors(ckpt, shard_set.file_tensors(f, ckpt))
             if not flat:
                 # Name what is there and how to pick a state dict.
                 _select(checkpoint_objects(ckpt), None, f)
@@ -81,7 +82,7 @@ def _source_tensors(src: Path, key: str | None) -> Tuple[List[Path], List[Tuple[
     return shard_set.files, out
 
 
-def _read_exact(f: IO[bytes], path: str, offset: int, view: memoryview, name: str) -> None:
+def _read_exact(f: io.BufferedReader, path: Path, offset: int, view: memoryview, name: str) -> None:
     f.seek(offset)
     got = 0
     while got < len(view):
@@ -94,7 +95,9 @@ def _read_exact(f: IO[bytes], path: str, offset: int, view: memoryview, name: st
         got += n
 
 
-def _write_tensor(t: TensorRef, name: str, src: IO[bytes], out: IO[bytes], buf: memoryview) -> None:
+def _write_tensor(
+    t: TensorRef, name: str, src: io.BufferedReader, out: IO[bytes], buf: memoryview
+) -> None:
     nbytes = t.nbytes
     if nbytes == 0:
         return
@@ -123,7 +126,7 @@ def _write_tensor(t: TensorRef, name: str, src: IO[bytes], out: IO[bytes], buf: 
         strides=(*(s * itemsize for s in t.stride), 1),
         writeable=False,
     )
-    out.write(memoryview(np.ascontiguousarray(view)).cast("B"))
+    out.write(np.ascontiguousarray(view).data.cast("B"))
 
 
 def convert(
@@ -176,7 +179,7 @@ def convert(
 
     # Group tensors by the memory they view: same file and storage -> shared; same
     # storage, offset, dtype, shape and strides -> exact aliases.
-    by_storage: Dict[Tuple[str, int], List[str]] = {}
+    by_storage: Dict[Tuple[Path, int], List[str]] = {}
     aliases: Dict[Tuple[Any, ...], List[str]] = {}
     for name, t in named:
         if t.numel == 0:
@@ -224,11 +227,13 @@ def convert(
     raw += b" " * (-len(raw) % 8)
 
     # A unique temporary name beside dst (same file system for the rename; "x" mode never
-    # clobbers), created with the default permissions, removed on any failure.
+    # clobbers), created with the default permissions, removed on any failure, but only
+    # once created: a file already under that name is someone else's and stays.
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.zeroload-tmp")
-    sources: Dict[str, IO[bytes]] = {}
+    sources: Dict[Path, io.BufferedReader] = {}
+    out = open(tmp, "xb")
     try:
-        with open(tmp, "xb") as out:
+        with out:
             out.write(len(raw).to_bytes(8, "little"))
             out.write(raw)
             buf = memoryview(bytearray(min(_CHUNK, max(offset, 1))))
@@ -238,11 +243,13 @@ def convert(
                     f = sources[t.ckpt.path] = open(t.ckpt.path, "rb")
                 _write_tensor(t, name, f, out, buf)
         os.replace(tmp, dst)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
     finally:
         for f in sources.values():
             f.close()
-        if tmp.exists():
-            tmp.unlink()
     return {
         "src": str(src),
         "dst": str(dst),

@@ -3,6 +3,7 @@
 import pickle
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any, TypeVar, final
 
 _T = TypeVar("_T")
@@ -23,6 +24,7 @@ __all__ = [
     "dtypes",
     "release_staging",
     "safetensors_dtype_name",
+    "write_host",
 ]
 
 class CheckpointError(ValueError):
@@ -34,7 +36,8 @@ class ForbiddenGlobalError(CheckpointError, pickle.UnpicklingError):
 class CudaError(RuntimeError):
     """A CUDA driver call failed, or CUDA is not available."""
 
-_TensorTuple = tuple[int, str, tuple[int, ...], tuple[int, ...], int, bool]
+# (storage index, torch dtype name, shape, element strides, storage offset, requires_grad)
+_TensorTuple = tuple[int, str, list[int], list[int], int, bool]
 
 @final
 class DLPackView:
@@ -63,7 +66,7 @@ class Checkpoint:
     @staticmethod
     def from_memory(chunks: Iterable[bytes], name: str | PathLike[str]) -> Checkpoint: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def format(self) -> str: ...
     @property
@@ -81,6 +84,7 @@ class Checkpoint:
     def loadable(self, i: int) -> bool: ...
     def flat_tensors(self) -> list[tuple[str, int]] | None: ...
     def flat_index(self) -> dict[str, int] | None: ...
+    def single_tensor(self) -> int | None: ...
     def export_tensor(self, i: int, make: Callable[[Any], _T]) -> _T | None: ...
     def export_tensors(
         self, indices: Sequence[int] | None, make: Callable[[Any], _T]
@@ -92,6 +96,7 @@ class Checkpoint:
         self, ranges: Sequence[tuple[int, int]], max_bytes: int | None = None
     ) -> int: ...
     def storage_view(self, i: int) -> DLPackView: ...
+    def unaligned_storages(self) -> list[int]: ...
     def tensor_view(self, i: int) -> DLPackView: ...
     def build(self, builder: Any) -> Any: ...
 
@@ -149,3 +154,14 @@ def copy_slices_to_cuda(
     device_index: int,
     budget: int | None = None,
 ) -> int: ...
+
+# zeroload.save: (source index, byte offset in the source, nbytes, file offset)
+def write_host(
+    fd: int,
+    path: str | PathLike[str],
+    sources: Sequence[Any],
+    requests: Sequence[tuple[int, int, int, int]],
+    progress: Callable[[int, int], Any] | None = None,
+    crc: bool = True,
+    threads: int | None = None,
+) -> list[int]: ...

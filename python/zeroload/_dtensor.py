@@ -135,7 +135,8 @@ def is_dtensor(t: object) -> bool:
 
 def partition(targets: Mapping[str, torch.Tensor], names: Iterable[str]) -> tuple[list, list]:
     """`(plain names, DTensor names)` of `names`."""
-    plain, dtensors = [], []
+    plain: list[str] = []
+    dtensors: list[str] = []
     for k in names:
         (dtensors if is_dtensor(targets[k]) else plain).append(k)
     return plain, dtensors

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 from zeroload import _core, _shards
-from zeroload._units import format_bytes
+from zeroload._units import format_bytes, plural
 
 __all__ = [
     "DTYPE_ITEMSIZE",
@@ -30,6 +30,9 @@ __all__ = [
 #: Bytes per element of each dtype the core reads, named as attributes of ``torch``
 #: (the core's table: ``_core.dtypes()``).
 DTYPE_ITEMSIZE: Dict[str, int] = {name: size for name, size, _, _ in _core.dtypes()}
+
+#: Non-tensor entries the table shows (``--json`` lists them all).
+_MAX_ENTRIES = 40
 
 
 def is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
@@ -151,14 +154,53 @@ def named_tensor_refs(obj: Any) -> Iterator[Tuple[str, TensorRef]]:
         stack.extend(reversed(children))
 
 
-def checkpoint_tensors(ckpt: _core.Checkpoint) -> Tuple[List[Tuple[str, TensorRef]], bool]:
+def named_other_entries(obj: Any) -> Iterator[Tuple[str, Any]]:
+    """Every leaf of nested dicts, lists and tuples that is not a tensor (``epoch``,
+    ``optimizer.param_groups.0.lr``...), as (dotted path, value), in container order; an
+    empty container is a leaf too. Walked as :func:`named_tensor_refs` walks (each
+    container once, iteratively)."""
+    seen = set()
+    stack: List[Tuple[str, Any]] = [("", obj)]
+    while stack:
+        prefix, o = stack.pop()
+        if isinstance(o, TensorRef):
+            continue
+        if isinstance(o, dict):
+            items: Any = o.items()
+        elif isinstance(o, (list, tuple)):
+            items = enumerate(o)
+        else:
+            yield prefix, o
+            continue
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        children = [(f"{prefix}.{k}" if prefix else str(k), v) for k, v in items]
+        if not children and prefix:
+            yield prefix, o
+        stack.extend(reversed(children))
+
+
+def _entry(name: str, value: Any) -> Dict[str, Any]:
+    """One non-tensor entry as ``inspect`` reports it: its type and a short repr."""
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return {"name": name, "type": type(value).__name__, "value": text}
+
+
+def checkpoint_tensors(
+    ckpt: _core.Checkpoint, flat: List[Tuple[str, int]] | None = None
+) -> Tuple[List[Tuple[str, TensorRef]], bool]:
     """The named tensors of one file and whether it is a flat dict of tensors.
 
     Flat state dicts are named from the tensor table; other checkpoints (a training
     checkpoint holding ``model``, ``optimizer``, ...) by their dotted path
-    (``optimizer.state.0.exp_avg``).
+    (``optimizer.state.0.exp_avg``). ``flat``: the file's ``(name, tensor index)`` pairs
+    when the caller knows them (a file of a per-tensor directory, named by its file).
     """
-    flat = ckpt.flat_tensors()
+    if flat is None:
+        flat = ckpt.flat_tensors()
     if flat is not None:
         rows = _tensor_rows(ckpt)
         return [(name, TensorRef(ckpt, i, rows[i])) for name, i in flat], True
@@ -198,7 +240,9 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
 
     Returns a dict with ``files`` (format, size, metadata, counts per file), ``metadata``
     (the shard index's), ``tensors`` (name, dtype, shape, bytes, file; dtypes named as
-    attributes of ``torch``) and ``totals`` (tensors, elements, bytes, file bytes, and the
+    attributes of ``torch``), ``entries`` (what a checkpoint that is not a flat dict of
+    tensors holds besides tensors, such as ``epoch`` or an optimizer's ``lr``: name, type,
+    a short repr, file) and ``totals`` (tensors, elements, bytes, file bytes, and the
     same per dtype). Tensors of nested checkpoints are named by their dotted path.
 
     Raises:
@@ -209,10 +253,11 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
     index_meta: Dict[str, Any] | None = shard_set.metadata if shard_set.index is not None else None
     out_files = []
     tensors: List[Dict[str, Any]] = []
+    entries: List[Dict[str, Any]] = []
     by_dtype: Dict[str, Dict[str, int]] = {}
     for f in shard_set.files:
         ck = _core.Checkpoint.open(os.fspath(f))
-        named, flat = checkpoint_tensors(ck)
+        named, flat = checkpoint_tensors(ck, shard_set.file_tensors(f, ck))
         storage_bytes = sum(ck.storage(i)[2] for i in range(ck.num_storages))
         out_files.append(
             {
@@ -228,6 +273,9 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
             }
         )
         fname = Path(f).name
+        if not flat:
+            for name, value in named_other_entries(checkpoint_objects(ck)):
+                entries.append({**_entry(name, value), "file": fname})
         for name, t in named:
             numel = t.numel
             nbytes = t.nbytes
@@ -251,6 +299,7 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
         "files": out_files,
         "metadata": index_meta,
         "tensors": tensors,
+        "entries": entries,
         "totals": {
             "tensors": len(tensors),
             "elements": sum(d["elements"] for d in by_dtype.values()),
@@ -269,13 +318,13 @@ def format_inspect(info: Dict[str, Any]) -> str:
     for f in info["files"]:
         lines.append(
             f"{f['path']}: {f['format']}, {format_bytes(f['file_size'])}, "
-            f"{f['num_tensors']} tensors in {f['num_storages']} storages"
+            f"{plural(f['num_tensors'], 'tensor')} in {plural(f['num_storages'], 'storage')}"
         )
         if f["metadata"]:
             lines.append(f"  metadata: {json.dumps(f['metadata'], sort_keys=True)}")
     if info["metadata"]:
         lines.append(f"index metadata: {json.dumps(info['metadata'], sort_keys=True)}")
-    rows = [
+    rows: List[Tuple[Any, ...]] = [
         (
             t["name"],
             t["dtype"],
@@ -291,15 +340,25 @@ def format_inspect(info: Dict[str, Any]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     lines += ["", "  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    entries = info.get("entries") or []
+    if entries:
+        lines += ["", f"other entries ({len(entries)}, not tensors):"]
+        shown = entries[:_MAX_ENTRIES]
+        width = max(len(e["name"]) for e in shown)
+        for e in shown:
+            lines.append(f"  {e['name']:<{width}}  {e['type']:<8} {e['value']}".rstrip())
+        if len(entries) > len(shown):
+            lines.append(f"  ... and {len(entries) - len(shown)} more (--json lists all)")
     tot = info["totals"]
     lines += ["", "totals by dtype:"]
     for dtype, d in sorted(tot["by_dtype"].items(), key=lambda kv: -kv[1]["bytes"]):
+        count = plural(d["tensors"], "tensor")
         lines.append(
-            f"  {dtype:<14} {d['tensors']:>7} tensors  {d['elements']:>15,} elements  "
+            f"  {dtype:<14} {count:>15}  {plural(d['elements'], 'element', ','):>24}  "
             f"{format_bytes(d['bytes']):>10}"
         )
     lines.append(
-        f"total: {tot['tensors']} tensors, {tot['elements']:,} elements, "
+        f"total: {plural(tot['tensors'], 'tensor')}, {plural(tot['elements'], 'element', ',')}, "
         f"{format_bytes(tot['bytes'])} of tensor data "
         f"({format_bytes(tot['file_bytes'])} on disk)"
     )

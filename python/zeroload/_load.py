@@ -17,7 +17,7 @@ from zeroload._open import reads_privately
 from zeroload._torch import KeysFilter, MapLocation
 
 # What `load` takes: a path, or a binary file object (anything with `read`, as torch.load).
-Source = Union[str, os.PathLike, IO[bytes]]
+Source = Union[str, "os.PathLike[str]", IO[bytes]]
 # What `load_bytes` takes: anything exposing the buffer protocol.
 Buffer = Union[bytes, bytearray, memoryview]
 
@@ -91,11 +91,7 @@ def load(
         CudaError: CUDA is unavailable or a CUDA call failed.
     """
     if not weights_only:
-        raise ValueError(
-            "zeroload.load(weights_only=False) is not supported: zeroload never executes "
-            "code from a checkpoint. Checkpoints holding only tensors, containers and plain "
-            "values load with the default weights_only=True."
-        )
+        raise _no_weights_only_false("load")
     if backend is not None:
         pread = reads_privately(backend)
         if mmap is False and not pread:
@@ -110,6 +106,8 @@ def load(
         return _torch.load_checkpoint(ckpt, target, keys=keys, **options)
     options["readahead"] = _torch.Readahead(readahead if mmap is not False else False)
     shard_set = _shards.resolve(path)  # type: ignore[arg-type]
+    if shard_set.tensor_names is not None:
+        return _load_tensor_files(shard_set, target, keys, options)
     if len(shard_set.files) == 1 and shard_set.weight_map is None:
         ckpt = _core.Checkpoint.open(os.fspath(shard_set.files[0]))
         return _torch.load_checkpoint(ckpt, target, keys=keys, **options)
@@ -154,7 +152,7 @@ def load_bytes(
         CheckpointError: the bytes are not a valid checkpoint (named `<bytes>`).
     """
     if not weights_only:
-        return load(data, weights_only=False)  # the same refusal
+        raise _no_weights_only_false("load_bytes")
     target = _torch.resolve_target(device, map_location)
     ckpt = _core.Checkpoint.from_memory(_chunks_of_buffer(data), "<bytes>")
     return _torch.load_checkpoint(
@@ -226,8 +224,8 @@ def _chunks_of_file(f: Any) -> Iterator[bytes]:
 
 
 def _load_shards(
-    shard_set: _shards.ShardSet, target: MapLocation, keys: KeysFilter, options: dict
-) -> dict:
+    shard_set: _shards.ShardSet, target: MapLocation, keys: KeysFilter, options: dict[str, Any]
+) -> dict[str, Any]:
     weight_map = shard_set.weight_map or {}
     if keys is not None and not callable(keys):
         wanted = [keys] if isinstance(keys, str) else list(keys)
@@ -254,3 +252,35 @@ def _load_shards(
                 "but the shard does not hold it"
             )
     return merged
+
+
+def _no_weights_only_false(name: str) -> ValueError:
+    return ValueError(
+        f"zeroload.{name}(weights_only=False) is not supported: zeroload never executes "
+        "code from a checkpoint. Checkpoints holding only tensors, containers and plain "
+        "values load with the default weights_only=True."
+    )
+
+
+def _load_tensor_files(
+    shard_set: _shards.ShardSet, target: MapLocation, keys: KeysFilter, options: dict
+) -> dict:
+    """A directory of per-tensor `torch.save` files: `{name: torch.load(f"{name}.pt")}`, in
+    file name order; only the files of the tensors asked for are opened."""
+    names = shard_set.tensor_names or {}
+    if keys is not None and not callable(keys):
+        wanted = [keys] if isinstance(keys, str) else list(keys)
+        have = set(names.values())
+        unknown = [k for k in wanted if k not in have]
+        if unknown:
+            folder = shard_set.files[0].parent
+            raise KeyError(_torch.missing_key_message(folder, unknown[0], names.values()))
+        keys = set(wanted).__contains__
+    out: dict[str, Any] = {}
+    for file, name in names.items():
+        if keys is not None and not keys(name):
+            continue
+        ckpt = _core.Checkpoint.open(os.fspath(file))
+        shard_set.file_tensors(file, ckpt)  # one tensor, or a CheckpointError naming the file
+        out[name] = _torch.load_checkpoint(ckpt, target, keys=None, **options)
+    return out

@@ -36,13 +36,13 @@ class _Entry(NamedTuple):
     tensor: int
 
 
-def _entries(path: str | os.PathLike) -> dict[str, _Entry]:
+def _entries(path: str | os.PathLike[str]) -> dict[str, _Entry]:
     """Every tensor name of the checkpoint (all shards), in file order."""
     shard_set = _shards.resolve(path)
     out: dict[str, _Entry] = {}
     for file in shard_set.files:
         ckpt = _core.Checkpoint.open(os.fspath(file))
-        flat = ckpt.flat_tensors()
+        flat = shard_set.file_tensors(file, ckpt)
         if flat is None:
             raise CheckpointError(
                 f"{file}: load_into needs a state dict (a flat dict of name -> tensor); this "
@@ -66,11 +66,11 @@ def _error(module: torch.nn.Module, msgs: list[str]) -> RuntimeError:
 
 def load_into(
     module: torch.nn.Module,
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
+    strict: bool = True,
     *,
     device: DeviceLike | None = None,
     dtype: torch.dtype | None = None,
-    strict: bool = True,
     progress: bool | None = None,
 ) -> _IncompatibleKeys:
     """Load the checkpoint at `path` into `module`'s parameters and buffers.
@@ -78,32 +78,59 @@ def load_into(
     Args:
         module: the module to fill. Meta-device tensors are replaced (assigned) by loaded
             ones; materialised tensors are overwritten in place (their `data_ptr()` stays).
+            Build it inside `with zeroload.init_empty():` to get parameters on the meta
+            device and buffers computed.
         path: a checkpoint file, shard index or model directory (as `zeroload.load`).
+        strict: raise on missing or unexpected keys, as `load_state_dict` does (and
+            positionally too: `load_into(model, path, False)`), and on parameters or
+            buffers that would stay on the meta device.
         device: where meta-device tensors are loaded (default "cpu"). Materialised tensors
             stay where they are.
         dtype: cast floating-point tensors of the checkpoint to this dtype first (then,
             for materialised tensors, to the tensor's own dtype, as `copy_` does).
-        strict: raise on missing or unexpected keys, as `load_state_dict` does.
         progress: show a progress bar (tqdm) for the bytes copied: into materialised
             tensors (CPU or GPU) and, for meta-device tensors, to a GPU. Meta-device
             tensors loaded on the CPU are views of the file, so nothing is copied and no
             bar is shown. None shows one for copies over 1 GB in interactive sessions.
 
+    Tied parameters (one `Parameter` registered under several names, such as a language
+    model's `lm_head.weight` and `embed_tokens.weight`) are satisfied by any one of their
+    names in the checkpoint (checkpoints store them once), read once, and stay one object
+    under every name. Were several of the names in the checkpoint, the last (in the
+    module's order) is read, as the last copy wins in `load_state_dict`.
+
     Returns:
-        `(missing_keys, unexpected_keys)`, like `Module.load_state_dict`.
+        `(missing_keys, unexpected_keys)`, like `Module.load_state_dict`. With
+        `strict=False`, `missing_keys` also lists every parameter or buffer left on the
+        meta device (a non-persistent buffer included).
 
     Raises:
-        RuntimeError: size mismatches (always), missing/unexpected keys (with strict),
-            worded like `load_state_dict`'s errors; nothing is written then.
+        RuntimeError: size mismatches (always); with strict, missing/unexpected keys and
+            parameters or buffers that would stay on the meta device, worded like
+            `load_state_dict`'s errors. Nothing is written then.
     """
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"load_into expects an nn.Module, not {type(module).__name__}")
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be True or False, not {strict!r}")
     if dtype is not None and not isinstance(dtype, torch.dtype):
         raise TypeError(f"dtype must be a torch.dtype, not {dtype!r}")
     entries = _entries(path)
     targets: dict[str, torch.Tensor] = module.state_dict(keep_vars=True)
+    ties = _tie_groups(targets)
 
-    missing = [k for k in targets if k not in entries]
+    # Each target with a checkpoint tensor: the name it is read from (for tied targets,
+    # the last of their names the checkpoint holds).
+    source: dict[str, str] = {}
+    for k in targets:
+        if k in source:
+            continue
+        group = ties.get(k, (k,))
+        present = [n for n in group if n in entries]
+        if present:
+            for n in group:
+                source[n] = present[-1]
+    missing = [k for k in targets if k not in source]
     unexpected = [k for k in entries if k not in targets]
     msgs: list[str] = []
     if strict:
@@ -117,8 +144,9 @@ def load_into(
                     ", ".join(f'"{k}"' for k in unexpected)
                 )
             )
-    shared = [k for k in targets if k in entries]
-    for k in shared:
+    for k in targets:
+        if k not in entries:
+            continue
         e = entries[k]
         file_shape = torch.Size(e.ckpt.tensor(e.tensor)[2])
         if file_shape != targets[k].shape:
@@ -126,9 +154,21 @@ def load_into(
                 f"size mismatch for {k}: copying a param with shape {file_shape} from "
                 f"checkpoint, the shape in current model is {targets[k].shape}."
             )
+    on_meta = _left_on_meta(module, {id(targets[k]) for k in source})
+    if strict and on_meta:
+        msgs.append(
+            "Left on the meta device (the checkpoint has nothing for them): {}. Buffers "
+            "that no checkpoint holds (non-persistent ones, such as a rotary inv_freq) are "
+            "computed when the model is built inside `with zeroload.init_empty():` "
+            "(parameters on meta, buffers real) instead of `torch.device('meta')`; or "
+            "materialise these before loading; strict=False lists them in "
+            "missing_keys. ".format(", ".join(f'"{k}"' for k in on_meta))
+        )
     if msgs:
         raise _error(module, msgs)
 
+    # One name per target object is read: the name its bytes come from.
+    shared = [k for k in targets if source.get(k) == k]
     shared, dtensors = _dtensor.partition(targets, shared)
     if dtensors:  # each rank reads only its shard
         _dtensor.load(module, targets, entries, dtensors, device=device, dtype=dtype)
@@ -138,7 +178,62 @@ def load_into(
         _fill_in_place(targets, entries, live, dtype, progress)
     if meta:
         _assign(module, entries, meta, device, dtype, progress)
+    _retie(module, ties, source)
+    listed = set(missing)
+    missing.extend(k for k in on_meta if k not in listed)
     return _IncompatibleKeys(missing, unexpected)
+
+
+def _tie_groups(targets: dict[str, torch.Tensor]) -> dict[str, tuple[str, ...]]:
+    """The names of every target registered under several names (one object), each
+    mapped to all of its names in the module's order."""
+    by_object: dict[int, list[str]] = {}
+    for k, t in targets.items():
+        by_object.setdefault(id(t), []).append(k)
+    out: dict[str, tuple[str, ...]] = {}
+    for names in by_object.values():
+        if len(names) > 1:
+            group = tuple(names)
+            for k in group:
+                out[k] = group
+    return out
+
+
+def _left_on_meta(module: torch.nn.Module, loaded: set[int]) -> list[str]:
+    """Every parameter and buffer of `module` (non-persistent buffers too, under each
+    name) that is on the meta device and not among the `loaded` objects."""
+    out: list[str] = []
+    for named in (
+        module.named_parameters(remove_duplicate=False),
+        module.named_buffers(remove_duplicate=False),
+    ):
+        for k, t in named:
+            if t.is_meta and id(t) not in loaded and not _dtensor.is_dtensor(t):
+                out.append(k)
+    return out
+
+
+def _retie(
+    module: torch.nn.Module, ties: dict[str, tuple[str, ...]], source: dict[str, str]
+) -> None:
+    """After loading, every name of a tied target holds the object its source name holds
+    (assigning a loaded tensor replaces only the source name's)."""
+    done: set[tuple[str, ...]] = set()
+    for group in ties.values():
+        if group in done or group[0] not in source:
+            continue
+        done.add(group)
+        obj = _attr(module, source[group[0]])
+        for n in group:
+            owner, _, leaf = n.rpartition(".")
+            sub = module.get_submodule(owner)
+            if getattr(sub, leaf) is not obj:
+                setattr(sub, leaf, obj)
+
+
+def _attr(module: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner), leaf)
 
 
 def _load_entries(
@@ -156,9 +251,16 @@ def _load_entries(
     readahead = _torch.Readahead(None)
     loaded: dict[str, torch.Tensor] = {}
     for keys in by_file.values():
+        ckpt = entries[keys[0]].ckpt
+        if ckpt.single_tensor() is not None:  # a file of a per-tensor directory
+            (name,) = keys
+            loaded[name] = _torch.load_checkpoint(
+                ckpt, target, dtype=dtype, keys=None, progress=progress, readahead=readahead
+            )
+            continue
         loaded.update(
             _torch.load_checkpoint(
-                entries[keys[0]].ckpt,
+                ckpt,
                 target,
                 dtype=dtype,
                 keys=set(keys).__contains__,
@@ -261,7 +363,11 @@ def _copy_fallback(
     names: list[str],
     dtype: torch.dtype | None,
 ) -> None:
-    """Loads the tensors as zero-copy CPU views (cast if asked) and `copy_`s them."""
-    loaded = _load_entries(entries, names, "cpu", dtype)
+    """`copy_`s each tensor (cast to `dtype` first if asked) into its target, reading it
+    with `pread` in bounded pieces (`_torch.fill_from_file`), never through the mapping:
+    a file truncated meanwhile raises `CheckpointError`."""
     for k in names:
-        targets[k].copy_(loaded[k])
+        e = entries[k]
+        file_dtype = getattr(torch, e.ckpt.tensor(e.tensor)[1])
+        via = dtype if _torch.casts(file_dtype, dtype) else None
+        _torch.fill_from_file(e.ckpt, e.tensor, targets[k], via)

@@ -25,8 +25,8 @@ def reads_privately(backend: str) -> bool:
 
 
 def _path_or_filename(
-    path: str | os.PathLike | None, filename: str | os.PathLike | None
-) -> str | os.PathLike:
+    path: str | os.PathLike[str] | None, filename: str | os.PathLike[str] | None
+) -> str | os.PathLike[str]:
     """The one path given as `path` or as `filename` (safe_open's name for it)."""
     if filename is None:
         if path is None:
@@ -79,12 +79,12 @@ class SafeOpen:
 
     def __init__(
         self,
-        path: str | os.PathLike | None = None,
+        path: str | os.PathLike[str] | None = None,
         framework: str = "pt",
         device: DeviceLike = "cpu",
         *,
         backend: str = "mmap",
-        filename: str | os.PathLike | None = None,
+        filename: str | os.PathLike[str] | None = None,
     ) -> None:
         path = _path_or_filename(path, filename)
         if framework not in _FRAMEWORKS:
@@ -107,9 +107,13 @@ class SafeOpen:
         # Name -> (file number, tensor index), built once: every call is a dict lookup.
         self._ckpts = [_core.Checkpoint.open(os.fspath(f)) for f in shard_set.files]
         self._index: dict[str, tuple[int, int]] = {}
-        single = len(self._ckpts) == 1
+        per_tensor = shard_set.tensor_names is not None  # a directory of per-tensor files
+        single = len(self._ckpts) == 1 and not per_tensor
         for n, ckpt in enumerate(self._ckpts):
-            names = ckpt.flat_index()
+            if per_tensor:
+                names = dict(shard_set.file_tensors(shard_set.files[n], ckpt) or ())
+            else:
+                names = ckpt.flat_index()
             if names is None:
                 raise CheckpointError(
                     f"{ckpt.path}: zeroload.open needs a flat dict of tensors (a state dict); "
@@ -137,9 +141,11 @@ class SafeOpen:
     def close(self) -> None:
         """Drops this handle's references to the files. Tensors and slice handles it gave
         out stay valid; calls on the handle raise `CheckpointError`."""
+        # In this order, which `_lookup` reads in reverse: a lookup racing this either
+        # sees the old index and the old files (and succeeds), or finds its name gone.
         self._open = False
-        self._ckpts = []
         self._index = {}
+        self._ckpts = []
 
     def keys(self) -> list[str]:
         """Tensor names, in `safe_open(...).keys()` order (sorted, for safetensors files);
@@ -149,8 +155,14 @@ class SafeOpen:
 
     def offset_keys(self) -> list[str]:
         """Tensor names in the order their data lies in the file(s)."""
-        self._check_open()
-        return sorted(self._index, key=self._place)
+        ckpts, index = self._ckpts, self._index  # in this order: see close()
+        self._check_open()  # after the reads: open now, so both were the open handle's
+
+        def place(name: str) -> tuple[int, int]:  # (file number, byte offset of its data)
+            n, i = index[name]
+            return n, ckpts[n].describe(i)[2]
+
+        return sorted(index, key=place)
 
     def metadata(self) -> dict[str, str] | None:
         """The safetensors `__metadata__` (a shard index's `metadata`), or None."""
@@ -183,17 +195,19 @@ class SafeOpen:
         `safe_open(...).get_tensors()` and `safetensors.torch.load_file` give them), the
         state dict's order for torch files. One load per file: GPU copies go through the
         copy engine together, and tensors that share a storage in a torch file share it."""
-        self._check_open()
-        by_file: list[list[str]] = [[] for _ in self._ckpts]
-        for k, (n, _i) in self._index.items():
+        ckpts, index = self._ckpts, self._index  # in this order: see close()
+        self._check_open()  # after the reads: open now, so both were the open handle's
+        by_file: list[list[str]] = [[] for _ in ckpts]
+        for k, (n, _i) in index.items():
             by_file[n].append(k)
         out: dict[str, Any] = {}
-        for ckpt, names in zip(self._ckpts, by_file):
+        for ckpt, names in zip(ckpts, by_file):
             if ckpt.format == "safetensors":
-                names.sort(key=self._place)
+                offsets = {k: ckpt.describe(index[k][1])[2] for k in names}
+                names.sort(key=offsets.__getitem__)
             if self._numpy:
                 for k in names:
-                    out[k] = _numpy_view(ckpt, self._index[k][1], k)
+                    out[k] = _numpy_view(ckpt, index[k][1], k)
                 continue
             # Every tensor of the file is in the index (flat files only), so load it whole.
             loaded = _torch.load_checkpoint(
@@ -212,24 +226,23 @@ class SafeOpen:
         return _Slice(self._numpy, self._device, ckpt, i, name)
 
     def _lookup(self, name: str) -> tuple[_core.Checkpoint, int]:
+        ckpts = self._ckpts  # before the index: see close()
         try:
             n, i = self._index[name]
         except KeyError:
             self._check_open()
             raise KeyError(_torch.missing_key_message(self._path, name, self._index)) from None
-        return self._ckpts[n], i
-
-    def _place(self, name: str) -> tuple[int, int]:
-        """(file number, byte offset) of a tensor's data."""
-        n, i = self._index[name]
-        return n, self._ckpts[n].describe(i)[2]
+        return ckpts[n], i
 
     def _check_open(self) -> None:
         if not self._open:
-            raise ClosedHandleError(
-                f"{self._path}: the handle is closed (by close() or at the end of its "
-                "`with` block); tensors it gave out stay valid"
-            )
+            raise self._closed()
+
+    def _closed(self) -> ClosedHandleError:
+        return ClosedHandleError(
+            f"{self._path}: the handle is closed (by close() or at the end of its "
+            "`with` block); tensors it gave out stay valid"
+        )
 
 
 class _Slice:
@@ -339,7 +352,7 @@ def _numpy_view(ckpt: _core.Checkpoint, i: int, name: str) -> Any:
 
 @overload
 def open(
-    path: str | os.PathLike,
+    path: str | os.PathLike[str],
     framework: str = "pt",
     device: DeviceLike = "cpu",
     *,
@@ -354,17 +367,17 @@ def open(
     device: DeviceLike = "cpu",
     *,
     backend: str = "mmap",
-    filename: str | os.PathLike,
+    filename: str | os.PathLike[str],
 ) -> SafeOpen: ...
 
 
 def open(
-    path: str | os.PathLike | None = None,
+    path: str | os.PathLike[str] | None = None,
     framework: str = "pt",
     device: DeviceLike = "cpu",
     *,
     backend: str = "mmap",
-    filename: str | os.PathLike | None = None,
+    filename: str | os.PathLike[str] | None = None,
 ) -> SafeOpen:
     """Open a checkpoint lazily, like `safetensors.safe_open(path, framework, device)`.
 

@@ -1,13 +1,19 @@
-"""Hugging Face layouts: a model directory or a shard index resolves to its files."""
+"""Hugging Face layouts: a model directory or a shard index resolves to its files; so does
+a directory of per-tensor `torch.save` files (`{name}.pt`, one tensor each)."""
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zeroload import _core
 from zeroload._core import CheckpointError
+
+# Names a checkpoint file usually has (the hint for a directory without a known layout).
+_CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 # What a directory may hold, best first (safetensors preferred, as transformers does).
 _DIRECTORY_CANDIDATES = (
@@ -16,6 +22,8 @@ _DIRECTORY_CANDIDATES = (
     "pytorch_model.bin.index.json",
     "pytorch_model.bin",
 )
+# The suffixes of `torch.save` files in a directory of per-tensor files.
+_TENSOR_FILE_SUFFIXES = (".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -26,6 +34,8 @@ class ShardSet:
     weight_map: dict[str, str] | None = None
     index: Path | None = None
     metadata: dict = field(default_factory=dict)
+    # A directory of per-tensor files: each file's tensor name (its name less the suffix).
+    tensor_names: dict[Path, str] | None = None
 
     def names_by_file(self) -> dict[Path, list[str]]:
         """The index's tensor names grouped by file (one pass over the weight map)."""
@@ -41,6 +51,26 @@ class ShardSet:
             out.setdefault(file, []).append(name)
         return out
 
+    def file_tensors(self, file: Path, ckpt: _core.Checkpoint) -> list[tuple[str, int]] | None:
+        """`(name, tensor index)` of every tensor of `file` (opened as `ckpt`): a flat
+        dict's items, or, in a directory of per-tensor files, the file's one tensor under
+        the file's name; None for a file holding other objects (a training checkpoint).
+
+        Raises:
+            CheckpointError: a file of a per-tensor directory does not hold one tensor.
+        """
+        if self.tensor_names is None:
+            return ckpt.flat_tensors()
+        i = ckpt.single_tensor()
+        if i is None:
+            folder = file.parent
+            raise CheckpointError(
+                f"{file}: {folder} is read as a directory of per-tensor files (it has no "
+                f"{' or '.join(_DIRECTORY_CANDIDATES)}), so each file must hold one tensor "
+                "saved with torch.save(tensor, path); this one holds other objects"
+            )
+        return [(self.tensor_names[file], i)]
+
 
 def resolve(path: str | os.PathLike) -> ShardSet:
     """Finds the checkpoint files behind `path` (a file, a shard index or a directory)."""
@@ -49,8 +79,11 @@ def resolve(path: str | os.PathLike) -> ShardSet:
         for name in _DIRECTORY_CANDIDATES:
             if (p / name).is_file():
                 return resolve(p / name)
-        found = sorted(x.name for x in p.iterdir() if x.suffix in (".safetensors", ".bin", ".pt"))
-        hint = f" (it holds {', '.join(found[:5])})" if found else ""
+        per_tensor = _tensor_files(p)
+        if per_tensor is not None:
+            return per_tensor
+        found = sorted(x.name for x in p.iterdir() if x.suffix in _CHECKPOINT_SUFFIXES)
+        hint = f" (it holds {', '.join(found[:5])}: pass one of them)" if found else ""
         raise FileNotFoundError(
             f"{p}: no checkpoint in this directory: expected one of "
             f"{', '.join(_DIRECTORY_CANDIDATES)}{hint}"
@@ -58,15 +91,58 @@ def resolve(path: str | os.PathLike) -> ShardSet:
     if p.name.endswith(".index.json"):
         return _read_index(p)
     if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
+        raise not_found(p)
     return ShardSet(files=[p])
+
+
+def _tensor_files(folder: Path) -> ShardSet | None:
+    """A directory of per-tensor `torch.save` files (`torch.save(param, f"{name}.pt")` for
+    each parameter, the seed notebook's layout): every `.pt`/`.pth`/`.bin` file in it, in
+    name order, each named by its file name less the suffix; None when it holds none."""
+    names: dict[Path, str] = {}
+    seen: dict[str, Path] = {}
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix not in _TENSOR_FILE_SUFFIXES or not entry.is_file():
+            continue
+        name = entry.name[: -len(entry.suffix)]
+        if name in seen:
+            raise CheckpointError(
+                f"{entry}: tensor {name!r} is also saved as {seen[name].name} in this "
+                "directory of per-tensor files; keep one"
+            )
+        seen[name] = entry
+        names[entry] = name
+    if not names:
+        return None
+    return ShardSet(files=list(names), tensor_names=names)
+
+
+def not_found(path: str | os.PathLike) -> FileNotFoundError:
+    """``path: no such file or directory``, with "did you mean" and the closest name in
+    its directory when one is close (a typo in the name), or the closest existing parent
+    when the directory itself is missing."""
+    p = Path(os.fspath(path))
+    parent = p.parent
+    if not parent.is_dir():
+        up = parent
+        while not up.is_dir() and up != up.parent:
+            up = up.parent
+        where = f" ({parent} does not exist" + (f"; {up} does)" if up.is_dir() else ")")
+        return FileNotFoundError(f"{p}: no such file or directory{where}")
+    try:
+        names = [x.name for x in parent.iterdir()]
+    except OSError:
+        names = []
+    close = difflib.get_close_matches(p.name, names, n=1, cutoff=0.75)
+    hint = f"; did you mean {parent / close[0]}?" if close else ""
+    return FileNotFoundError(f"{p}: no such file or directory{hint}")
 
 
 def _read_index(index: Path) -> ShardSet:
     try:
         doc = json.loads(index.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{index}: no such file") from None
+        raise not_found(index) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{index}: not a valid shard index (bad JSON: {e})") from None
     except RecursionError:

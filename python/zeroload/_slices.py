@@ -11,7 +11,8 @@ pinned staging ring. One Python tuple per tensor, whatever the number of runs.
 
 A destination that cannot take the file's bytes as they are (another dtype, a device other
 than CPU/CUDA, overlapping strides, a source laid out non-contiguously in the file) gets
-them through a temporary tensor of the rectangle, one tensor at a time, and `copy_`.
+them through a temporary tensor of the rectangle, one tensor at a time, and `copy_`. No
+path reads through the mapping: a file truncated under a read is a `CheckpointError`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zeroload import _core
+from zeroload import _core, _torch
 from zeroload._inspect import is_contiguous
 
 # Per dimension, the (start, stop) index ranges selected, concatenated in order.
@@ -94,7 +95,7 @@ def _direct_target(out: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ...
     # with the view's strides.
     base = torch.empty(0, dtype=torch.uint8, device=t.device)
     base.set_(t.untyped_storage())
-    return base, t.storage_offset() * t.element_size(), tuple(t.stride())
+    return base, int(t.storage_offset()) * t.element_size(), tuple(t.stride())
 
 
 def _file_dtype(ckpt: _core.Checkpoint, i: int) -> torch.dtype:
@@ -240,15 +241,16 @@ def _read_via_temporary(r: SliceRead, threads: int | None) -> tuple[int, int]:
     src = _source(r.ckpt, r.tensor)
     if src is None:
         # Laid out non-contiguously in the file (rare: torch.save of a transposed view).
-        # Gather from the copy-on-write view of the file: only the pages holding the
-        # selection are touched.
-        view = torch.from_dlpack(r.ckpt.tensor_view(r.tensor))
+        # Gather from a pread copy of the bytes the tensor spans (never the mapping: a
+        # file truncated meanwhile is a CheckpointError, not a SIGBUS).
+        view = _torch.read_span(r.ckpt, r.tensor)
         part = view
         for d, rs in enumerate(r.ranges):
             idx = torch.cat([torch.arange(a, b) for a, b in rs]) if rs else torch.empty(0)
             part = part.index_select(d, idx.to(torch.long))
         tmp = part
-        delivered, read_bytes = tmp.numel() * tmp.element_size(), 0
+        read_bytes = view.untyped_storage().nbytes()
+        delivered = tmp.numel() * tmp.element_size()
     else:
         dev = r.out.device if r.out.device.type in ("cpu", "cuda") else torch.device("cpu")
         tmp = torch.empty(shape, dtype=file_dtype, device=dev)
@@ -332,7 +334,7 @@ def check_index(
     numpy too (as safetensors' numpy slices refuse them)."""
     for p in parts:
         if isinstance(p, slice) and p.step is not None:
-            step = operator.index(p.step)  # type: ignore[arg-type]
+            step = operator.index(p.step)
             if step == 0:
                 raise ValueError("slice step cannot be zero")
             if step < 0:
@@ -340,7 +342,7 @@ def check_index(
     if numpy:
         import numpy as np
 
-        np.broadcast_to(np.empty((), dtype=np.uint8), tuple(shape))[item]  # type: ignore[index]
+        np.broadcast_to(np.empty((), dtype=np.uint8), tuple(shape))[item]  # type: ignore[call-overload]
     else:
         dummy(shape)[item]  # type: ignore[index]
 
@@ -487,12 +489,14 @@ def _gather_from_view(
     dtype: torch.dtype,
     itemsize: int,
 ) -> torch.Tensor:
-    """The rectangle copied out of the copy-on-write view of the file (only the pages it
-    touches are read): for tensors laid out non-contiguously in the file."""
-    _s, _name, shape, stride, storage_offset, _rg = ckpt.tensor(i)
+    """The rectangle copied out of a pread copy of the bytes the tensor spans (never the
+    mapping): for tensors laid out non-contiguously in the file."""
+    _s, _name, shape, stride, _storage_offset, _rg = ckpt.tensor(i)
     carrier = _CARRIERS[itemsize]
-    storage = torch.from_dlpack(ckpt.storage_view(_s)).untyped_storage()
-    part = torch.empty(0, dtype=carrier).set_(storage, storage_offset, shape, stride)
+    src = _torch.read_span(ckpt, i)
+    part = torch.empty(0, dtype=carrier).set_(
+        src.untyped_storage(), src.storage_offset(), shape, stride
+    )
     for d, rs in enumerate(ranges):
         idx = [j for a, b in rs for j in range(a, b)]
         part = part.index_select(d, torch.tensor(idx, dtype=torch.long))

@@ -8,6 +8,7 @@ tensor: `zeroload.open(...).get_tensor` in a loop over 100k names stays linear."
 from __future__ import annotations
 
 import collections
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -15,8 +16,9 @@ from typing import Any, Union
 
 import torch
 
-from zeroload import _core, _device
+from zeroload import _core, _device, _pread
 from zeroload._device import DeviceLike, parse_device
+from zeroload._inspect import is_contiguous
 from zeroload._track import proc_kib_field
 
 MapLocation = Union[DeviceLike, Mapping[str, DeviceLike], None]
@@ -175,10 +177,86 @@ def materialize_storages(
             for i, t in zip(ids, tensors):
                 out[i] = t.untyped_storage()
         else:
-            # Other backends (mps, xpu...): read through the mapping, one storage at a time.
+            # Other backends (mps, xpu...): pread in bounded pieces through a bounce
+            # buffer, one storage at a time.
             for i in ids:
-                cpu = torch.from_dlpack(ckpt.storage_view(i))
-                out[i] = cpu.to(device).untyped_storage()
+                out[i] = read_storage_to(ckpt, i, device).untyped_storage()
+    return out
+
+
+def read_storage_to(ckpt: _core.Checkpoint, i: int, device: torch.device) -> torch.Tensor:
+    """Storage `i` as a 1-D uint8 tensor of its own on `device`, read with `pread` at most
+    `_pread.CHUNK` bytes at a time (never through the mapping)."""
+    _key, offset, nbytes, _loc = ckpt.storage(i)
+    out = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    bounce = torch.empty(_pread.bounce_size(nbytes, 1), dtype=torch.uint8)
+
+    def consume(start: int, length: int) -> None:
+        out[start : start + length].copy_(bounce[:length])
+
+    _pread.read_pieces(ckpt, offset, nbytes, 1, bounce, consume)
+    return out
+
+
+def read_span(ckpt: _core.Checkpoint, i: int) -> torch.Tensor:
+    """Tensor `i` as a view on a CPU copy of the bytes it spans in its storage, read with
+    `pread` (never through the mapping): for tensors laid out non-contiguously in the
+    file (a transposed view saved by torch.save), which no run of bytes holds."""
+    s, dtype_name, shape, stride, storage_offset, _rg = ckpt.tensor(i)
+    dtype = getattr(torch, dtype_name)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    _key, offset, _nbytes, _loc = ckpt.storage(s)
+    if math.prod(shape) == 0:
+        return torch.empty(shape, dtype=dtype)
+    lo = storage_offset + sum((n - 1) * st for n, st in zip(shape, stride) if st < 0)
+    hi = storage_offset + sum((n - 1) * st for n, st in zip(shape, stride) if st > 0)
+    span = (hi - lo + 1) * itemsize
+    buf = torch.empty(span, dtype=torch.uint8)
+    _pread.read_into(ckpt, offset + lo * itemsize, span, buf)
+    t = torch.empty(0, dtype=dtype)
+    t.set_(buf.untyped_storage(), storage_offset - lo, shape, stride)
+    return t
+
+
+def fill_from_file(
+    ckpt: _core.Checkpoint, i: int, dest: torch.Tensor, via: torch.dtype | None = None
+) -> None:
+    """`dest.copy_(tensor i)` (cast to `via` first, if given, then to `dest`'s dtype as
+    `copy_` does) with the bytes read by `pread` at most `_pread.CHUNK` at a time through
+    a bounce buffer, never through the mapping. `dest`: shaped like tensor `i`, on any
+    device, any layout `copy_` takes."""
+    s, dtype_name, shape, stride, storage_offset, _rg = ckpt.tensor(i)
+    dtype = getattr(torch, dtype_name)
+    if math.prod(shape) == 0:
+        return
+    cast = via is not None and via != dtype
+    if not is_contiguous(shape, stride):
+        src = read_span(ckpt, i)
+        with torch.no_grad():
+            dest.copy_(src.to(via) if cast else src)
+        return
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    _key, offset, _nbytes, _loc = ckpt.storage(s)
+    # Whole rows of the first dimension (a 0-d tensor: one element) per piece.
+    inner = list(shape[1:])
+    row = math.prod(inner) * itemsize
+    nbytes = math.prod(shape) * itemsize
+    bounce = torch.empty(_pread.bounce_size(nbytes, row), dtype=torch.uint8)
+    flat = dest.reshape(1, *shape) if not shape else dest
+
+    def consume(start: int, length: int) -> None:
+        piece = bounce[:length].view(dtype).view(length // row, *inner)
+        with torch.no_grad():
+            flat[start // row : (start + length) // row].copy_(piece.to(via) if cast else piece)
+
+    _pread.read_pieces(ckpt, offset + storage_offset * itemsize, nbytes, row, bounce, consume)
+
+
+def read_cast(ckpt: _core.Checkpoint, i: int, dtype: torch.dtype) -> torch.Tensor:
+    """Tensor `i` cast to `dtype`, in memory of its own, read by `fill_from_file`."""
+    shape = ckpt.tensor(i)[2]
+    out = torch.empty(shape, dtype=dtype)
+    fill_from_file(ckpt, i, out, dtype)
     return out
 
 
@@ -264,7 +342,7 @@ class _Builder:
         return getattr(torch, name)
 
     @staticmethod
-    def parameter(t: torch.Tensor | None, requires_grad: bool) -> torch.nn.Parameter | None:
+    def parameter(t: torch.Tensor | None, requires_grad: bool) -> torch.Tensor | None:
         if t is None:
             return None
         return torch.nn.Parameter(t, requires_grad=requires_grad)
@@ -283,19 +361,30 @@ _NOT_CASTABLE = {getattr(torch, "float4_e2m1fn_x2", None)}
 
 
 def castable(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    return t is not None and casts(t.dtype, dtype)
+
+
+def casts(file_dtype: torch.dtype, dtype: torch.dtype | None) -> bool:
+    """Whether `dtype=` casts tensors of `file_dtype` (floating-point ones, but the
+    packed 4-bit float)."""
     return (
-        t is not None
-        and t.is_floating_point()
-        and t.dtype != dtype
-        and t.dtype not in _NOT_CASTABLE
+        dtype is not None
+        and file_dtype.is_floating_point
+        and file_dtype != dtype
+        and file_dtype not in _NOT_CASTABLE
     )
 
 
 def cast(
-    tensors: list[torch.Tensor | None], dtype: torch.dtype | None, progress: bool | None = None
+    tensors: list[torch.Tensor | None],
+    dtype: torch.dtype | None,
+    progress: bool | None = None,
+    ckpt: _core.Checkpoint | None = None,
 ) -> list:
     """`dtype=`: floating-point tensors are cast (each a new tensor, so a copy: `progress`
-    shows a bar counting the bytes cast), others kept."""
+    shows a bar counting the bytes cast), others kept. `ckpt`: the tensors are CPU views
+    of its file, indexed like its tensor table; those cast are read from the file with
+    `pread` in bounded pieces (`read_cast`), never through the mapping."""
     if dtype is None:
         return tensors
     if not isinstance(dtype, torch.dtype):
@@ -303,13 +392,16 @@ def cast(
     todo = [t for t in tensors if castable(t, dtype)]
     total = sum(t.numel() * t.element_size() for t in todo if t is not None)
     bar = progress_bar(progress, total, f"zeroload cast to {dtype}") if todo else None
-    out = []
+    out: list[torch.Tensor | None] = []
     done = 0
     try:
-        for t in tensors:
+        for i, t in enumerate(tensors):
             if castable(t, dtype):
                 assert t is not None
-                out.append(t.to(dtype))
+                if ckpt is None:
+                    out.append(t.to(dtype))
+                else:
+                    out.append(read_cast(ckpt, i, dtype).requires_grad_(t.requires_grad))
                 if bar is not None:
                     done += t.numel() * t.element_size()
                     bar(done, total)
@@ -422,7 +514,8 @@ def load_checkpoint(
             ckpt, ids, devices, progress=progress, staging_bytes=staging_bytes, private=private
         )
         tensors = device_tensors(ckpt, wanted_tensors, storages)
-    result = ckpt.build(_Builder(ckpt, cast(tensors, dtype, progress), storages, cpu))
+    cast_tensors = cast(tensors, dtype, progress, ckpt if cpu else None)
+    result = ckpt.build(_Builder(ckpt, cast_tensors, storages, cpu))
     if selection is not None:
         chosen = {n for n, _ in selection}
         for name in [k for k in result if k not in chosen]:

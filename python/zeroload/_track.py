@@ -122,7 +122,7 @@ class TrackResult:
     samples: int = 0
     done: bool = field(default=False, repr=False)
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         """The figures as a plain dict (bytes and seconds)."""
         return {
             "label": self.label,
@@ -136,7 +136,7 @@ class TrackResult:
             "samples": self.samples,
         }
 
-    def _items(self) -> List[tuple]:
+    def _items(self) -> List[tuple[str, str]]:
         items = [("peak CPU RSS", "+" + _fmt_bytes(self.cpu_peak))]
         if self.gpu_peak_allocated is not None:
             items.append(("peak GPU allocated", "+" + _fmt_bytes(self.gpu_peak_allocated)))

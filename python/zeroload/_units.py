@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["format_bytes"]
+__all__ = ["format_bytes", "plural"]
 
 _UNITS = (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
 
@@ -19,3 +19,11 @@ def format_bytes(n: float | None, digits: int = 1, *, none: str = "-") -> str:
         if n >= scale:
             return f"{sign}{n / scale:.{digits}f} {unit}"
     return f"{sign}{n:.0f} B"
+
+
+def plural(n: int, word: str, sep: str = "") -> str:
+    """``n`` and ``word``, with an ``s`` unless ``n`` is 1: ``plural(1, "tensor") ==
+    "1 tensor"``, ``plural(1200, "element", ",") == "1,200 elements"`` (``sep``: the
+    thousands separator, none by default)."""
+    count = f"{n:,}" if sep == "," else str(n)
+    return f"{count} {word}{'' if n == 1 else 's'}"

@@ -18,11 +18,15 @@ import sys
 import time
 from typing import Sequence
 
+from zeroload._usage import (
+    EXIT_CHECKPOINT,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    UsageError,
+)
+
 __all__ = ["main"]
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for; printed as one line, exit status 2."""
 
 
 # --------------------------------------------------------------------------------------
@@ -44,12 +48,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from zeroload._convert import ConvertError, convert
-    from zeroload._units import format_bytes
+    from zeroload._units import format_bytes, plural
 
     t0 = time.perf_counter()
     try:
         info = convert(args.src, args.dst, key=args.key, force=args.force, dedupe=args.dedupe)
-    except ConvertError as e:
+    except (ConvertError, FileExistsError) as e:  # fixed by other arguments: usage
         raise UsageError(str(e)) from None
     for names in info["shared"]:
         what = "kept once, later names dropped" if args.dedupe else "written as separate copies"
@@ -61,7 +65,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if info["dropped"]:
         print(f"note: dropped aliases: {', '.join(info['dropped'])}", file=sys.stderr)
     print(
-        f"wrote {info['dst']}: {info['tensors']} tensors, {format_bytes(info['bytes'])} "
+        f"wrote {info['dst']}: {plural(info['tensors'], 'tensor')}, {format_bytes(info['bytes'])} "
         f"in {time.perf_counter() - t0:.2f} s"
     )
     return 0
@@ -92,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="zeroload",
         description="Load PyTorch checkpoints into CPU/GPU tensors without holding them in RAM.",
+        epilog="Exit status: 0 done, 1 checkpoint error (missing, malformed or refused file, "
+        "or loading failed), 2 usage error (bad option or value), 130 interrupted.",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -195,8 +201,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``zeroload`` command line with ``argv`` (default: ``sys.argv[1:]``).
 
-    Returns the exit status: 0 on success, 1 when loading failed or a file is missing,
-    malformed or already exists, 2 for usage errors.
+    Returns the exit status, one convention for every command (:mod:`zeroload._usage`):
+    0 on success; 1 for a checkpoint error (a file missing, unreadable, malformed or
+    refused, or loading failed); 2 for a usage error (a bad option or value, or a request
+    that other arguments would fix, such as ``convert`` onto an existing file without
+    ``--force``); 130 when interrupted.
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -207,16 +216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
-        return 0
+        return EXIT_OK
     except UsageError as e:
         print(f"zeroload {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except (OSError, ValueError, KeyError) as e:  # CheckpointError is a ValueError
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e):
             msg = f"{e.filename}: {e.strerror or e}"
         print(f"zeroload {args.command}: error: {type(e).__name__}: {msg}", file=sys.stderr)
-        return 1
+        return EXIT_CHECKPOINT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

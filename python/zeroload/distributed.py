@@ -123,12 +123,12 @@ class StorageReader(_DCPStorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Every tensor of the checkpoint (names, dtypes, shapes) from the files' headers;
         no tensor data is read."""
-        files = _files(self.path)
+        files, named = _files_and_names(self.path)
         sd_meta: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         storage: dict[MetadataIndex, _TensorItem | _BytesItem] = {}
         for f in files:
             ckpt = self._open(f)
-            for fqn, item in _items(ckpt, f):
+            for fqn, item in _items(ckpt, f, named.get(f)):
                 if isinstance(item, _BytesItem):
                     if fqn in sd_meta:
                         raise CheckpointError(f"{f}: {fqn!r} also appears in another file")
@@ -159,7 +159,7 @@ class StorageReader(_DCPStorageReader):
                     raise CheckpointError(f"{f}: tensor {fqn!r} disagrees with another file")
         self.storage_data = storage
         return Metadata(
-            state_dict_metadata=sd_meta,  # type: ignore[arg-type]
+            state_dict_metadata=sd_meta,
             storage_data=storage,
             storage_meta=StorageMeta(checkpoint_id=self.path, load_id=self.load_id),
         )
@@ -214,8 +214,16 @@ def _files(path: str | os.PathLike) -> list[str]:
     """The checkpoint's files: as `zeroload.load` resolves `path`, or, for a directory
     with no index, every `.safetensors` file in it (what HuggingFaceStorageReader reads:
     the shard files of `HuggingFaceStorageWriter(save_distributed=True)` have none)."""
+    return _files_and_names(path)[0]
+
+
+def _files_and_names(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
+    """`_files(path)`, and for a directory of per-tensor `torch.save` files, each file's
+    tensor name (its file name less the suffix)."""
     try:
-        return [os.fspath(f) for f in _shards.resolve(path).files]
+        shard_set = _shards.resolve(path)
+        names = shard_set.tensor_names or {}
+        return [os.fspath(f) for f in shard_set.files], {os.fspath(f): n for f, n in names.items()}
     except FileNotFoundError:
         p = os.fspath(path)
         if not os.path.isdir(p):
@@ -227,7 +235,7 @@ def _files(path: str | os.PathLike) -> list[str]:
         )
         if not found:
             raise
-        return found
+        return found, {}
 
 
 def _saved_offsets(ckpt: _core.Checkpoint, fqn: str, ndim: int) -> tuple[int, ...]:
@@ -249,8 +257,20 @@ def _saved_offsets(ckpt: _core.Checkpoint, fqn: str, ndim: int) -> tuple[int, ..
     return offsets
 
 
-def _items(ckpt: _core.Checkpoint, file: str) -> Iterator[tuple[str, _TensorItem | _BytesItem]]:
-    """`(fqn, item)` of every value in one file, in file order."""
+def _items(
+    ckpt: _core.Checkpoint, file: str, name: str | None = None
+) -> Iterator[tuple[str, _TensorItem | _BytesItem]]:
+    """`(fqn, item)` of every value in one file, in file order; `name`: the file is one
+    tensor of a directory of per-tensor files, with this name."""
+    if name is not None:
+        single = ckpt.single_tensor()
+        if single is None:
+            raise CheckpointError(
+                f"{file}: a file of a directory of per-tensor files must hold one tensor "
+                "saved with torch.save(tensor, path); this one holds other objects"
+            )
+        yield name, _TensorItem(file, single)
+        return
     flat = ckpt.flat_tensors()
     if flat is not None:
         for name, i in flat:
@@ -285,7 +305,7 @@ class _PlaceholderBuilder(_torch._Builder):
     and dtypes as `zeroload.load` builds them."""
 
     def __init__(self, ckpt: _core.Checkpoint) -> None:
-        self.tensors: list[torch.Tensor] = []
+        self.tensors: list[torch.Tensor | None] = []
         self.index: dict[int, int] = {}
         self._path = ckpt.path
         for i, (_s, dtype_name, shape, stride, _o, _rg) in enumerate(ckpt.tensors()):

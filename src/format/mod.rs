@@ -6,6 +6,7 @@
 //! never touch the file or Python, so they can be fuzzed directly.
 #![forbid(unsafe_code)]
 
+pub mod legacy;
 pub mod pickle;
 pub mod safetensors;
 pub mod torchzip;
@@ -23,6 +24,9 @@ pub enum Format {
     Safetensors,
     /// `torch.save` zip archive (`.pt`, `.pth`, `.bin`), torch >= 1.6.
     TorchZip,
+    /// Legacy (pre-zip) `torch.save` file: torch < 1.6, or
+    /// `_use_new_zipfile_serialization=False`.
+    TorchLegacy,
 }
 
 impl Format {
@@ -30,6 +34,7 @@ impl Format {
         match self {
             Format::Safetensors => "safetensors",
             Format::TorchZip => "torch zip",
+            Format::TorchLegacy => "torch legacy",
         }
     }
 }
@@ -286,6 +291,9 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let parsed = match detect(path, bytes)? {
         Format::Safetensors => safetensors::parse(path, bytes)?,
         Format::TorchZip => torchzip::parse(path, std::io::Cursor::new(bytes), bytes.len() as u64)?,
+        Format::TorchLegacy => {
+            legacy::parse(path, std::io::Cursor::new(bytes), bytes.len() as u64)?
+        }
     };
     validate(path, bytes.len() as u64, &parsed)?;
     Ok(parsed)
@@ -308,6 +316,7 @@ pub fn parse_mapped(path: &Path, mapping: &Mapping) -> Result<Parsed> {
             safetensors::parse_header(path, &json, mapping.len())?
         }
         Format::TorchZip => torchzip::parse(path, mapping.reader(), mapping.len())?,
+        Format::TorchLegacy => legacy::parse(path, mapping.reader(), mapping.len())?,
     };
     validate(path, mapping.len(), &parsed)?;
     Ok(parsed)
@@ -322,17 +331,9 @@ pub fn detect(path: &Path, bytes: &[u8]) -> Result<Format> {
     if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
         return Ok(Format::TorchZip);
     }
-    // Legacy torch.save (< 1.6): a bare pickle stream starting with the magic number
-    // 0x1950a86a20f9469cfc6c as a LONG1 (protocol 2: 0x80 0x02 0x8a 0x0a ...).
-    if bytes.starts_with(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19") {
-        return Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            entry: "file".into(),
-            what: "this is a legacy (pre-1.6, non-zip) torch.save file, which zeroload does \
-                   not read; re-save it with a current torch: \
-                   `torch.save(torch.load(path, weights_only=True), new_path)`"
-                .into(),
-        });
+    // Legacy torch.save: a bare pickle stream whose first pickle is the magic number.
+    if legacy::is_legacy(bytes) {
+        return Ok(Format::TorchLegacy);
     }
     if bytes.len() >= 262 && &bytes[257..262] == b"ustar" {
         return Err(Error::Unsupported {
@@ -354,8 +355,8 @@ pub fn detect(path: &Path, bytes: &[u8]) -> Result<Format> {
     } else if bytes.len() < 9 {
         format!("the file is only {} bytes long", bytes.len())
     } else {
-        "not a checkpoint: expected a safetensors header (8-byte length then '{') or a torch \
-         zip archive ('PK')"
+        "not a checkpoint: expected a safetensors header (8-byte length then '{'), a torch \
+         zip archive ('PK') or a legacy torch.save file (a pickle of torch's magic number)"
             .to_string()
     };
     Err(Error::Malformed {
@@ -468,6 +469,9 @@ pub struct Checkpoint {
     pub parsed: Parsed,
     /// How many tensors, and storage objects of the object tree, refer to each storage.
     storage_users: Vec<u32>,
+    /// The storages whose bytes in the file are not aligned for a dtype of a tensor on
+    /// them, by increasing index (see `unaligned_storages`).
+    unaligned: Vec<usize>,
 }
 
 impl Checkpoint {
@@ -511,12 +515,28 @@ impl Checkpoint {
                 *n = n.saturating_add(1);
             }
         }
+        let unaligned = unaligned_storages(&parsed);
         Checkpoint {
             path: path.to_path_buf(),
             mapping,
             parsed,
             storage_users,
+            unaligned,
         }
+    }
+
+    /// The storages whose first byte is not aligned for the dtype of some tensor on them
+    /// (its size: complex128 needs 16 bytes) in the mapping, whose base is page-aligned.
+    /// Safetensors and torch zip files align their data; legacy torch.save files do not.
+    /// Loads must not hand out views of those bytes (a misaligned tensor is undefined
+    /// behaviour for torch's kernels): they read them into memory of their own instead.
+    pub fn unaligned_storages(&self) -> &[usize] {
+        &self.unaligned
+    }
+
+    /// Whether storage `i`'s bytes can be handed out in place (see `unaligned_storages`).
+    pub fn storage_aligned(&self, i: usize) -> bool {
+        self.unaligned.binary_search(&i).is_err()
     }
 
     /// Whether tensor `i` is its storage, byte for byte: no offset, C-contiguous, and as
@@ -563,6 +583,29 @@ impl Checkpoint {
     pub fn flat_tensors(&self) -> Option<Vec<(String, usize)>> {
         flat_tensors(&self.parsed.objects)
     }
+
+    /// The tensor index when the root is one tensor (or a `Parameter` wrapping one): a
+    /// file written by `torch.save(tensor, path)`; `None` otherwise.
+    pub fn single_tensor(&self) -> Option<usize> {
+        single_tensor(&self.parsed.objects)
+    }
+}
+
+/// See `Checkpoint::unaligned_storages`.
+fn unaligned_storages(p: &Parsed) -> Vec<usize> {
+    let mut align = vec![1u64; p.storages.len()];
+    for t in &p.tensors {
+        if let Some(a) = align.get_mut(t.storage) {
+            *a = (*a).max(t.dtype.size() as u64);
+        }
+    }
+    p.storages
+        .iter()
+        .zip(&align)
+        .enumerate()
+        .filter(|(_, (s, &a))| s.offset % a != 0)
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// Collections of at least this many objects are freed on a thread of their own.
@@ -625,9 +668,47 @@ pub fn flat_tensors(g: &ObjectGraph) -> Option<Vec<(String, usize)>> {
     Some(out)
 }
 
+/// See `Checkpoint::single_tensor`.
+pub fn single_tensor(g: &ObjectGraph) -> Option<usize> {
+    match g.nodes.get(g.root)? {
+        Value::Tensor(t) => Some(*t),
+        Value::Parameter { tensor, .. } => match g.nodes.get(*tensor)? {
+            Value::Tensor(t) => Some(*t),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn single_tensor_is_a_root_tensor_or_parameter_only() {
+        let mut g = ObjectGraph::default();
+        let t = g.push(Value::Tensor(3));
+        g.root = t;
+        assert_eq!(single_tensor(&g), Some(3));
+        let p = g.push(Value::Parameter {
+            tensor: t,
+            requires_grad: true,
+        });
+        g.root = p;
+        assert_eq!(single_tensor(&g), Some(3));
+        let key = g.push(Value::Str("w".into()));
+        g.root = g.push(Value::Dict(vec![(key, t)]));
+        assert_eq!(single_tensor(&g), None);
+        assert_eq!(flat_tensors(&g), Some(vec![("w".to_string(), 3)]));
+        g.root = g.push(Value::List(vec![t]));
+        assert_eq!(single_tensor(&g), None);
+        let odd = g.push(Value::Int(1));
+        g.root = g.push(Value::Parameter {
+            tensor: odd,
+            requires_grad: false,
+        });
+        assert_eq!(single_tensor(&g), None);
+    }
 
     #[test]
     fn compaction_keeps_the_tree_and_drops_what_it_does_not_reach() {

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::io::{Read, Seek};
 use std::path::Path;
 
+use zip::read::{ArchiveOffset, Config};
 use zip::{CompressionMethod, ZipArchive};
 
 use super::pickle::{self, PickleError};
@@ -32,7 +33,14 @@ pub fn parse<R: Read + Seek>(path: &Path, source: R, file_len: u64) -> Result<Pa
         offset: None,
         message,
     };
-    let mut zip = ZipArchive::new(source)
+    // torch.save archives start at byte 0. The zip crate's default (`Detect`) guesses
+    // prepended data from where the central directory "should" end, and is fooled by
+    // torch's zip64 end records (76 bytes) when the first central header is also 76 bytes
+    // long (an archive name of 21 characters: `torch.save(t, "<21 chars>.pt")`).
+    let config = Config {
+        archive_offset: ArchiveOffset::Known(0),
+    };
+    let mut zip = ZipArchive::with_config(config, source)
         .map_err(|e| malformed("zip directory", format!("not a readable zip archive: {e}")))?;
     // The zip crate keeps one entry per name; readers disagree on which duplicate wins
     // (first or last), so an archive that names an entry twice is ambiguous: refuse it.

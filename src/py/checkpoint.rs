@@ -1,7 +1,6 @@
 //! `zeroload._core.Checkpoint`: an open, parsed checkpoint, and the conversion of its
 //! object graph into Python objects.
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use pyo3::exceptions::PyIndexError;
@@ -15,10 +14,21 @@ use crate::dlpack::Export;
 use crate::dtype::DType;
 use crate::format::{Checkpoint, ObjId, Value};
 
-/// Dtypes whose typed DLPack export a consumer refused (bit `dtype as u64`): older torch
-/// builds cannot import some (float8, uint16 and wider). Once refused, tensors of that
-/// dtype are left to the caller's storage-and-view path without asking again.
-static REFUSED_DTYPES: AtomicU64 = AtomicU64::new(0);
+/// Dtypes whose typed DLPack export a consumer refused (bit `dtype as u32`): older torch
+/// builds cannot import some (float8, uint16 and wider). Kept for one call only (one
+/// `export_tensors` asks once per dtype, not once per tensor): a later call asks again,
+/// so one failure (transient, or a `make` that differs) never refuses a dtype for good.
+#[derive(Default)]
+struct Refused(u64);
+
+impl Refused {
+    fn has(&self, d: DType) -> bool {
+        self.0 & dtype_bit(d) != 0
+    }
+    fn add(&mut self, d: DType) {
+        self.0 |= dtype_bit(d);
+    }
+}
 
 fn dtype_bit(d: DType) -> u64 {
     1u64 << (d as u32)
@@ -55,6 +65,32 @@ impl PyCheckpoint {
         self.inner.mapping.base_ptr().wrapping_add(offset as usize)
     }
 
+    /// Where storage `s`'s bytes can be exported from, and what keeps them alive: the
+    /// mapping, or a copy of its own for a storage `unaligned_storages` lists (read with
+    /// `pread`, aligned for any dtype; each call makes a new one, which its exports own).
+    fn storage_memory(&self, s: usize) -> PyResult<(crate::dlpack::Owner, *mut u8)> {
+        let st = self.storage_at(s)?;
+        if self.inner.storage_aligned(s) {
+            return Ok((self.owner.clone(), self.data_ptr(st.offset)));
+        }
+        let too_large = || {
+            CheckpointError::new_err(format!(
+                "{}: storage {:?} ({} bytes) is too large to copy into memory",
+                self.inner.path.display(),
+                st.key,
+                st.nbytes
+            ))
+        };
+        let len = usize::try_from(st.nbytes).map_err(|_| too_large())?;
+        let mut copy = crate::dlpack::OwnedBytes::zeroed(len).ok_or_else(too_large)?;
+        self.inner
+            .mapping
+            .read_at(copy.as_mut_slice(), st.offset)
+            .map_err(PyErr::from)?;
+        let ptr = copy.as_ptr();
+        Ok((Arc::new(copy), ptr))
+    }
+
     /// Tensor `i`, for anything that builds or reads it: a `CheckpointError` naming the
     /// tensor and its dtype if torch cannot hold it (see `Unrepresentable`).
     fn tensor_at(&self, i: usize) -> PyResult<&crate::format::Tensor> {
@@ -88,20 +124,22 @@ impl PyCheckpoint {
 
     /// `make(capsule)` for tensor `i`, exported with its own dtype, shape and strides,
     /// if it covers its storage exactly, does not require grad, and its dtype was not
-    /// refused before; `None` otherwise. An `Exception` from `make` marks the dtype
-    /// refused and gives `None` (the caller then builds the tensor from its storage);
-    /// other `BaseException`s (KeyboardInterrupt) propagate.
+    /// refused earlier in this call (`refused`); `None` otherwise. An `Exception` from
+    /// `make` marks the dtype in `refused` and gives `None` (the caller then builds the
+    /// tensor from its storage); other `BaseException`s (KeyboardInterrupt) propagate.
     fn make_typed(
         &self,
         py: Python<'_>,
         i: usize,
         make: &Bound<'_, PyAny>,
+        refused: &mut Refused,
     ) -> PyResult<Option<Py<PyAny>>> {
         let t = self.tensor_at(i)?;
         if t.requires_grad
             || t.dtype.dlpack().is_none()
-            || REFUSED_DTYPES.load(Ordering::Relaxed) & dtype_bit(t.dtype) != 0
+            || refused.has(t.dtype)
             || !self.inner.covers_storage(i)
+            || !self.inner.storage_aligned(t.storage)
         {
             return Ok(None);
         }
@@ -120,7 +158,7 @@ impl PyCheckpoint {
         match make.call1((cap,)) {
             Ok(tensor) => Ok(Some(tensor.unbind())),
             Err(e) if e.is_instance_of::<pyo3::exceptions::PyException>(py) => {
-                REFUSED_DTYPES.fetch_or(dtype_bit(t.dtype), Ordering::Relaxed);
+                refused.add(t.dtype);
                 Ok(None)
             }
             Err(e) => Err(e),
@@ -277,6 +315,12 @@ impl PyCheckpoint {
         self.inner.flat_tensors()
     }
 
+    /// The tensor index when the checkpoint is one tensor (`torch.save(tensor, path)`,
+    /// a `Parameter` included), else None.
+    fn single_tensor(&self) -> Option<usize> {
+        self.inner.single_tensor()
+    }
+
     /// `{name: tensor index}` when the checkpoint is a flat dict of tensors (in the dict's
     /// order), else None: the index a lazy handle looks names up in.
     fn flat_index<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
@@ -299,7 +343,7 @@ impl PyCheckpoint {
         i: usize,
         make: &Bound<'_, PyAny>,
     ) -> PyResult<Option<Py<PyAny>>> {
-        self.make_typed(py, i, make)
+        self.make_typed(py, i, make, &mut Refused::default())
     }
 
     /// `export_tensor` for many tensors at once, for loads: a list indexed like the
@@ -315,10 +359,11 @@ impl PyCheckpoint {
     ) -> PyResult<Bound<'py, PyList>> {
         let n = self.inner.parsed.tensors.len();
         let mut out: Vec<Option<Py<PyAny>>> = (0..n).map(|_| None).collect();
+        let mut refused = Refused::default();
         let mut one = |i: usize| -> PyResult<()> {
             let t = self.tensor_at(i)?;
             if !self.inner.storage_shared(t.storage) {
-                out[i] = self.make_typed(py, i, make)?;
+                out[i] = self.make_typed(py, i, make, &mut refused)?;
             }
             Ok(())
         };
@@ -346,21 +391,30 @@ impl PyCheckpoint {
         self.inner.mapping.readahead(&ranges, max_bytes)
     }
 
-    /// Storage `i` as a 1-D uint8 DLPack view over the copy-on-write mapping.
+    /// Storage `i` as a 1-D uint8 DLPack view over the copy-on-write mapping (over a
+    /// copy of its own for the storages `unaligned_storages` lists).
     fn storage_view(&self, i: usize) -> PyResult<DLPackView> {
         let s = self.storage_at(i)?;
         let nbytes = i64::try_from(s.nbytes)
             .map_err(|_| CheckpointError::new_err(format!("storage {:?} is too large", s.key)))?;
+        let (owner, data) = self.storage_memory(i)?;
         Ok(DLPackView::new(
-            self.inner.mapping.clone(),
-            self.data_ptr(s.offset),
+            owner,
+            data,
             crate::dtype::DType::U8,
             vec![nbytes],
             vec![1],
         ))
     }
 
-    /// Tensor `i` as a DLPack view with its own dtype, shape and strides (for numpy).
+    /// The storages whose bytes are not aligned for their dtype in the file (legacy
+    /// torch.save files): their views are copies, not views of the file.
+    fn unaligned_storages(&self) -> Vec<usize> {
+        self.inner.unaligned_storages().to_vec()
+    }
+
+    /// Tensor `i` as a DLPack view with its own dtype, shape and strides (for numpy); on
+    /// a copy of its storage when that is not aligned (see `unaligned_storages`).
     fn tensor_view(&self, i: usize) -> PyResult<DLPackView> {
         let t = self.tensor_at(i)?;
         if t.dtype.dlpack().is_none() {
@@ -369,14 +423,14 @@ impl PyCheckpoint {
                 t.dtype
             )));
         }
-        let s = self.storage_at(t.storage)?;
         let (shape, strides) = check_dims(&t.shape, &t.strides)?;
         // validate() proved the tensor's span lies inside the storage, so this cannot
         // overflow.
-        let offset = s.offset + t.storage_offset * t.dtype.size() as u64;
+        let within = t.storage_offset * t.dtype.size() as u64;
+        let (owner, data) = self.storage_memory(t.storage)?;
         Ok(DLPackView::new(
-            self.inner.mapping.clone(),
-            self.data_ptr(offset),
+            owner,
+            data.wrapping_add(within as usize),
             t.dtype,
             shape,
             strides,

@@ -184,6 +184,12 @@ pub fn borrow_dense(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Borrowed> {
     let capsule = obj.call_method0("__dlpack__").map_err(|e| {
         PyValueError::new_err(format!("{what} cannot be exported through DLPack: {e}"))
     })?;
+    borrow_capsule(capsule, what)
+}
+
+/// Borrows an unused "dltensor" capsule (what `__dlpack__()` or
+/// `torch.utils.dlpack.to_dlpack` returns) as `borrow_dense` does.
+pub fn borrow_capsule(capsule: Bound<'_, PyAny>, what: &str) -> PyResult<Borrowed> {
     let raw = capsule.as_ptr();
     // SAFETY: `raw` is a live object (we hold `capsule`); PyCapsule_IsValid accepts any
     // object and only reads its type and name.

@@ -6,6 +6,7 @@ mod checkpoint;
 mod dlpack;
 mod dtypes;
 mod errors;
+mod save;
 mod slices;
 mod transfer;
 
@@ -18,5 +19,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     transfer::register(m)?;
     slices::register(m)?;
     dtypes::register(m)?;
+    save::register(m)?;
     Ok(())
 }

@@ -230,7 +230,7 @@ fn copy_slices_to_cuda(
             .map_err(|e| attribute(e, &inner, &jobs))
     });
     drop(borrowed);
-    r.map(|()| delivered)
+    super::transfer::with_staging_warning(py, r.map(|()| delivered))
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -225,13 +225,20 @@ fn copy_to_cuda(
         unsafe { cuda::copy_to_cuda(&inner.mapping, &dests, &reqs, opts, cb) }
     });
     drop(borrowed);
-    // The full staging budget could not be pinned and a smaller ring is used: say so
-    // (once per fallback), whether or not the copy then succeeded.
+    with_staging_warning(py, copied)
+}
+
+/// `copied`, after warning (`UserWarning`) if the full staging budget could not be pinned
+/// and a smaller ring is used (once per fallback), whether or not the copy then
+/// succeeded. Every binding that copies through the staging ring ends here, so the
+/// warning is taken by the copy that caused it, never left for a later one.
+pub(crate) fn with_staging_warning<T>(py: Python<'_>, copied: PyResult<T>) -> PyResult<T> {
     if let Some(msg) = cuda::take_staging_warning() {
         let msg = CString::new(msg).unwrap_or_default();
         let warned = PyErr::warn(py, &py.get_type::<PyUserWarning>(), &msg, 1);
-        copied?;
-        return warned;
+        let value = copied?;
+        warned?;
+        return Ok(value);
     }
     copied
 }

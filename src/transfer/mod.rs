@@ -15,6 +15,10 @@
 //!   process-wide ring of pinned slabs, a stream with an event per slab; the staged loop
 //!   of [`pipeline`] runs on them. One synchronisation at the end.
 //!
+//! - [`write`]: the reverse direction for `zeroload.save`: host byte ranges written to a
+//!   file with parallel positional writes, large ranges split across threads, CRC-32s
+//!   computed on the way.
+//!
 //! Both sinks read with `pread` (never through the mmap: a file truncated under us is an
 //! error, not a SIGBUS, and DMA never has to fault pages in) and report progress through
 //! a callback on the calling thread only, which may cancel the copy.
@@ -24,6 +28,9 @@ pub mod host;
 pub mod pipeline;
 pub mod plan;
 pub mod slice;
+pub mod write;
+pub mod writeback;
 
 pub use pipeline::{Outcome, ProgressFn, PROGRESS_STEP};
 pub use plan::{Chunk, CopyRequest, Extent, Piece, Plan, PlanOptions};
+pub use writeback::WriteRequest;

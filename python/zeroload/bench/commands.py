@@ -13,9 +13,10 @@ import textwrap
 from pathlib import Path
 from typing import Any, Iterator, List
 
+from zeroload import _shards
 from zeroload._units import format_bytes
+from zeroload._usage import UsageError
 from zeroload.bench import MODEL_METHODS, compare, gptmodel
-from zeroload.cli import UsageError
 
 __all__ = ["bench", "demo"]
 
@@ -135,7 +136,7 @@ def bench(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     path = Path(args.path)
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
+        raise _shards.not_found(path)
     if args.model:
         rows = compare.compare_model(path, args.model, device=device, methods=args.methods)
         title = f"{path.name} as {args.model}, device {device}"

@@ -77,7 +77,7 @@ class Row:
     gpu_peak_used: int | None = None
     wall_s: float | None = None
     touched_s: float | None = None  # wall_s plus reading every byte of every tensor
-    check: str = ""  # "equal", "differs (...)", "" when not checked
+    check: str = ""  # "equal", "differs (...)", "reference", "" when not checked
     error: str | None = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -275,7 +275,7 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
     torch.set_grad_enabled(False)
     method = spec["method"]
     dev = _init_device(spec["device"])
-    ref = None
+    ref: Any = None
     if spec.get("reference"):
         ref = torch.load(spec["reference"], map_location="cpu", weights_only=True)
     _warm_up(method, spec)
@@ -528,7 +528,7 @@ def _checkpoint_files(path: Path) -> List[str]:
         from zeroload import _shards
 
         resolved = _shards.resolve(path)
-        return [str(p) for p in getattr(resolved, "files", resolved)]
+        return [str(p) for p in resolved.files]
     return [str(path)]
 
 
@@ -554,7 +554,8 @@ def compare_state_dict(
     """Load a checkpoint as a state dict with each method in a fresh process.
 
     The check column compares a SHA-256 digest of every tensor (name, dtype, shape, bytes)
-    with the first method's (``torch.load`` or ``safetensors``): ``equal`` means bit-identical.
+    with the first method's (``torch.load`` or ``safetensors``; its row says ``reference``):
+    ``equal`` means bit-identical.
     """
     checkpoint = Path(checkpoint)
     files = _checkpoint_files(checkpoint)
@@ -572,10 +573,12 @@ def compare_state_dict(
             if before_each is not None:
                 before_each(m)
             rows.append(_row(m, STATE_DICT_METHODS[m], run_child(spec, timeout)))
-    ref = next((r.extra.get("digest") for r in rows if r.ok and r.method != "zeroload"), None)
+    # The reference row is not compared with itself: its check says what it is.
+    base = next((r for r in rows if r.ok and r.method != "zeroload"), None)
     for r in rows:
-        if r.ok and ref is not None:
-            r.check = "equal" if r.extra.get("digest") == ref else "differs"
+        if r.ok and base is not None:
+            same = r.extra.get("digest") == base.extra.get("digest")
+            r.check = "reference" if r is base else "equal" if same else "differs"
     return rows
 
 

@@ -47,7 +47,8 @@ use crate::format::ObjectGraph;
 pub use limits::{MAX_DEPTH, MAX_INT_DIGITS, MAX_MEMO, MAX_NDIM, MAX_NODES, MAX_STACK};
 
 /// A storage that the pickle refers to through a persistent id
-/// `('storage', <storage class>, key, location, numel)`.
+/// `('storage', <storage class>, key, location, numel)` (legacy files add a sixth field,
+/// `view_metadata`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StorageRef {
     pub key: String,
@@ -55,6 +56,10 @@ pub struct StorageRef {
     pub dtype: Option<DType>,
     pub numel: u64,
     pub location: String,
+    /// Legacy storage views (`view_metadata = (key, offset, size)`, written by torch
+    /// before 1.0): `(index of the storage it views, byte offset in it)`. Such a storage
+    /// has no data record of its own.
+    pub view_of: Option<(usize, u64)>,
 }
 
 impl StorageRef {
@@ -103,6 +108,40 @@ pub struct Unpickled {
 /// Python does) and returns the object it builds.
 pub fn unpickle(data: &[u8]) -> Result<Unpickled, PickleError> {
     vm::Vm::new(data).run()
+}
+
+/// Why `unpickle_prefix` failed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrefixError {
+    pub error: PickleError,
+    /// The pickle needed bytes past the end of the slice: with more bytes it may load.
+    pub ran_out: bool,
+}
+
+/// Runs the pickle at the start of `data` (which may hold more after it: a legacy
+/// `torch.save` file is several pickles and then raw storage bytes) and returns what it
+/// builds and how many bytes it took, up to and including its STOP. With `legacy`,
+/// storages are the persistent ids of legacy (pre-zip) `torch.save` files.
+pub fn unpickle_prefix(data: &[u8], legacy: bool) -> Result<(Unpickled, usize), PrefixError> {
+    let mut vm = vm::Vm::new(data);
+    vm.legacy = legacy;
+    let root = match vm.run_to_stop() {
+        Ok(root) => root,
+        Err(error) => {
+            return Err(PrefixError {
+                error,
+                ran_out: vm.ran_out,
+            })
+        }
+    };
+    let used = vm.pos;
+    match vm.finish(root) {
+        Ok(u) => Ok((u, used)),
+        Err(error) => Err(PrefixError {
+            error,
+            ran_out: false,
+        }),
+    }
 }
 
 type Res<T> = Result<T, PickleError>;

@@ -5,7 +5,7 @@ use super::allowlist::{resolve, Refusal, Resolved};
 use super::limits::{clip, MAX_DEPTH, MAX_INT_DIGITS};
 use super::vm::{type_name, Vm};
 use super::{PickleError, Res, Unpickled};
-use crate::format::Value;
+use crate::format::{ObjId, Value};
 
 /// Opcode bytes (CPython `Lib/pickle.py`).
 pub(super) mod op {
@@ -223,15 +223,22 @@ pub(super) fn decode_raw_unicode_escape(b: &[u8]) -> Result<String, String> {
 impl<'a> Vm<'a> {
     /// Runs opcodes until STOP and returns what the pickle built.
     pub(super) fn run(mut self) -> Res<Unpickled> {
+        let root = self.run_to_stop()?;
+        self.finish(root)
+    }
+
+    /// Runs opcodes until STOP and returns the root object's id; `self.pos` is then just
+    /// past the STOP.
+    pub(super) fn run_to_stop(&mut self) -> Res<ObjId> {
         loop {
             self.at = self.pos;
             let Some(&code) = self.data.get(self.pos) else {
+                self.ran_out = true;
                 return Err(self.malformed("truncated pickle: it ends without STOP"));
             };
             self.pos += 1;
             if code == op::STOP {
-                let root = self.pop("STOP")?;
-                return self.finish(root);
+                return self.pop("STOP");
             }
             self.step(code)?;
         }
@@ -281,6 +288,7 @@ impl<'a> Vm<'a> {
             op::FRAME => {
                 let n = self.u64("FRAME")?;
                 if usize::try_from(n).map_or(true, |n| n > self.remaining()) {
+                    self.ran_out = true;
                     return Err(self.malformed(format!(
                         "FRAME claims {n} bytes but only {} are left",
                         self.remaining()

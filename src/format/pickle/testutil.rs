@@ -244,6 +244,7 @@ pub(crate) fn sref(key: &str, dtype: Option<DType>, numel: u64) -> StorageRef {
         dtype,
         numel,
         location: "cpu".into(),
+        view_of: None,
     }
 }
 

@@ -32,12 +32,23 @@ impl Vm<'_> {
     // ----- persistent ids -----
 
     pub(super) fn persistent_load(&mut self, pid: ObjId) -> Res<ObjId> {
-        let shape = "a persistent id must be ('storage', storage class, key, location, numel)";
+        let shape = if self.legacy {
+            "a legacy persistent id must be ('storage', storage class, key, location, numel, \
+             view_metadata)"
+        } else {
+            "a persistent id must be ('storage', storage class, key, location, numel)"
+        };
         let Value::Tuple(items) = self.val(pid) else {
             return Err(self.malformed(format!("{shape}, not a {}", type_name(self.val(pid)))));
         };
-        let &[tag, cls, key, location, numel] = items.as_slice() else {
-            return Err(self.malformed(format!("{shape}; this one has {} fields", items.len())));
+        let (tag, cls, key, location, numel, view) = match (self.legacy, items.as_slice()) {
+            (false, &[tag, cls, key, location, numel]) => (tag, cls, key, location, numel, None),
+            (true, &[tag, cls, key, location, numel, view]) => {
+                (tag, cls, key, location, numel, Some(view))
+            }
+            _ => {
+                return Err(self.malformed(format!("{shape}; this one has {} fields", items.len())))
+            }
         };
         if self.str_or_ascii(tag, "persistent id type")? != "storage" {
             return Err(self.malformed(format!("{shape}; its first field is not 'storage'")));
@@ -46,6 +57,27 @@ impl Vm<'_> {
             return Err(self.malformed(format!("{shape}; its second field is not a storage class")));
         };
         let numel = self.nonneg(numel, "storage numel")?;
+        let root = self.storage_ref(key, location, dtype, numel, None)?;
+        let index = match view {
+            None => root,
+            Some(v) if matches!(self.val(v), Value::None) => root,
+            Some(v) => self.storage_view(v, root, location, dtype)?,
+        };
+        let id = self.node(Value::Storage(index))?;
+        self.storage_uses.insert(id, StorageUse { index, dtype });
+        Ok(id)
+    }
+
+    /// The index of the storage `key` names, registered on first use. `view_of`: see
+    /// `StorageRef::view_of`; a key is either always a view or never one.
+    fn storage_ref(
+        &mut self,
+        key: ObjId,
+        location: ObjId,
+        dtype: Option<DType>,
+        numel: u64,
+        view_of: Option<(usize, u64)>,
+    ) -> Res<usize> {
         let elem = dtype.map_or(1, |d| d.size() as u64);
         let nbytes = numel
             .checked_mul(elem)
@@ -58,7 +90,7 @@ impl Vm<'_> {
         let key_len = key_str.len();
         let known = self.storage_by_key.get(key_str).copied();
         self.charge(key_len)?;
-        let index = match known {
+        match known {
             Some(i) => {
                 let first = self.storages[i].nbytes();
                 if first != Some(nbytes) {
@@ -69,7 +101,13 @@ impl Vm<'_> {
                         first.unwrap_or(0)
                     )));
                 }
-                i
+                if self.storages[i].view_of.is_some() != view_of.is_some() {
+                    return Err(self.malformed(format!(
+                        "storage {:?} is used both as a storage and as a view of one",
+                        clip(&self.storages[i].key)
+                    )));
+                }
+                Ok(i)
             }
             None => {
                 let key = self.str_or_ascii(key, "storage key")?.to_string();
@@ -82,13 +120,50 @@ impl Vm<'_> {
                     dtype,
                     numel,
                     location,
+                    view_of,
                 });
-                i
+                Ok(i)
             }
+        }
+    }
+
+    /// A legacy `view_metadata = (view key, offset, size)` (in elements of the storage
+    /// class) on storage `root`: the storage it names, a byte range of `root`.
+    fn storage_view(
+        &mut self,
+        meta: ObjId,
+        root: usize,
+        location: ObjId,
+        dtype: Option<DType>,
+    ) -> Res<usize> {
+        let &[key, offset, size] = self.tuple(meta, "view_metadata")? else {
+            return Err(self.malformed("view_metadata must be (key, offset, size)"));
         };
-        let id = self.node(Value::Storage(index))?;
-        self.storage_uses.insert(id, StorageUse { index, dtype });
-        Ok(id)
+        let offset = self.nonneg(offset, "storage view offset")?;
+        let size = self.nonneg(size, "storage view size")?;
+        let elem = dtype.map_or(1, |d| d.size() as u64);
+        let root_bytes = self.storages[root].nbytes().unwrap_or(0);
+        let span = offset
+            .checked_add(size)
+            .and_then(|end| end.checked_mul(elem))
+            .filter(|&end| end <= root_bytes);
+        if span.is_none() {
+            return Err(self.malformed(format!(
+                "storage view of {size} elements at element {offset} runs past its storage \
+                 {:?} ({root_bytes} bytes)",
+                clip(&self.storages[root].key)
+            )));
+        }
+        // Within root_bytes, so no overflow.
+        let offset_bytes = offset * elem;
+        let i = self.storage_ref(key, location, dtype, size, Some((root, offset_bytes)))?;
+        if self.storages[i].view_of != Some((root, offset_bytes)) {
+            return Err(self.malformed(format!(
+                "storage view {:?} is described twice, differently",
+                clip(&self.storages[i].key)
+            )));
+        }
+        Ok(i)
     }
 
     pub(super) fn check_grad(&self, tensor: usize, requires_grad: bool) -> Res<()> {

@@ -164,6 +164,11 @@ pub(super) struct Vm<'a> {
     pub(super) tensors: Vec<Tensor>,
     /// Work units left for opcodes that copy existing data.
     pub(super) work_left: usize,
+    /// Persistent ids are legacy (pre-zip) `torch.save` ones, with a sixth field
+    /// (`view_metadata`).
+    pub(super) legacy: bool,
+    /// Set when the pickle needed bytes past the end of `data` (see `unpickle_prefix`).
+    pub(super) ran_out: bool,
 }
 
 impl<'a> Vm<'a> {
@@ -186,6 +191,8 @@ impl<'a> Vm<'a> {
                 .len()
                 .saturating_mul(WORK_PER_BYTE)
                 .saturating_add(WORK_BASE),
+            legacy: false,
+            ran_out: false,
         }
     }
 
@@ -240,10 +247,13 @@ impl<'a> Vm<'a> {
                 self.pos = end;
                 Ok(s)
             }
-            _ => Err(self.malformed(format!(
-                "truncated pickle: {what} needs {n} bytes but only {} are left",
-                self.remaining()
-            ))),
+            _ => {
+                self.ran_out = true;
+                Err(self.malformed(format!(
+                    "truncated pickle: {what} needs {n} bytes but only {} are left",
+                    self.remaining()
+                )))
+            }
         }
     }
 
@@ -251,10 +261,13 @@ impl<'a> Vm<'a> {
     pub(super) fn take_len(&mut self, n: u64, what: &str) -> Res<&'a [u8]> {
         match usize::try_from(n) {
             Ok(n) if n <= self.remaining() => self.take(n, what),
-            _ => Err(self.malformed(format!(
-                "{what} claims {n} bytes but only {} are left in the pickle",
-                self.remaining()
-            ))),
+            _ => {
+                self.ran_out = true;
+                Err(self.malformed(format!(
+                    "{what} claims {n} bytes but only {} are left in the pickle",
+                    self.remaining()
+                )))
+            }
         }
     }
 
@@ -286,9 +299,12 @@ impl<'a> Vm<'a> {
                 self.pos += n + 1;
                 Ok(&rest[..n])
             }
-            None => Err(self.malformed(format!(
-                "truncated pickle: {what} argument has no terminating newline"
-            ))),
+            None => {
+                self.ran_out = true;
+                Err(self.malformed(format!(
+                    "truncated pickle: {what} argument has no terminating newline"
+                )))
+            }
         }
     }
 

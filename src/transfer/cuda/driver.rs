@@ -223,6 +223,12 @@ pub(crate) fn with_context<T>(ctx: usize, f: impl FnOnce() -> Result<T>) -> Resu
 /// byte is checked instead. A context must be current. Called once per destination buffer
 /// (see `transfer::plan::written_extents`), never per request.
 pub(crate) fn check_destination(d: Extent, ordinal: usize) -> Result<()> {
+    check_device_memory(d, ordinal, "destination")
+}
+
+/// [`check_destination`] for any buffer, named `what` in the error ("destination",
+/// "source").
+pub(crate) fn check_device_memory(d: Extent, ordinal: usize, what: &str) -> Result<()> {
     if d.nbytes == 0 {
         return Ok(());
     }
@@ -233,7 +239,7 @@ pub(crate) fn check_destination(d: Extent, ordinal: usize) -> Result<()> {
         let (mem_type, dev, range_start, range_size) = pointer_attributes(at)?;
         if mem_type != sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32 || dev != ordinal as i32 {
             return Err(Error::InvalidArgument(format!(
-                "destination {:#x}..+{} is not memory of CUDA device {ordinal} (at byte {}: \
+                "{what} {:#x}..+{} is not memory of CUDA device {ordinal} (at byte {}: \
                  memory type {mem_type}, device {dev})",
                 d.addr,
                 d.nbytes,

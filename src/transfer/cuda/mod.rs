@@ -35,6 +35,7 @@
 
 mod driver;
 mod ring;
+mod save;
 // The staging resources' slot, geometry and warning are blocking locks (clippy.toml): they
 // are checked out, looked at and released only by copies and queries that src/py runs
 // detached from Python.
@@ -48,6 +49,7 @@ pub use ring::{
     parse_bytes, ring_geometry, staging_budget, DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES,
     STAGING_ENV,
 };
+pub use save::{write_from_cuda, CudaWriteOptions};
 pub use staging::{release_staging, staging_allocated, take_staging_warning};
 
 use super::pipeline::{default_threads, run_staged, Reporter, Slabs};

@@ -69,6 +69,11 @@ impl Streams {
         Ok(())
     }
 
+    /// The stream (alive until `destroy`).
+    pub(crate) fn stream(&self) -> sys::CUstream {
+        self.stream
+    }
+
     fn synchronize(&self) -> Result<()> {
         // SAFETY: the stream was created by us and is destroyed only in `destroy`.
         unsafe { result::stream::synchronize(self.stream) }.map_err(cu("cuStreamSynchronize"))
@@ -229,7 +234,7 @@ impl Staging {
     pub(crate) fn checkout() -> Result<StagingGuard> {
         if HOLDING.with(|h| h.get()) {
             return Err(Error::InvalidArgument(
-                "a GPU load, or release_staging(), was started from inside a GPU load on the \
+                "a GPU load or save, or release_staging(), was started from inside a GPU load or save on the \
                  same thread (from its progress callback); finish the load first"
                     .into(),
             ));

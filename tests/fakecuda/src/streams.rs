@@ -16,6 +16,7 @@ use super::*;
 
 pub(crate) enum Op {
     Copy(Copy),
+    CopyOut(CopyOut),
     Mark { event: Arc<Event>, gen: u64 },
     Free { start: u64 },
 }
@@ -119,6 +120,12 @@ pub(crate) fn worker(s: Arc<Stream>, seed: u64) {
             Op::Copy(c) => {
                 let t0 = Instant::now();
                 let e = run_copy(&s, c, (check, full, bps), &mut link_free, &mut scratch);
+                BUSY_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                e
+            }
+            Op::CopyOut(c) => {
+                let t0 = Instant::now();
+                let e = run_copy_out(&s, c, (check, bps), &mut link_free);
                 BUSY_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
                 e
             }
@@ -291,6 +298,112 @@ pub(crate) fn run_copy(
     0
 }
 
+/// A queued device-to-host copy.
+pub(crate) struct CopyOut {
+    pub(crate) id: u64,
+    pub(crate) src: u64,
+    pub(crate) len: usize,
+    /// The host destination.
+    pub(crate) dst: usize,
+    /// Its pinned allocation, kept alive until the copy ran (`None`: unpinned, a finding).
+    pub(crate) pinned: Option<Arc<Pinned>>,
+    /// Whether the destination was poisoned at enqueue (checked untouched at execution).
+    pub(crate) poisoned: bool,
+    pub(crate) queued: Instant,
+}
+
+/// What an async device-to-host copy's destination holds from enqueue until the copy
+/// runs: a client that reads it before the copy's event completed reads this, not the
+/// device's bytes.
+pub(crate) const POISON: u8 = 0xdb;
+
+/// Executes one device-to-host copy on the stream's thread; returns an async error code.
+/// The device bytes are read *now*, as the DMA engine would.
+pub(crate) fn run_copy_out(
+    s: &Stream,
+    c: CopyOut,
+    (check, bps): (bool, f64),
+    link_free: &mut Instant,
+) -> CUresult {
+    let CopyOut {
+        id,
+        src,
+        len,
+        dst,
+        pinned,
+        poisoned,
+        queued,
+    } = c;
+    let n = COPIES.fetch_add(1, Ordering::SeqCst) + 1;
+    let pieces = {
+        let mut st = state();
+        if let Some((nth, code)) = st.async_fault {
+            if nth == n {
+                st.async_fault = None;
+                st.inflight_remove(dst as u64, id);
+                return code;
+            }
+        }
+        match st.cover(src, len as u64, s.device) {
+            Ok(p) => Some(p),
+            Err(why) => {
+                st.find(
+                    Class::FreedWhilePending,
+                    format!("async copy from {src:#x}+{len}: source freed before it ran: {why}"),
+                );
+                None
+            }
+        }
+    };
+    if bps > 0.0 {
+        if *link_free < queued {
+            *link_free = queued;
+        }
+        *link_free += Duration::from_secs_f64(len as f64 / bps);
+    }
+    if check && poisoned {
+        // SAFETY: the destination is inside a live pinned allocation (we hold its Arc)
+        // of at least `len` bytes from `dst` (checked at enqueue).
+        let now = unsafe { std::slice::from_raw_parts(dst as *const u8, len) };
+        if let Some(at) = now.iter().position(|&b| b != POISON) {
+            state().find(
+                Class::SourceChanged,
+                format!(
+                    "async copy {src:#x}+{len} -> {dst:#x}: host byte {at} was written between \
+                     enqueue and execution (buffer reused before the copy completed)"
+                ),
+            );
+        }
+    }
+    if let Some(pieces) = pieces {
+        let mut done = 0usize;
+        for p in &pieces {
+            match &p.shadow {
+                // SAFETY: the shadow holds `[off, off + len)`; the destination holds `len`
+                // bytes (pinned, alive: we hold its Arc; or the client's, per contract).
+                Some(sh) => unsafe {
+                    memcpy(dst + done, sh.0.addr + p.off as usize, p.len as usize)
+                },
+                // SAFETY: as above.
+                None => unsafe {
+                    libc::memset((dst + done) as *mut c_void, 0, p.len as usize);
+                },
+            };
+            done += p.len as usize;
+        }
+        BYTES.fetch_add(len as u64, Ordering::Relaxed);
+    }
+    if bps > 0.0 {
+        let now = Instant::now();
+        if *link_free > now {
+            pause(*link_free - now);
+        }
+    }
+    state().inflight_remove(dst as u64, id);
+    drop(pinned);
+    0
+}
+
 pub(crate) fn lookup_stream(
     st: &mut State,
     name: &str,
@@ -404,6 +517,95 @@ pub extern "C" fn cuMemcpyHtoDAsync_v2(
             len,
             src: pinned.map(|p| (addr, p)),
             snapshot,
+            queued: Instant::now(),
+        }));
+        Ok(())
+    })
+}
+
+/// Asynchronous device-to-host copy into pinned memory: the reverse of
+/// `cuMemcpyHtoDAsync_v2`, with the same checks (stream and context, a device range of
+/// the stream's device, a pinned host buffer, no overlap with a copy in flight) plus two
+/// of its own: the host buffer is poisoned at enqueue (a client that reads it before the
+/// copy's event completed gets `POISON`, not the device's bytes) and must be untouched
+/// when the copy runs; and the device range must not be written by a copy in flight.
+#[no_mangle]
+pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
+    dst: *mut c_void,
+    src: CUdeviceptr,
+    len: usize,
+    stream: CUstream,
+) -> CUresult {
+    const NAME: &str = "cuMemcpyDtoHAsync_v2";
+    guard(NAME, || {
+        let mut st = enter(NAME, true)?;
+        let (ctx, _) = need_context(&mut st, NAME)?;
+        let s = lookup_stream(&mut st, NAME, stream)?;
+        if s.ctx != ctx {
+            st.find(
+                Class::WrongContext,
+                format!(
+                    "{NAME}: stream {:#x} belongs to context {:#x}, but {ctx:#x} is current",
+                    s.id, s.ctx
+                ),
+            );
+            return Err(INVALID_CONTEXT);
+        }
+        if len == 0 {
+            return Ok(());
+        }
+        if dst.is_null() {
+            return Err(INVALID_VALUE);
+        }
+        if let Err(why) = st.cover(src, len as u64, s.device) {
+            st.find(
+                Class::BadDeviceRange,
+                format!("{NAME} from {src:#x}+{len}: {why}"),
+            );
+            return Err(INVALID_VALUE);
+        }
+        let addr = dst as usize;
+        let pinned = st
+            .pinned_containing(addr, len)
+            .filter(|p| p.portable || p.ctx == s.ctx);
+        if pinned.is_none() {
+            st.find(
+                Class::UnpinnedSource,
+                format!(
+                    "{NAME} to {addr:#x}+{len}: the host buffer is not inside one pinned \
+                     allocation usable by this context; the driver would copy synchronously"
+                ),
+            );
+        }
+        if let Some((a, b)) = st.inflight_overlap(src, src + len as u64) {
+            st.find(
+                Class::UnsynchronizedRead,
+                format!("{NAME} from {src:#x}+{len} while a copy into {a:#x}..{b:#x} is pending"),
+            );
+        }
+        let (lo, hi) = (addr as u64, (addr + len) as u64);
+        if let Some((a, b)) = st.inflight_overlap(lo, hi) {
+            st.find(
+                Class::OverlappingDestinations,
+                format!("{NAME} to {addr:#x}+{len} overlaps a copy in flight to {a:#x}..{b:#x}"),
+            );
+        }
+        let id = st.id();
+        st.inflight.entry(lo).or_default().push((hi, id));
+        let check = st.cfg.check_sources;
+        drop(st);
+        let poisoned = check && pinned.is_some();
+        if poisoned {
+            // SAFETY: the host buffer holds `len` bytes inside a live pinned allocation.
+            unsafe { libc::memset(dst, POISON as i32, len) };
+        }
+        s.push(Op::CopyOut(CopyOut {
+            id,
+            src,
+            len,
+            dst: addr,
+            pinned,
+            poisoned,
             queued: Instant::now(),
         }));
         Ok(())

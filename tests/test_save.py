@@ -1,0 +1,414 @@
+"""zeroload.save: torch zip and safetensors files read back by torch, safetensors and
+zeroload exactly as torch.save / save_file's files are; atomic replacement; refusals."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import (
+    ALL_DTYPES,
+    SAFETENSORS_DTYPES,
+    TORCH_ONLY_DTYPES,
+    TiedNet,
+    random_tensor,
+    strided_views,
+    training_checkpoint,
+)
+from reference import assert_same, assert_sharing_same, assert_tensor_same
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import zeroload
+from zeroload import _core
+
+pytestmark = pytest.mark.filterwarnings("ignore:BComplex32 support is experimental:UserWarning")
+
+PYTHONPATH = str(Path(zeroload.__file__).parent.parent)
+
+
+def load_all_ways(path: Path) -> list[tuple[str, Any]]:
+    return [
+        ("torch.load", torch.load(path, weights_only=True)),
+        ("torch.load(mmap=True)", torch.load(path, mmap=True, weights_only=True)),
+        ("zeroload.load", zeroload.load(path)),
+    ]
+
+
+def assert_saves_like_torch(obj: Any, tmp_path: Path, name: str = "ckpt.pt") -> None:
+    """zeroload.save's file loads, every way, to what torch.save's file loads to."""
+    ours, ref = tmp_path / name, tmp_path / f"ref-{name}"
+    zeroload.save(obj, ours)
+    torch.save(obj, ref)
+    expected = torch.load(ref, weights_only=True)
+    for how, got in load_all_ways(ours):
+        try:
+            assert_same(got, expected)
+            assert_sharing_same(got, expected)
+        except AssertionError as e:
+            raise AssertionError(f"{how}: {e}") from e
+    assert_zip_like_torch(ours, ref)
+
+
+def assert_zip_like_torch(ours: Path, ref: Path) -> None:
+    """Same record names (in order), every record stored, its data 64-byte aligned, CRCs
+    that zipfile verifies."""
+    with zipfile.ZipFile(ours) as a, zipfile.ZipFile(ref) as b:
+        assert a.testzip() is None
+        strip = lambda z: [i.filename.split("/", 1)[1] for i in z.infolist()]  # noqa: E731
+        names_a, names_b = strip(a), strip(b)
+        assert names_a[:-1] == names_b[:-1]  # the serialization id differs, not its name
+        assert names_a[-1] == names_b[-1] == ".data/serialization_id"
+        raw = ours.read_bytes()
+        for info in a.infolist():
+            assert info.compress_type == zipfile.ZIP_STORED
+            at = info.header_offset
+            name_len, extra_len = int.from_bytes(raw[at + 26 : at + 28], "little"), int.from_bytes(
+                raw[at + 28 : at + 30], "little"
+            )
+            assert (at + 30 + name_len + extra_len) % 64 == 0, info.filename
+
+
+def test_training_checkpoint_round_trips_as_torch_save(tmp_path: Path) -> None:
+    obj = training_checkpoint()
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3)
+    opt.step()
+    scheduler.step()
+    obj["scheduler"] = scheduler.state_dict()
+    obj["rng"] = torch.get_rng_state()
+    obj["param"] = torch.nn.Parameter(torch.randn(3, 2))
+    obj["frozen"] = torch.nn.Parameter(torch.randn(2), requires_grad=False)
+    assert_saves_like_torch(obj, tmp_path)
+
+
+def test_module_state_dict_keeps_metadata_and_ties(tmp_path: Path) -> None:
+    sd = TiedNet().state_dict()
+    assert isinstance(sd, collections.OrderedDict) and hasattr(sd, "_metadata")
+    assert_saves_like_torch(sd, tmp_path)
+    got = zeroload.load(tmp_path / "ckpt.pt")
+    assert got["wte.weight"].data_ptr() == got["lm_head.weight"].data_ptr()
+    with zipfile.ZipFile(tmp_path / "ckpt.pt") as z:  # the tied weight is written once
+        assert sum("/data/" in n for n in z.namelist()) == len(sd) - 1
+
+
+def test_views_keep_strides_offsets_and_sharing(tmp_path: Path) -> None:
+    assert_saves_like_torch(strided_views(), tmp_path)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES + TORCH_ONLY_DTYPES, ids=str)
+def test_every_dtype_torch_save_writes(dtype: torch.dtype, tmp_path: Path) -> None:
+    t = random_tensor((5, 7), dtype)
+    obj = {"t": t, "view": t[1:, 2:], "scalar": random_tensor((), dtype, seed=1)}
+    ours = tmp_path / "d.pt"
+    zeroload.save(obj, ours)
+    torch.save(obj, tmp_path / "ref.pt")
+    expected = torch.load(tmp_path / "ref.pt", weights_only=True)
+    assert_same(torch.load(ours, weights_only=True), expected)
+    assert_same(torch.load(ours, mmap=True, weights_only=True), expected)
+
+
+def test_empty_and_large_tensors(tmp_path: Path) -> None:
+    big = torch.randn(5 << 20)  # 20 MiB: split across writer threads
+    obj = {"empty": torch.empty(0), "none": torch.zeros(0, 3), "big": big, "after": big[7:9]}
+    assert_saves_like_torch(obj, tmp_path)
+
+
+def test_many_small_tensors(tmp_path: Path) -> None:
+    obj = {f"t{i}": torch.full((i % 5 + 1,), float(i)) for i in range(3000)}
+    assert_saves_like_torch(obj, tmp_path)
+
+
+def test_tensor_of_a_zeroload_mapping_is_written_from_it(tmp_path: Path) -> None:
+    src = tmp_path / "src.safetensors"
+    zeroload.save({"w": torch.randn(64, 64), "b": torch.randn(64)}, src)
+    sd = zeroload.load(src)
+    zeroload.save(sd, tmp_path / "copy.pt")
+    assert_same(zeroload.load(tmp_path / "copy.pt"), load_file(src))
+
+
+# ---------------------------------------------------------------------------------------
+# safetensors
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("st_name", list(SAFETENSORS_DTYPES))
+def test_safetensors_every_dtype(st_name: str, tmp_path: Path) -> None:
+    dtype = SAFETENSORS_DTYPES[st_name]
+    sd = {"a": random_tensor((3, 4), dtype), "b": random_tensor((2,), dtype, seed=2)}
+    path = tmp_path / "x.safetensors"
+    zeroload.save(sd, path)
+    got = load_file(path)
+    assert list(got) == sorted(sd)
+    for k in sd:
+        assert_tensor_same(got[k], sd[k], k)
+    with safe_open(path, "pt") as f:
+        assert f.metadata() is None
+
+
+def test_safetensors_matches_save_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    base = torch.randn(6, 8)
+    sd = {
+        "t": base.t(),  # non-contiguous: written contiguous
+        "h": torch.randn(5, dtype=torch.float16),
+        "i": torch.arange(7, dtype=torch.int64),
+        "s": torch.tensor(3.5),
+        "e": torch.empty(0, 4),
+        "b": torch.tensor([True, False]),
+    }
+    meta = {"format": "pt", "step": "12"}
+    ours, ref = tmp_path / "ours.safetensors", tmp_path / "ref.safetensors"
+    zeroload.save(sd, ours)
+    save_file({k: v.contiguous() for k, v in sd.items()}, ref)
+    assert ours.read_bytes() == ref.read_bytes()  # same order, offsets, padding
+    zeroload.save(sd, ours, metadata=meta)  # save_file orders metadata keys at random
+    with safe_open(ours, "pt") as f:
+        assert f.metadata() == meta
+    got = zeroload.load(ours)
+    for k in sd:
+        assert torch.equal(got[k], sd[k])
+
+
+def test_safetensors_refuses_shared_memory_naming_both(tmp_path: Path) -> None:
+    w = torch.randn(4, 4)
+    path = tmp_path / "tied.safetensors"
+    with pytest.raises(zeroload.CheckpointError, match=r"'a' and 'b' share memory.*save_model"):
+        zeroload.save({"a": w, "b": w}, path)
+    with pytest.raises(zeroload.CheckpointError, match="share memory"):
+        zeroload.save({"a": w, "b": w[1:3]}, path)
+    assert not path.exists()
+    zeroload.save({"top": w[:2], "bottom": w[2:]}, path)  # disjoint views: fine
+    got = load_file(path)
+    assert torch.equal(got["top"], w[:2]) and torch.equal(got["bottom"], w[2:])
+
+
+@pytest.mark.parametrize(
+    "obj, match",
+    [
+        ([torch.ones(1)], "dict"),
+        ({1: torch.ones(1)}, "key 1"),
+        ({"a": 3}, r"obj\['a'\].*not a tensor"),
+        ({"c": torch.ones(2, dtype=torch.complex128)}, "complex128"),
+    ],
+)
+def test_safetensors_refusals(obj: Any, match: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.safetensors"
+    with pytest.raises(zeroload.CheckpointError, match=match):
+        zeroload.save(obj, path)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Refusals and atomicity
+# ---------------------------------------------------------------------------------------
+
+
+class Custom:
+    pass
+
+
+@pytest.mark.parametrize(
+    "bad, where, what",
+    [
+        ({"bad": lambda x: x}, r"obj\['bad'\]", "builtins.function"),
+        ({"opt": [{"fn": Custom()}]}, r"obj\['opt'\]\[0\]\['fn'\]", "Custom"),
+        ({"d": collections.defaultdict(int)}, r"obj\['d'\]", "defaultdict"),
+        ({"g": torch.ones(2, requires_grad=True) * 2}, r"obj\['g'\]", "non-leaf"),
+        ({"s": torch.ones(3).to_sparse()}, r"obj\['s'\]", "sparse"),
+        ({"m": torch.empty(3, device="meta")}, r"obj\['m'\]", "meta"),
+    ],
+)
+def test_refused_objects_write_nothing(bad: Any, where: str, what: str, tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"old contents")
+    with pytest.raises(zeroload.CheckpointError, match=f"{path.name}.*{where}.*{what}"):
+        zeroload.save(bad, path)
+    assert path.read_bytes() == b"old contents"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_metadata_needs_safetensors(tmp_path: Path) -> None:
+    with pytest.raises(zeroload.CheckpointError, match="metadata"):
+        zeroload.save({"a": torch.ones(1)}, tmp_path / "a.pt", metadata={"x": "y"})
+
+
+def failing_progress(exc: BaseException) -> Any:
+    """A progress bar factory whose bar raises ``exc`` once the write has started."""
+
+    def make(progress: Any, total: int, desc: str) -> Any:
+        class Bar:
+            def __call__(self, done: int, total: int) -> None:
+                if done > 0 or total == 0:
+                    raise exc
+
+            def close(self) -> None:
+                pass
+
+        return Bar()
+
+    return make
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("tensor failed"), KeyboardInterrupt()])
+def test_failure_mid_write_leaves_old_file(
+    exc: BaseException, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zeroload import _save
+
+    path = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.zeros(10)}, path)
+    before = path.read_bytes()
+    monkeypatch.setattr(_save, "progress_bar", failing_progress(exc))
+    with pytest.raises(type(exc)):
+        zeroload.save({"w": torch.randn(40 << 20)}, path)  # 160 MiB: many progress calls
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="needs RLIMIT_FSIZE")
+def test_disk_full_leaves_old_file(tmp_path: Path) -> None:
+    """A write that the OS refuses (the file size limit, as a full disk would) fails with
+    OSError; the old file and the directory are as they were."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.zeros(10)}, path)
+    before = path.read_bytes()
+    r = run_python(
+        """
+        import resource, signal, sys, torch, zeroload
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            zeroload.save({"w": torch.randn(1 << 20)}, sys.argv[1])
+        except OSError as e:
+            print("OSError", e.errno)
+        """,
+        str(path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("OSError"), r.stdout + r.stderr
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_ctrl_c_in_a_subprocess_leaves_old_file(tmp_path: Path) -> None:
+    """SIGINT delivered while the writer threads run: KeyboardInterrupt, old file kept."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.zeros(10)}, path)
+    before = path.read_bytes()
+    r = run_python(
+        """
+        import os, signal, sys, torch, zeroload
+        from zeroload import _save
+        class Bar:
+            def __call__(self, done, total):
+                if done == 0:
+                    os.kill(os.getpid(), signal.SIGINT)  # arrives while writing
+            def close(self):
+                pass
+        _save.progress_bar = lambda *a: Bar()
+        try:
+            zeroload.save({"w": torch.randn(40 << 20)}, sys.argv[1])
+        except KeyboardInterrupt:
+            print("interrupted")
+        """,
+        str(path),
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "interrupted", r.stdout + r.stderr
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_resume_pattern_saves_over_the_mapped_file(suffix: str, tmp_path: Path) -> None:
+    """load -> train -> save over the same path: no SIGBUS, the old tensors keep reading
+    the old bytes, the new file holds the new values (a subprocess, so a SIGBUS would show
+    as its exit status)."""
+    path = tmp_path / f"ckpt{suffix}"
+    r = run_python(
+        """
+        import sys, torch, zeroload
+        path = sys.argv[1]
+        torch.manual_seed(0)
+        start = {"w": torch.randn(256, 256), "b": torch.randn(1 << 20)}
+        zeroload.save(start, path)
+        sd = zeroload.load(path)
+        old_b = sd["b"]                     # untouched: still a view of the old file
+        sd["w"] += 1.0                      # "train" (copy-on-write: file unchanged)
+        new = {"w": sd["w"], "b": sd["b"] * 2}
+        zeroload.save(new, path)            # over the file sd maps
+        assert torch.equal(old_b, start["b"]), "old tensor changed"
+        back = zeroload.load(path)
+        assert torch.equal(back["w"], start["w"] + 1.0)
+        assert torch.equal(back["b"], start["b"] * 2)
+        print("ok")
+        """,
+        str(path),
+    )
+    assert r.returncode == 0, f"exit {r.returncode}: {r.stderr}"
+    assert r.stdout.strip() == "ok"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_progress_bar_reports_the_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zeroload import _save
+
+    seen: list[tuple[int, int]] = []
+
+    class Bar:
+        def __call__(self, done: int, total: int) -> None:
+            seen.append((done, total))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(_save, "progress_bar", lambda *a: Bar())
+    zeroload.save({"w": torch.randn(1000)}, tmp_path / "a.safetensors")
+    assert seen[0][0] == 0 and seen[-1][0] == seen[-1][1] >= 4000
+
+
+# ---------------------------------------------------------------------------------------
+# The core's writer
+# ---------------------------------------------------------------------------------------
+
+
+def test_write_host_checks_requests(tmp_path: Path) -> None:
+    import zlib
+
+    path = tmp_path / "raw"
+    with open(path, "wb") as f:
+        fd = f.fileno()
+        t = torch.arange(10, dtype=torch.uint8)
+        crcs = _core.write_host(fd, str(path), [b"abc", t], [(0, 0, 3, 0), (1, 2, 5, 3)])
+        assert crcs == [zlib.crc32(b"abc"), zlib.crc32(bytes(range(2, 7)))]
+        with pytest.raises(ValueError, match="past its end"):
+            _core.write_host(fd, str(path), [b"abc"], [(0, 1, 3, 0)])
+        with pytest.raises(ValueError, match="source #1"):
+            _core.write_host(fd, str(path), [b"abc"], [(1, 0, 1, 0)])
+        with pytest.raises(ValueError, match="overlaps"):
+            _core.write_host(fd, str(path), [b"abcd"], [(0, 0, 4, 0), (0, 0, 2, 2)])
+        with pytest.raises(ValueError, match="not contiguous"):
+            _core.write_host(fd, str(path), [torch.ones(4, 4).t()], [(0, 0, 4, 0)])
+    assert path.read_bytes() == b"abc" + bytes(range(2, 7))
