@@ -13,6 +13,7 @@ import torch
 from zeroload import _core, _shards, _torch
 from zeroload._core import CheckpointError
 from zeroload._device import DeviceLike
+from zeroload._open import reads_privately
 from zeroload._torch import KeysFilter, MapLocation
 
 # What `load` takes: a path, or a binary file object (anything with `read`, as torch.load).
@@ -36,6 +37,7 @@ def load(
     mmap: bool | None = True,
     staging_bytes: int | None = None,
     readahead: bool | None = None,
+    backend: str | None = None,
 ) -> Any:
     """Load a checkpoint the way `torch.load(path, weights_only=True)` would.
 
@@ -59,7 +61,9 @@ def load(
         mmap: True (default): CPU tensors are copy-on-write views of the file, read when
             touched. False: they are read into memory of their own at once (as
             `torch.load(mmap=False)`), a snapshot that later changes to the file cannot
-            affect; this costs the checkpoint's size in RAM. Device loads always copy.
+            affect; this costs the checkpoint's size in RAM. None (`torch.load`'s
+            default, accepted so that its calls carry over): the same as True. Device
+            loads always copy.
         staging_bytes: size of the pinned staging ring for GPU loads (default 256 MiB,
             or the ZEROLOAD_STAGING_BYTES environment variable).
         readahead: CPU loads only. The tensors come back at once as views of the file;
@@ -71,6 +75,9 @@ def load(
             where it was until tensors are touched. None (default): on while the bytes
             fit in half the memory the kernel reports available; True: always; False:
             never (e.g. when you will touch only a few of the tensors).
+        backend: `zeroload.open`'s (and safe_open's) name for the same choice: "mmap" is
+            `mmap=True`, "pread" is `mmap=False`. None (default): `mmap` decides.
+            `backend="mmap"` with `mmap=False` is a contradiction (`ValueError`).
 
     Returns:
         For torch files, what `torch.load` returns (same containers, key order and
@@ -85,6 +92,11 @@ def load(
     """
     if not weights_only:
         raise _no_weights_only_false("load")
+    if backend is not None:
+        pread = reads_privately(backend)
+        if mmap is False and not pread:
+            raise ValueError("mmap=False and backend='mmap' contradict each other; pass one")
+        mmap = not pread
     target = _torch.resolve_target(device, map_location)
     options: dict[str, Any] = dict(
         dtype=dtype, progress=progress, staging_bytes=staging_bytes, private=mmap is False
@@ -112,6 +124,7 @@ def load_bytes(
     map_location: MapLocation = None,
     weights_only: bool = True,
     staging_bytes: int | None = None,
+    mmap: bool | None = True,
 ) -> Any:
     """Load a checkpoint held in memory: `safetensors.torch.load(data)`'s job, for
     safetensors and `torch.save` files alike.
@@ -128,6 +141,9 @@ def load_bytes(
             buffer).
         device, dtype, keys, progress, map_location, weights_only, staging_bytes: as in
             `zeroload.load`.
+        mmap: True or None (default): CPU tensors are views of the in-memory file.
+            False: each is read into memory of its own, and the in-memory file is freed
+            once the load returns (as `zeroload.load(..., mmap=False)`).
 
     Returns:
         What `zeroload.load` returns for the same file.
@@ -140,7 +156,13 @@ def load_bytes(
     target = _torch.resolve_target(device, map_location)
     ckpt = _core.Checkpoint.from_memory(_chunks_of_buffer(data), "<bytes>")
     return _torch.load_checkpoint(
-        ckpt, target, keys=keys, dtype=dtype, progress=progress, staging_bytes=staging_bytes
+        ckpt,
+        target,
+        keys=keys,
+        dtype=dtype,
+        progress=progress,
+        staging_bytes=staging_bytes,
+        private=mmap is False,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -14,6 +14,29 @@ from zeroload._device import DeviceLike, parse_device
 
 _FRAMEWORKS = {"pt": False, "pytorch": False, "torch": False, "np": True, "numpy": True}
 _BACKENDS = ("mmap", "pread")
+
+
+def reads_privately(backend: str) -> bool:
+    """Whether `backend` (safe_open's: "mmap" or "pread") reads CPU tensors into memory of
+    their own; anything else is a `ValueError`."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be 'mmap' or 'pread', not {backend!r}")
+    return backend == "pread"
+
+
+def _path_or_filename(
+    path: str | os.PathLike[str] | None, filename: str | os.PathLike[str] | None
+) -> str | os.PathLike[str]:
+    """The one path given as `path` or as `filename` (safe_open's name for it)."""
+    if filename is None:
+        if path is None:
+            raise TypeError("zeroload.open() needs a path (or filename=, as safe_open names it)")
+        return path
+    if path is not None:
+        raise TypeError(
+            "zeroload.open() got both path and filename (safe_open's name for it); pass one"
+        )
+    return filename
 
 
 class CheckpointIndexError(CheckpointError, IndexError):
@@ -56,12 +79,14 @@ class SafeOpen:
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
+        path: str | os.PathLike[str] | None = None,
         framework: str = "pt",
         device: DeviceLike = "cpu",
         *,
         backend: str = "mmap",
+        filename: str | os.PathLike[str] | None = None,
     ) -> None:
+        path = _path_or_filename(path, filename)
         if framework not in _FRAMEWORKS:
             hint = ""
             if isinstance(framework, str) and framework.split(":")[0] in ("cpu", "cuda"):
@@ -70,12 +95,11 @@ class SafeOpen:
                     f"framework, device): pass device={framework!r}"
                 )
             raise ValueError(f"framework must be 'pt' or 'np', not {framework!r}{hint}")
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be 'mmap' or 'pread', not {backend!r}")
+        pread = reads_privately(backend)
         self._numpy = _FRAMEWORKS[framework]
         self._device = parse_device(device)
         self._cpu = self._device.type == "cpu"
-        self._pread = backend == "pread"
+        self._pread = pread
         if self._numpy and not self._cpu:
             raise ValueError("framework='np' gives CPU arrays; use device='cpu'")
         shard_set = _shards.resolve(path)
@@ -326,18 +350,42 @@ def _numpy_view(ckpt: _core.Checkpoint, i: int, name: str) -> Any:
         ) from None
 
 
+@overload
 def open(
     path: str | os.PathLike[str],
     framework: str = "pt",
     device: DeviceLike = "cpu",
     *,
     backend: str = "mmap",
+) -> SafeOpen: ...
+
+
+@overload
+def open(
+    path: None = None,
+    framework: str = "pt",
+    device: DeviceLike = "cpu",
+    *,
+    backend: str = "mmap",
+    filename: str | os.PathLike[str],
+) -> SafeOpen: ...
+
+
+def open(
+    path: str | os.PathLike[str] | None = None,
+    framework: str = "pt",
+    device: DeviceLike = "cpu",
+    *,
+    backend: str = "mmap",
+    filename: str | os.PathLike[str] | None = None,
 ) -> SafeOpen:
     """Open a checkpoint lazily, like `safetensors.safe_open(path, framework, device)`.
 
     Args:
         path: a `.safetensors` file, a torch state-dict file, a shard index or a model
             directory.
+        filename: the same, by safe_open's keyword (`open(filename=p, framework="pt")`);
+            pass `path` or `filename`, not both.
         framework: "pt" (torch tensors, default) or "np" (zero-copy numpy arrays; dtypes
             numpy lacks, such as bfloat16 and float8, raise a `TypeError`).
         device: where `get_tensor` puts tensors: "cpu" (copy-on-write views of the file,
@@ -350,4 +398,4 @@ def open(
         `metadata()`, `get_tensor(name)`, `get_tensors()` and `get_slice(name)`. Each
         call costs the same however many tensors the checkpoint holds.
     """
-    return SafeOpen(path, framework, device, backend=backend)
+    return SafeOpen(path, framework, device, backend=backend, filename=filename)
