@@ -4,7 +4,6 @@ lookup says it is closed, convert never deletes a file it did not create."""
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import zeroload
-from zeroload import _convert, _core, _torch
+from zeroload import _convert, _core, _torch, _writer
 
 
 def test_a_failed_dtype_export_refuses_only_that_call(tmp_path: Path) -> None:
@@ -95,24 +94,26 @@ def test_convert_leaves_a_file_it_did_not_create(
 ) -> None:
     src, dst = tmp_path / "m.pth", tmp_path / "m.safetensors"
     torch.save({"w": torch.ones(3)}, src)
-    # Another file already holds convert's temporary name: convert fails, and the file
-    # stays as it was.
-    squatter = dst.with_name(f".{dst.name}.{os.getpid()}.zeroload-tmp")
-    squatter.write_bytes(b"not ours")
-    with pytest.raises(FileExistsError):
-        _convert.convert(src, dst)
-    assert squatter.read_bytes() == b"not ours"
-    assert not dst.exists()
-    squatter.unlink()
+    # Files named like convert's temporaries, which it did not create, stay as they are...
+    others = [tmp_path / f".m.safetensors.{h * 12}.zeroload-tmp" for h in "0f"]
+    for o in others:
+        o.write_bytes(b"not ours")
 
-    # A failure after creating it removes the temporary it created.
-    def boom(*_a: object) -> None:
-        raise OSError("disk full")
+    class Failing:  # the writer fails after convert created its temporary
+        def __getattr__(self, name: str) -> object:
+            return getattr(_core, name)
+
+        @staticmethod
+        def write_host(*_a: object) -> None:
+            raise OSError("disk full")
 
     with monkeypatch.context() as m:
-        m.setattr(_convert, "_write_tensor", boom)
+        m.setattr(_writer, "_core", Failing())
         with pytest.raises(OSError, match="disk full"):
             _convert.convert(src, dst)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth"]
+    # ...and the temporary it did create is gone.
+    names = {p.name for p in tmp_path.iterdir()}
+    assert names == {"m.pth"} | {o.name for o in others}
     _convert.convert(src, dst)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pth", "m.safetensors"]
+    assert {p.name for p in tmp_path.iterdir()} == names | {"m.safetensors"}
+    assert all(o.read_bytes() == b"not ours" for o in others)

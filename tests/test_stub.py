@@ -24,6 +24,7 @@ STUB = Path(zeroload.__file__).with_name("_core.pyi")
 # Needs a CUDA device, or returns what the caller's `make` returns (a TypeVar).
 NOT_CALLED = {
     "copy_to_cuda",
+    "write_from_cuda",
     "copy_slices_to_cuda",
     "Checkpoint.export_tensor",
     "Checkpoint.export_tensors",
@@ -123,6 +124,8 @@ def values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
         record("Checkpoint.loadable", c.loadable(0))
         record("Checkpoint.flat_tensors", c.flat_tensors())
         record("Checkpoint.flat_index", c.flat_index())
+        record("Checkpoint.single_tensor", c.single_tensor())
+        record("Checkpoint.unaligned_storages", c.unaligned_storages())
         record("Checkpoint.readahead", c.readahead([0], None))
         record("Checkpoint.readahead_ranges", c.readahead_ranges([(0, 8)], None))
         view = c.tensor_view(0)
@@ -138,6 +141,8 @@ def values(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
         _s, _dt, shape, stride, soff, _rg = c.tensor(i)
         one = ("w", 0, 0, None, offset + soff * 4, 4, shape, stride, [[(0, 1)], [(0, 2)]])
         record("copy_slices_to_host", _core.copy_slices_to_host(c, [dest], [one]))
+    with open(d / "out.bin", "wb") as f:
+        record("write_host", _core.write_host(f.fileno(), d / "out.bin", [b"abc"], [(0, 0, 3, 0)]))
     record("safetensors_dtype_name", _core.safetensors_dtype_name("float32"))
     record("dtypes", _core.dtypes())
     record("cuda_available", _core.cuda_available())

@@ -11,7 +11,6 @@ tensors (transposed or strided views) are gathered in memory first, with numpy.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -206,7 +205,7 @@ def convert(
     start = 8 + len(raw)
     sources: List[Any] = [len(raw).to_bytes(8, "little") + raw]
     requests: List[Tuple[int, int, int, int]] = [(0, 0, len(sources[0]), 0)]
-    views: Dict[Tuple[str, int], int] = {}
+    views: Dict[Tuple[Path, int], int] = {}
     for name, t in order:
         at = start + header[name]["data_offsets"][0]
         if t.nbytes == 0:
@@ -215,11 +214,11 @@ def convert(
             sources.append(_gather(t))
             requests.append((len(sources) - 1, 0, t.nbytes, at))
             continue
-        key = (t.ckpt.path, t.storage)
-        if key not in views:
-            views[key] = len(sources)
+        view = (t.ckpt.path, t.storage)
+        if view not in views:
+            views[view] = len(sources)
             sources.append(t.ckpt.storage_view(t.storage))
-        requests.append((views[key], t.storage_offset * t.itemsize, t.nbytes, at))
+        requests.append((views[view], t.storage_offset * t.itemsize, t.nbytes, at))
     write_file(dst, start + offset, sources, requests)
     return {
         "src": str(src),

@@ -263,8 +263,8 @@ def _no_weights_only_false(name: str) -> ValueError:
 
 
 def _load_tensor_files(
-    shard_set: _shards.ShardSet, target: MapLocation, keys: KeysFilter, options: dict
-) -> dict:
+    shard_set: _shards.ShardSet, target: MapLocation, keys: KeysFilter, options: dict[str, Any]
+) -> dict[str, Any]:
     """A directory of per-tensor `torch.save` files: `{name: torch.load(f"{name}.pt")}`, in
     file name order; only the files of the tensors asked for are opened."""
     names = shard_set.tensor_names or {}

@@ -238,7 +238,8 @@ def _retie(
 
 def _attr(module: torch.nn.Module, name: str) -> torch.Tensor:
     owner, _, leaf = name.rpartition(".")
-    return getattr(module.get_submodule(owner), leaf)
+    t: torch.Tensor = getattr(module.get_submodule(owner), leaf)
+    return t
 
 
 def _load_entries(

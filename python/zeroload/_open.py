@@ -110,6 +110,7 @@ class SafeOpen:
         per_tensor = shard_set.tensor_names is not None  # a directory of per-tensor files
         single = len(self._ckpts) == 1 and not per_tensor
         for n, ckpt in enumerate(self._ckpts):
+            names: dict[str, int] | None
             if per_tensor:
                 names = dict(shard_set.file_tensors(shard_set.files[n], ckpt) or ())
             else:

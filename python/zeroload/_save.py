@@ -213,7 +213,7 @@ def _write_cuda(
         crc = 0
         for start in range(0, raw.numel(), chunk):
             host = raw[start : start + chunk].cpu()
-            crc = zlib.crc32(host.numpy(), crc)
+            crc = zlib.crc32(host.numpy().data, crc)
             _core.write_host(fd, os.fspath(path), [to_dlpack(host)],
                              [(0, 0, host.numel(), offset + start)], None, False)  # fmt: skip
         crcs.append(crc)
@@ -581,7 +581,7 @@ def _refuse_shared(path: Path, tensors: List[Tuple[str, torch.Tensor]]) -> None:
         if t.numel() == 0:
             continue
         size = t.element_size()
-        lo = t.storage_offset() * size
+        lo = int(t.storage_offset()) * size
         hi = lo + (sum((d - 1) * s for d, s in zip(t.shape, t.stride())) + 1) * size
         key = (str(t.device), t.untyped_storage().data_ptr())
         spans.setdefault(key, []).append((lo, hi, name))

@@ -92,7 +92,7 @@ class Row:
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
-    def span(self, name: str) -> tuple | None:
+    def span(self, name: str) -> tuple[Any, Any] | None:
         """(min, max) of figure ``name`` over the runs (the median is the attribute)."""
         values = [r[name] for r in self.runs if r.get(name) is not None]
         if not values:
@@ -690,7 +690,10 @@ def _ratio(row: Row, base: Row, name: str, floor: float) -> str:
     value, ref = getattr(row, name), getattr(base, name)
     if value is None or ref is None:
         return "-"
-    (lo, hi), (ref_lo, ref_hi) = row.span(name), base.span(name)
+    mine, theirs = row.span(name), base.span(name)
+    if mine is None or theirs is None:  # (not when both figures are there)
+        return "-"
+    (lo, hi), (ref_lo, ref_hi) = mine, theirs
     lo, hi, ref_lo, ref_hi = (max(x, floor) for x in (lo, hi, ref_lo, ref_hi))
     if lo <= ref_hi and ref_lo <= hi:
         return "same"
