@@ -169,9 +169,14 @@ def load_into(
 
     # One name per target object is read: the name its bytes come from.
     shared = [k for k in targets if source.get(k) == k]
-    shared, dtensors = _dtensor.partition(targets, shared)
+    shared, _ = _dtensor.partition(targets, shared)
+    dtensors = [k for k in source if _dtensor.is_dtensor(targets[k])]
     if dtensors:  # each rank reads only its shard
-        _dtensor.load(module, targets, entries, dtensors, device=device, dtype=dtype)
+        # Every name of a tied DTensor, each mapped to the entry it is read from: the
+        # DTensor loader reads each object once and assigns it under all of its names
+        # together (FSDP2's load hooks then see the whole tie).
+        by_target = {k: entries[source[k]] for k in dtensors}
+        _dtensor.load(module, targets, by_target, dtensors, device=device, dtype=dtype)
     meta = [k for k in shared if targets[k].is_meta]
     live = [k for k in shared if not targets[k].is_meta]
     if live:
