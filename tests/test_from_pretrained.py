@@ -476,3 +476,52 @@ def test_on_a_real_gpu(store: dict[str, Path], name: str) -> None:
         a = ours(INPUT.cuda()).logits
         b = ref(INPUT.cuda()).logits
     assert torch.equal(a, b)
+
+
+class _Payload:
+    """Pickled into a .bin below: loading it would mean running the pickle's code."""
+
+
+def test_a_bin_with_code_in_its_pickle_is_refused_naming_the_global(
+    store: dict[str, Path], tmp_path: Path
+) -> None:
+    d = tmp_path / "hostile"
+    d.mkdir()
+    (d / "config.json").write_bytes((store["gpt2"] / "config.json").read_bytes())
+    sd: dict[str, Any] = dict(_build("gpt2").state_dict())
+    sd["extra"] = _Payload()
+    torch.save(sd, d / "pytorch_model.bin")
+    with pytest.raises(zeroload.ForbiddenGlobalError, match=r"pytorch_model\.bin.*_Payload"):
+        zeroload.from_pretrained(d)
+
+
+def test_concurrent_calls_from_several_threads(store: dict[str, Path]) -> None:
+    """transformers' own from_pretrained, run like this, can leave tied weights on the
+    meta device; zeroload's calls run one at a time and come out right."""
+    import threading
+
+    import transformers.modeling_utils as mu
+
+    before = (mu.safe_open, mu.load_state_dict)
+    names = ["llama-untied", "bert-bin", "gpt2", "mixtral-bin"]
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def load(name: str) -> None:
+        try:
+            results[name] = zeroload.from_pretrained(store[name])
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert (mu.safe_open, mu.load_state_dict) == before
+    for name in names:
+        saved = _build(FAMILY.get(name, name)).state_dict()
+        loaded = results[name].state_dict()
+        for k, v in saved.items():
+            assert torch.equal(loaded[k], v), (name, k)

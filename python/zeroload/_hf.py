@@ -281,6 +281,9 @@ class _Serving(threading.local):
 
 
 _serving_here = _Serving()
+# One from_pretrained at a time in a process: transformers 5's own from_pretrained is not
+# safe to run in two threads at once (tied weights can come out on the meta device).
+_call_lock = threading.Lock()
 _patch_lock = threading.Lock()
 _patch_users = 0
 _originals: dict[tuple[Any, str], Any] = {}
@@ -289,25 +292,27 @@ _originals: dict[tuple[Any, str], Any] = {}
 @contextlib.contextmanager
 def _serving(target: torch.device, readahead: _torch.Readahead) -> Iterator[None]:
     """Inside the block, transformers' weight readers called on this thread are
-    zeroload's; other threads keep transformers' own (the replacements hand them on)."""
+    zeroload's; other threads keep transformers' own (the replacements hand them on).
+    Calls of zeroload.from_pretrained in several threads run one after the other."""
     global _patch_users
     if _serving_here.target is not None:
         raise RuntimeError("zeroload.from_pretrained cannot be called from inside itself")
-    with _patch_lock:
-        if _patch_users == 0:
-            _install()
-        _patch_users += 1
-    _serving_here.target = target
-    _serving_here.readahead = readahead if target.type == "cpu" else None
-    try:
-        yield
-    finally:
-        _serving_here.target = None
-        _serving_here.readahead = None
+    with _call_lock:
         with _patch_lock:
-            _patch_users -= 1
             if _patch_users == 0:
-                _uninstall()
+                _install()
+            _patch_users += 1
+        _serving_here.target = target
+        _serving_here.readahead = readahead if target.type == "cpu" else None
+        try:
+            yield
+        finally:
+            _serving_here.target = None
+            _serving_here.readahead = None
+            with _patch_lock:
+                _patch_users -= 1
+                if _patch_users == 0:
+                    _uninstall()
 
 
 def _seams() -> list[tuple[Any, str, Any]]:
