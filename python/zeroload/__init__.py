@@ -1,7 +1,7 @@
 """zeroload: load PyTorch checkpoints straight into CPU or GPU tensors.
 
-`zeroload.load` replaces `torch.load` for `.safetensors` files, `torch.save` zip files
-(`.pt`, `.pth`, `.bin`) and Hugging Face shard sets. On the CPU, tensors are zero-copy,
+`zeroload.load` replaces `torch.load` for `.safetensors` files, `torch.save` files (zip
+or legacy; `.pt`, `.pth`, `.bin`) and Hugging Face shard sets. On the CPU, tensors are zero-copy,
 copy-on-write views of the file (nothing is read until touched; writing never changes
 the file). On a GPU, each storage is copied once, file -> pinned staging -> device, into
 memory from PyTorch's caching allocator, with host memory bounded by a small budget.

@@ -42,7 +42,7 @@ def load(
     """Load a checkpoint the way `torch.load(path, weights_only=True)` would.
 
     Args:
-        path: a `.safetensors` file, a `torch.save` zip file (`.pt`, `.pth`, `.bin`), a
+        path: a `.safetensors` file, a `torch.save` file (zip or legacy: `.pt`, `.pth`, `.bin`), a
             Hugging Face shard index (`*.index.json`) or a model directory; or a binary
             file object (`io.BytesIO`, an open file), read from its current position to
             its end, as `torch.load` accepts (see `load_bytes`).

@@ -332,7 +332,7 @@ pub fn detect(path: &Path, bytes: &[u8]) -> Result<Format> {
         return Ok(Format::TorchZip);
     }
     // Legacy torch.save: a bare pickle stream whose first pickle is the magic number.
-    if legacy::is_legacy(bytes) {
+    if legacy::is_legacy(&bytes[..bytes.len().min(DETECT_BYTES as usize)]) {
         return Ok(Format::TorchLegacy);
     }
     if bytes.len() >= 262 && &bytes[257..262] == b"ustar" {

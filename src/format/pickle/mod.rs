@@ -125,6 +125,9 @@ pub struct PrefixError {
 pub fn unpickle_prefix(data: &[u8], legacy: bool) -> Result<(Unpickled, usize), PrefixError> {
     let mut vm = vm::Vm::new(data);
     vm.legacy = legacy;
+    // `new` sizes the node table for a pickle as long as `data`; this one may be a few
+    // bytes at the head of a long file.
+    vm.nodes = Vec::new();
     let root = match vm.run_to_stop() {
         Ok(root) => root,
         Err(error) => {
