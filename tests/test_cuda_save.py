@@ -158,6 +158,12 @@ def _case_bad_requests(tmp: str) -> None:
         _write(path, sources, [(0, 0, 100, 0)], 1)
     with pytest.raises(OSError):
         _core.write_from_cuda(987_654, sources, [(0, 0, 100, 0)], 0)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        with pytest.raises(ValueError, match="O_APPEND"):
+            _core.write_from_cuda(fd, sources, [(0, 0, 100, 0)], 0)
+    finally:
+        os.close(fd)
     _free(sources)
 
 

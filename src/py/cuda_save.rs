@@ -110,6 +110,20 @@ fn write_from_cuda(
         .collect();
     let path = fd_name(fd);
     let file = own_fd(fd).map_err(|e| crate::error::Error::io(&path, e))?;
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: F_GETFL only reads the flags of our own descriptor.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        if flags >= 0 && flags & libc::O_APPEND != 0 {
+            // pwrite ignores the offset of an O_APPEND descriptor (Linux): every record
+            // would land at the end.
+            return Err(PyValueError::new_err(format!(
+                "{}: opened with O_APPEND; positional writes need a descriptor without it",
+                path.display()
+            )));
+        }
+    }
     let opts = cuda::CudaWriteOptions {
         device,
         budget,

@@ -19,7 +19,7 @@ use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 
 use super::pipeline::{Reporter, Slabs, Stage};
 use super::Outcome;
@@ -128,6 +128,9 @@ type Written = Result<(usize, usize, Vec<u32>)>;
 /// Each slab must be valid for reads and writes of `slabs.bytes` bytes and used by
 /// nothing else during the call; every request's source must be valid for `drain` and
 /// written by nothing else until this returns.
+// A blocking lock (clippy.toml): the writers' shared job queue, taken by writer threads
+// only (never attached to Python) for one receive.
+#[allow(clippy::disallowed_types)]
 pub(crate) unsafe fn run_writeback<D: Drain>(
     drain: &mut D,
     file: &File,
@@ -143,7 +146,7 @@ pub(crate) unsafe fn run_writeback<D: Drain>(
     let mut crcs = vec![0u32; plan.parts];
     let stop = AtomicBool::new(false);
     let (job_tx, job_rx) = mpsc::channel::<(usize, usize)>();
-    let job_rx = Mutex::new(job_rx);
+    let job_rx = std::sync::Mutex::new(job_rx);
     let (done_tx, done_rx) = mpsc::channel::<Written>();
     let writers = writers
         .clamp(1, slabs.ptrs.len().max(1))

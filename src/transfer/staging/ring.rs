@@ -3,8 +3,6 @@
 //! pinned, and [`RingNews`]: the ring's geometry and the last fallback warning, readable
 //! at once by anyone (also while a copy has the ring checked out).
 
-use std::sync::Mutex;
-
 use super::budget::{ring_geometry, MIN_STAGING_BYTES};
 use super::shelf::Shelf;
 use crate::error::{Error, Result};
@@ -168,16 +166,20 @@ pub(crate) fn ensure_ring<'a, M: PinnedMemory + Clone>(
 
 /// The ring's geometry and the last fallback warning, published for readers that must
 /// not wait for a copy (each behind its own short lock, never held while a copy runs).
+// Blocking locks (clippy.toml): held for one read or write of a value, never while
+// anything else runs; the bindings that read them detach from Python first.
+#[allow(clippy::disallowed_types)]
 pub(crate) struct RingNews {
-    geometry: Mutex<Option<(u64, usize)>>,
-    warning: Mutex<Option<String>>,
+    geometry: std::sync::Mutex<Option<(u64, usize)>>,
+    warning: std::sync::Mutex<Option<String>>,
 }
 
+#[allow(clippy::disallowed_types)] // as `RingNews`
 impl RingNews {
     pub(crate) const fn new() -> RingNews {
         RingNews {
-            geometry: Mutex::new(None),
-            warning: Mutex::new(None),
+            geometry: std::sync::Mutex::new(None),
+            warning: std::sync::Mutex::new(None),
         }
     }
 
