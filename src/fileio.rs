@@ -147,54 +147,6 @@ pub unsafe fn read_vectored_at(file: &File, bufs: &[ReadBuf], offset: u64) -> io
     }
 }
 
-/// Reads up to `buf.len()` bytes at `offset` (see `read_at_raw`).
-pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    // SAFETY: a live, exclusively borrowed slice of `buf.len()` bytes.
-    unsafe { read_at_raw(file, buf.as_mut_ptr(), buf.len(), offset) }
-}
-
-/// Reads until `buf` is full or the file ends, retrying interrupted and short reads;
-/// returns the bytes read.
-pub fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-    // SAFETY: a live, exclusively borrowed slice of `buf.len()` bytes.
-    unsafe { read_fully_at_raw(file, buf.as_mut_ptr(), buf.len(), offset) }
-}
-
-/// `read_fully_at` into `len` bytes at `dst`.
-///
-/// # Safety
-/// As `read_at_raw`.
-unsafe fn read_fully_at_raw(
-    file: &File,
-    dst: *mut u8,
-    len: usize,
-    offset: u64,
-) -> io::Result<usize> {
-    let mut done = 0;
-    while done < len {
-        // SAFETY: `dst + done` has `len - done` bytes left of the caller's buffer.
-        match unsafe { read_at_raw(file, dst.add(done), len - done, offset + done as u64) } {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
-}
-
-/// Fills `buf` from the bytes at `offset` (see `read_fully_at`); a file that ends first is
-/// `UnexpectedEof`.
-pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
-    if read_fully_at(file, buf, offset)? < buf.len() {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    Ok(())
-}
-
-/// The most bytes one write hands the OS (as `MAX_READ`).
-const MAX_WRITE: usize = 1 << 30;
-
 /// One buffer of a vectored write: `len` readable bytes at `base`. On Unix it is a
 /// `struct iovec`, handed to `pwritev` as is.
 #[cfg(unix)]
@@ -238,52 +190,6 @@ impl WriteBuf {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// Writes up to `len` bytes (at most 1 GiB) from `src` to `file` at `offset` with one
-/// system call; returns how many were written (possibly fewer). Unix may fail with
-/// `Interrupted`: the caller retries.
-///
-/// # Safety
-/// `src` must be valid for reads of `len` bytes for the duration of the call.
-pub unsafe fn write_at_raw(
-    file: &File,
-    src: *const u8,
-    len: usize,
-    offset: u64,
-) -> io::Result<usize> {
-    let len = len.min(MAX_WRITE);
-    #[cfg(unix)]
-    {
-        use std::os::fd::AsRawFd;
-        let at = libc::off_t::try_from(offset).map_err(|_| too_far(offset))?;
-        // SAFETY: `src` is valid for reads of `len` bytes (caller's contract); pwrite
-        // reads at most that many.
-        let n = unsafe { libc::pwrite(file.as_raw_fd(), src.cast(), len, at) };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
-    }
-    #[cfg(windows)]
-    {
-        // SAFETY: forwarded contract.
-        unsafe { windows::write_file_at(file, src, len, offset) }
-    }
-}
-
-/// Writes all of `buf` at `offset`, retrying interrupted and short writes. A write that
-/// makes no progress is `WriteZero`.
-pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let rest = &buf[done..];
-        // SAFETY: `rest` is a live slice of `rest.len()` bytes.
-        match unsafe { write_at_raw(file, rest.as_ptr(), rest.len(), offset + done as u64) } {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// Writes the buffers of `bufs` one after the other from `offset` (one `pwritev` per
@@ -344,6 +250,100 @@ pub unsafe fn write_all_vectored_at(file: &File, bufs: &[WriteBuf], offset: u64)
                     }
                 }
             }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads up to `buf.len()` bytes at `offset` (see `read_at_raw`).
+pub fn read_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: a live, exclusively borrowed slice of `buf.len()` bytes.
+    unsafe { read_at_raw(file, buf.as_mut_ptr(), buf.len(), offset) }
+}
+
+/// Reads until `buf` is full or the file ends, retrying interrupted and short reads;
+/// returns the bytes read.
+pub fn read_fully_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: a live, exclusively borrowed slice of `buf.len()` bytes.
+    unsafe { read_fully_at_raw(file, buf.as_mut_ptr(), buf.len(), offset) }
+}
+
+/// `read_fully_at` into `len` bytes at `dst`.
+///
+/// # Safety
+/// As `read_at_raw`.
+unsafe fn read_fully_at_raw(
+    file: &File,
+    dst: *mut u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    let mut done = 0;
+    while done < len {
+        // SAFETY: `dst + done` has `len - done` bytes left of the caller's buffer.
+        match unsafe { read_at_raw(file, dst.add(done), len - done, offset + done as u64) } {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Fills `buf` from the bytes at `offset` (see `read_fully_at`); a file that ends first is
+/// `UnexpectedEof`.
+pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    if read_fully_at(file, buf, offset)? < buf.len() {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(())
+}
+
+/// The most bytes one write hands the OS (as `MAX_READ`).
+const MAX_WRITE: usize = 1 << 30;
+
+/// Writes up to `len` bytes (at most 1 GiB) from `src` to `file` at `offset` with one
+/// system call; returns how many were written (possibly fewer). Unix may fail with
+/// `Interrupted`: the caller retries.
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes for the duration of the call.
+pub unsafe fn write_at_raw(
+    file: &File,
+    src: *const u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    let len = len.min(MAX_WRITE);
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let at = libc::off_t::try_from(offset).map_err(|_| too_far(offset))?;
+        // SAFETY: `src` is valid for reads of `len` bytes (caller's contract); pwrite
+        // reads at most that many.
+        let n = unsafe { libc::pwrite(file.as_raw_fd(), src.cast(), len, at) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    #[cfg(windows)]
+    {
+        // SAFETY: forwarded contract.
+        unsafe { windows::write_file_at(file, src, len, offset) }
+    }
+}
+
+/// Writes all of `buf` at `offset`, retrying interrupted and short writes. A write that
+/// makes no progress is `WriteZero`.
+pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        // SAFETY: `rest` is a live slice of `rest.len()` bytes.
+        match unsafe { write_at_raw(file, rest.as_ptr(), rest.len(), offset + done as u64) } {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -494,6 +494,18 @@ mod tests {
     }
 
     #[test]
+    fn a_read_buffer_advances_within_itself() {
+        let mut bytes = [0u8; 10];
+        let mut buf = ReadBuf::new(bytes.as_mut_ptr(), 10);
+        buf.advance(4);
+        assert_eq!(buf.len(), 6);
+        assert_eq!(buf.base(), bytes[4..].as_mut_ptr());
+        buf.advance(6);
+        assert!(buf.is_empty());
+        assert!(std::panic::catch_unwind(move || buf.advance(1)).is_err());
+    }
+
+    #[test]
     fn positional_writes_land_at_their_offsets_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w");
@@ -518,17 +530,5 @@ mod tests {
         assert_eq!(&got[..13], b"hello worldab");
         assert_eq!(got.len(), 13 + 100_000);
         assert!(got[13..].iter().all(|&x| x == 7));
-    }
-
-    #[test]
-    fn a_read_buffer_advances_within_itself() {
-        let mut bytes = [0u8; 10];
-        let mut buf = ReadBuf::new(bytes.as_mut_ptr(), 10);
-        buf.advance(4);
-        assert_eq!(buf.len(), 6);
-        assert_eq!(buf.base(), bytes[4..].as_mut_ptr());
-        buf.advance(6);
-        assert!(buf.is_empty());
-        assert!(std::panic::catch_unwind(move || buf.advance(1)).is_err());
     }
 }
