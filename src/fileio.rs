@@ -455,52 +455,6 @@ impl WriteBuf {
     }
 }
 
-/// Writes up to `len` bytes (at most 1 GiB) from `src` to `file` at `offset` with one
-/// system call; returns how many were written (possibly fewer). Unix may fail with
-/// `Interrupted`: the caller retries.
-///
-/// # Safety
-/// `src` must be valid for reads of `len` bytes for the duration of the call.
-pub unsafe fn write_at_raw(
-    file: &File,
-    src: *const u8,
-    len: usize,
-    offset: u64,
-) -> io::Result<usize> {
-    let len = len.min(MAX_WRITE);
-    #[cfg(unix)]
-    {
-        use std::os::fd::AsRawFd;
-        let at = libc::off_t::try_from(offset).map_err(|_| too_far(offset))?;
-        // SAFETY: `src` is valid for reads of `len` bytes (caller's contract); pwrite
-        // reads at most that many.
-        let n = unsafe { libc::pwrite(file.as_raw_fd(), src.cast(), len, at) };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
-    }
-    #[cfg(windows)]
-    {
-        // SAFETY: forwarded contract.
-        unsafe { windows::write_file_at(file, src, len, offset) }
-    }
-}
-
-/// Writes all of `buf` at `offset`, retrying interrupted and short writes. A write that
-/// makes no progress is `WriteZero`.
-pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let rest = &buf[done..];
-        // SAFETY: `rest` is a live slice of `rest.len()` bytes.
-        match unsafe { write_at_raw(file, rest.as_ptr(), rest.len(), offset + done as u64) } {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// Writes the buffers of `bufs` one after the other from `offset` (one `pwritev` per
 /// round on Unix, each buffer in turn on Windows), retrying interrupted and short writes
 /// until every byte is written. At most `max_read_bufs()` buffers.
@@ -559,6 +513,52 @@ pub unsafe fn write_all_vectored_at(file: &File, bufs: &[WriteBuf], offset: u64)
                     }
                 }
             }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Writes up to `len` bytes (at most 1 GiB) from `src` to `file` at `offset` with one
+/// system call; returns how many were written (possibly fewer). Unix may fail with
+/// `Interrupted`: the caller retries.
+///
+/// # Safety
+/// `src` must be valid for reads of `len` bytes for the duration of the call.
+pub unsafe fn write_at_raw(
+    file: &File,
+    src: *const u8,
+    len: usize,
+    offset: u64,
+) -> io::Result<usize> {
+    let len = len.min(MAX_WRITE);
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let at = libc::off_t::try_from(offset).map_err(|_| too_far(offset))?;
+        // SAFETY: `src` is valid for reads of `len` bytes (caller's contract); pwrite
+        // reads at most that many.
+        let n = unsafe { libc::pwrite(file.as_raw_fd(), src.cast(), len, at) };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
+    }
+    #[cfg(windows)]
+    {
+        // SAFETY: forwarded contract.
+        unsafe { windows::write_file_at(file, src, len, offset) }
+    }
+}
+
+/// Writes all of `buf` at `offset`, retrying interrupted and short writes. A write that
+/// makes no progress is `WriteZero`.
+pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let rest = &buf[done..];
+        // SAFETY: `rest` is a live slice of `rest.len()` bytes.
+        match unsafe { write_at_raw(file, rest.as_ptr(), rest.len(), offset + done as u64) } {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
         }
@@ -725,6 +725,18 @@ mod tests {
     }
 
     #[test]
+    fn a_read_buffer_advances_within_itself() {
+        let mut bytes = [0u8; 10];
+        let mut buf = ReadBuf::new(bytes.as_mut_ptr(), 10);
+        buf.advance(4);
+        assert_eq!(buf.len(), 6);
+        assert_eq!(buf.base(), bytes[4..].as_mut_ptr());
+        buf.advance(6);
+        assert!(buf.is_empty());
+        assert!(std::panic::catch_unwind(move || buf.advance(1)).is_err());
+    }
+
+    #[test]
     fn positional_writes_land_at_their_offsets_whole() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w");
@@ -749,17 +761,5 @@ mod tests {
         assert_eq!(&got[..13], b"hello worldab");
         assert_eq!(got.len(), 13 + 100_000);
         assert!(got[13..].iter().all(|&x| x == 7));
-    }
-
-    #[test]
-    fn a_read_buffer_advances_within_itself() {
-        let mut bytes = [0u8; 10];
-        let mut buf = ReadBuf::new(bytes.as_mut_ptr(), 10);
-        buf.advance(4);
-        assert_eq!(buf.len(), 6);
-        assert_eq!(buf.base(), bytes[4..].as_mut_ptr());
-        buf.advance(6);
-        assert!(buf.is_empty());
-        assert!(std::panic::catch_unwind(move || buf.advance(1)).is_err());
     }
 }

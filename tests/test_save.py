@@ -456,3 +456,24 @@ def test_fast_tensor_reduction_pickles_like_torch() -> None:
     torch_pickler.dispatch_table = dict(copyreg.dispatch_table)  # torch.Tensor.__reduce_ex__
     torch_pickler.dump(obj)
     assert ours.getvalue() == ref.getvalue()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_cuda_tensors_save_like_their_cpu_copies(suffix: str, tmp_path: Path) -> None:
+    """CUDA tensors (device -> staging -> file) give the file their CPU copies give, and
+    torch.load(map_location="cpu") reads them back."""
+    cpu = {"w": torch.randn(300, 200), "b": torch.randn(7).half(), "t": torch.randn(5, 3)}
+    gpu = {k: v.cuda() for k, v in cpu.items()}
+    gpu["t"] = gpu["t"].t()  # non-contiguous on the device
+    cpu["t"] = cpu["t"].t()
+    if suffix == ".pt":
+        gpu["tied"], cpu["tied"] = gpu["w"], cpu["w"]
+    zeroload.save(gpu, tmp_path / f"gpu{suffix}")
+    zeroload.save(cpu, tmp_path / f"cpu{suffix}")
+    if suffix == ".pt":
+        got = torch.load(tmp_path / f"gpu{suffix}", weights_only=True, map_location="cpu")
+        assert_same(got, torch.load(tmp_path / f"cpu{suffix}", weights_only=True))
+        assert zipfile.ZipFile(tmp_path / f"gpu{suffix}").testzip() is None
+    else:
+        assert (tmp_path / f"gpu{suffix}").read_bytes() == (tmp_path / f"cpu{suffix}").read_bytes()

@@ -145,7 +145,11 @@ class _Plan:
         cuda = [r for r in self.requests if r[0] == -2]
 
         def extra(fd: int) -> List[int]:
-            return _write_cuda(fd, path, [(self.cuda[r[1]][0], r[3]) for r in cuda], bar)
+            host_bytes = sum(r[2] for r in data)
+            items = [(self.cuda[r[1]][0], r[3]) for r in cuda]
+            if bar is None:
+                return _write_cuda(fd, path, items, None)
+            return _write_cuda(fd, path, items, lambda done, _: bar(host_bytes + done, total))
 
         def finish(crcs: List[int]) -> Tail:
             # CRCs back in request order: host ones, then CUDA ones, empty ranges 0.
@@ -173,6 +177,10 @@ class _Plan:
                 bar.close()
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
     """The bytes of the contiguous tensor ``t`` as a 1-D uint8 tensor (no copy)."""
     nbytes = t.numel() * t.element_size()
@@ -197,11 +205,10 @@ def _write_cuda(
             by_device.setdefault(t.device.index or 0, []).append(i)
         crcs = [0] * len(items)
         for device, idx in by_device.items():
-            torch.cuda.current_stream(device).synchronize()
-            sources = [_bytes_of(items[i][0]) for i in idx]
-            requests = [
-                (k, 0, s.numel(), items[i][1]) for k, (i, s) in enumerate(zip(idx, sources))
-            ]
+            torch.cuda.synchronize(device)  # no kernel may still write the sources
+            # (device address, nbytes) of each tensor's bytes; `items` keeps them alive.
+            sources = [(items[i][0].data_ptr(), _nbytes(items[i][0])) for i in idx]
+            requests = [(k, 0, n, items[i][1]) for k, (i, (_, n)) in enumerate(zip(idx, sources))]
             got = write_from_cuda(fd, sources, requests, device, None, progress)
             for i, c in zip(idx, got):
                 crcs[i] = c

@@ -18,9 +18,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     checkpoint::register(m)?;
     transfer::register(m)?;
+    save::register(m)?;
     slices::register(m)?;
     dtypes::register(m)?;
-    save::register(m)?;
     cuda_save::register(m)?;
     Ok(())
 }

@@ -4,6 +4,9 @@
 //!   each of their bytes goes. Pure arithmetic, fully checked.
 //! - [`slice`]: a rectangle of a strided tensor (a DTensor shard, a slice) as the fewest
 //!   contiguous byte runs; they become copy requests like any other.
+//! - [`write`]: the reverse direction for `zeroload.save`: host byte ranges written to a
+//!   file with parallel positional writes, large ranges split across threads, CRC-32s
+//!   computed on the way.
 //! - [`pipeline`]: what both sinks share, with no driver in sight: `pread` (buffered or
 //!   `O_DIRECT`), threads claiming units of work, cancellation, throttled progress on the
 //!   calling thread, and the staged loop (reader threads fill slabs, the caller queues
