@@ -321,7 +321,8 @@ fn private_temp_file(dir: &Path) -> std::io::Result<File> {
 #[cfg_attr(target_os = "linux", allow(dead_code))]
 fn private_temp_file_with(
     dir: &Path,
-    #[cfg_attr(not(unix), allow(unused_variables, unused_mut))] mut remove: impl FnMut(&Path) -> std::io::Result<()>,
+    #[cfg_attr(not(unix), allow(unused_variables, unused_mut))]
+    mut remove: impl FnMut(&Path) -> std::io::Result<()>,
 ) -> std::io::Result<File> {
     for attempt in 0..100u32 {
         let nanos = std::time::SystemTime::now()

@@ -19,7 +19,7 @@ use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::mpsc;
 
 use super::pipeline::{Reporter, Slabs, Stage};
 use super::Outcome;
@@ -143,7 +143,10 @@ pub(crate) unsafe fn run_writeback<D: Drain>(
     let mut crcs = vec![0u32; plan.parts];
     let stop = AtomicBool::new(false);
     let (job_tx, job_rx) = mpsc::channel::<(usize, usize)>();
-    let job_rx = Mutex::new(job_rx);
+    // A blocking lock (clippy.toml), taken by the writer threads only, which never attach
+    // to Python (the copy runs inside run_copy's `py.detach`).
+    #[allow(clippy::disallowed_types)]
+    let job_rx = std::sync::Mutex::new(job_rx);
     let (done_tx, done_rx) = mpsc::channel::<Written>();
     let writers = writers
         .clamp(1, slabs.ptrs.len().max(1))
