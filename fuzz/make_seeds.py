@@ -1,8 +1,8 @@
 """Regenerates the committed seed corpora under fuzz/seeds/ (run from the repo root).
 
-Each seed is a tiny real file: torch.save zips, safetensors files, and the data.pkl
-pickles inside the zips (plus a few plain protocol-4 pickles). Keep them small: the
-fuzzers mutate faster on short inputs.
+Each seed is a tiny real file: torch.save zips, legacy (pre-zip) torch.save files,
+safetensors files, and the data.pkl pickles inside the zips (plus a few plain protocol-4
+pickles). Keep them small: the fuzzers mutate faster on short inputs.
 """
 
 import collections
@@ -78,6 +78,10 @@ def main():
         z = zipfile.ZipFile(io.BytesIO(data))
         (pkl,) = [n for n in z.namelist() if n.endswith("/data.pkl")]
         write("pickle", f"{name}.pkl", z.read(pkl))
+        if name != "new_dtypes":  # no legacy storage class for these dtypes
+            legacy = torch_bytes(obj, _use_new_zipfile_serialization=False)
+            write("legacy", f"{name}.pt", legacy)
+            write("open_and_plan", f"{name}_legacy.pt", legacy)
     # Protocol 4 (FRAME, SHORT_BINUNICODE, MEMOIZE, STACK_GLOBAL) and plain containers.
     write("pickle", "p4_tensors.pkl", _pkl(torch_bytes(objs["tied"], pickle_protocol=4)))
     plain = {"a": [1, 2, (3, 4.5)], "b": {"c": None, "d": True}, "e": "s" * 3, "f": b"x"}

@@ -3,13 +3,13 @@
 # a local working corpus (fuzz/corpus/<target>, git-ignored), and prints libFuzzer's final
 # stats. Usage (from the repo root or fuzz/):
 #   fuzz/run.sh [SECONDS_PER_TARGET] [TARGET...]
-# Defaults: 300 s, all four targets. Crashes land in fuzz/artifacts/<target>/.
+# Defaults: 300 s, all five targets. Crashes land in fuzz/artifacts/<target>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-300}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(pickle torchzip safetensors_header open_and_plan)
+[ ${#targets[@]} -gt 0 ] || targets=(pickle torchzip legacy safetensors_header open_and_plan)
 export RUSTC_BOOTSTRAP=1  # cargo fuzz needs nightly flags; stable works with this
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"

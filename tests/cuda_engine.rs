@@ -1260,3 +1260,259 @@ fn destinations_are_checked_once_per_buffer_not_per_request() {
     f.free(dest);
     finish(f);
 }
+
+// ---------------------------------------------------------------------------------------
+// The reverse path: device -> pinned staging ring -> file (saving)
+// ---------------------------------------------------------------------------------------
+
+use _core::transfer::cuda::CudaWriteOptions;
+use _core::transfer::WriteRequest;
+
+/// What a write returns: the result (outcome and CRCs) and the progress calls.
+type Wrote = (Result<(Outcome, Vec<u32>), Error>, Vec<(u64, u64)>);
+
+/// Runs one write of `reqs` from the device buffers `sources` to `path` on a fresh
+/// thread with device `torch_dev`'s context current, after `arm`, watched by the fake (as
+/// `copy_with`).
+fn write_with(
+    path: &std::path::Path,
+    sources: &[Extent],
+    reqs: &[WriteRequest],
+    opts: CudaWriteOptions,
+    torch_dev: Option<i32>,
+    arm: impl FnOnce() + Send + 'static,
+) -> Wrote {
+    let f = fake();
+    let (tx, rx) = mpsc::channel();
+    let (path, sources, reqs) = (path.to_path_buf(), sources.to_vec(), reqs.to_vec());
+    std::thread::spawn(move || {
+        if let Some(d) = torch_dev {
+            f.bind(d);
+        }
+        arm();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let mut calls = Vec::new();
+        let me = std::thread::current().id();
+        let mut cb = |d: u64, t: u64| {
+            assert_eq!(
+                std::thread::current().id(),
+                me,
+                "progress off the calling thread"
+            );
+            calls.push((d, t));
+            true
+        };
+        (f.enter)();
+        // SAFETY: every source is live device memory of the fake that nothing writes
+        // during the call.
+        let r = unsafe { cuda::write_from_cuda(&file, &path, &sources, &reqs, opts, &mut cb) };
+        (f.leave)();
+        let _ = tx.send((r, calls));
+    });
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("the write hung (or its thread panicked)")
+}
+
+fn wopts(budget: u64, writers: usize) -> CudaWriteOptions {
+    CudaWriteOptions {
+        device: 0,
+        budget: Some(budget),
+        writers: Some(writers),
+    }
+}
+
+/// Device buffers holding `data`'s `ranges`, and requests writing each to the file at
+/// its own offset, records separated by 13-byte gaps, in reverse order of the ranges.
+struct Sources {
+    extents: Vec<Extent>,
+    reqs: Vec<WriteRequest>,
+    /// `(offset in data, len)` of each request.
+    ranges: Vec<(u64, u64)>,
+}
+
+fn sources(f: &Fake, data: &[u8], ranges: &[(u64, u64)]) -> Sources {
+    let mut extents = Vec::new();
+    let mut reqs = Vec::new();
+    let mut at = 13u64;
+    for &(off, n) in ranges.iter().rev() {
+        let p = f.alloc(0, n.max(1) as usize, 0);
+        let bytes = &data[off as usize..(off + n) as usize];
+        if n > 0 {
+            // SAFETY: `bytes` holds `n` bytes; `p` is device memory of at least `n` bytes.
+            assert_eq!(unsafe { (f.htod)(p, bytes.as_ptr().cast(), n as usize) }, 0);
+        }
+        extents.push(Extent { addr: p, nbytes: n });
+        reqs.push(WriteRequest {
+            src: p,
+            nbytes: n,
+            file_offset: at,
+        });
+        at += n + 13;
+    }
+    let mut ranges = ranges.to_vec();
+    ranges.reverse();
+    Sources {
+        extents,
+        reqs,
+        ranges,
+    }
+}
+
+impl Sources {
+    fn check(&self, data: &[u8], path: &std::path::Path, crcs: &[u32], what: &str) {
+        let got = std::fs::read(path).unwrap();
+        assert_eq!(crcs.len(), self.reqs.len(), "{what}");
+        for ((r, &(off, n)), &crc) in self.reqs.iter().zip(&self.ranges).zip(crcs) {
+            let want = &data[off as usize..(off + n) as usize];
+            let at = r.file_offset as usize;
+            assert!(
+                got[at..at + n as usize] == *want,
+                "{what}: bytes {off}+{n} differ"
+            );
+            assert_eq!(crc, crc32fast::hash(want), "{what}: crc of {off}+{n}");
+        }
+    }
+
+    fn free(self, f: &Fake) {
+        for e in self.extents {
+            f.free(e.addr);
+        }
+    }
+}
+
+#[test]
+fn a_write_from_cuda_lands_every_byte_with_its_crc() {
+    let (_g, f) = session();
+    let (d, _m, data) = file_with(24 * MIB as usize + 1234, 43);
+    let mut rs = ranges(data.len() as u64);
+    rs.push((100, 0));
+    let src = sources(f, &data, &rs);
+    let total: u64 = rs.iter().map(|r| r.1).sum();
+    let out = d.path().join("out.bin");
+    for budget in [1, 3 * MIB, 8 * MIB, 64 * MIB] {
+        for writers in [1, 2, 8] {
+            let what = format!("budget {budget}, {writers} writers");
+            let (r, calls) = write_with(
+                &out,
+                &src.extents,
+                &src.reqs,
+                wopts(budget, writers),
+                Some(0),
+                || {},
+            );
+            let (outcome, crcs) = r.unwrap();
+            assert_eq!(outcome, Outcome::Done, "{what}");
+            src.check(&data, &out, &crcs, &what);
+            assert_eq!(calls.first(), Some(&(0, total)), "{what}");
+            assert_eq!(calls.last(), Some(&(total, total)), "{what}");
+            assert_eq!(f.take_findings(), "", "{what}");
+        }
+    }
+    // Loads and saves share the staging resources: one ring, one stream per device.
+    assert!(f.calls("cuStreamCreate") <= 1 + 1, "streams are reused");
+    src.free(f);
+    finish(f);
+}
+
+#[test]
+fn a_fault_during_a_write_from_cuda_ends_cleanly_and_the_next_write_works() {
+    let (_g, f) = session();
+    let (d, _m, data) = file_with(6 * MIB as usize + 77, 47);
+    let rs = [(0, 3 * MIB + 5), (3 * MIB + 5, 10), (4 * MIB, 2 * MIB + 77)];
+    let src = sources(f, &data, &rs);
+    let out = d.path().join("out.bin");
+    let budget = 3 * MIB;
+    let cases: &[(&str, &[u64])] = &[
+        ("cuCtxSetCurrent", &[1]),
+        ("cuPointerGetAttributes", &[1, 3]),
+        ("cuMemHostAlloc", &[1, 2]),
+        ("cuStreamCreate", &[1]),
+        ("cuEventCreate", &[1, 3]),
+        ("cuMemcpyDtoHAsync_v2", &[1, 2, 5]),
+        ("cuEventRecord", &[1, 4]),
+        ("cuEventQuery", &[1, 3, 6]),
+        ("cuEventSynchronize", &[1, 2]),
+        ("cuStreamSynchronize", &[1]),
+    ];
+    let mut hit = 0;
+    for &(name, nths) in cases {
+        for &nth in nths {
+            cuda::release_staging().unwrap();
+            let what = format!("{name} failing at call {nth}");
+            let before = f.calls(name);
+            let code = if name == "cuMemHostAlloc" { 1 } else { 999 };
+            let (r, _) = write_with(
+                &out,
+                &src.extents,
+                &src.reqs,
+                wopts(budget, 2),
+                None,
+                move || fake().fail(name, nth, code, 1),
+            );
+            let reached = f.calls(name) >= before + nth;
+            let findings = f.take_findings();
+            (f.reset)();
+            match r {
+                Ok((outcome, crcs)) => {
+                    assert!(!reached, "{what}: the failing call was made, yet no error");
+                    assert_eq!(outcome, Outcome::Done);
+                    src.check(&data, &out, &crcs, &what);
+                }
+                Err(e) => {
+                    hit += 1;
+                    assert!(reached, "{what}: error without the fault: {e}");
+                    assert!(
+                        matches!(&e, Error::Cuda { call, .. } if call == name),
+                        "{what}: the error names another call: {e}"
+                    );
+                }
+            }
+            assert_eq!(findings, "", "{what}");
+            // The staging was given back whole: the next write works, and frees cleanly.
+            let (r, _) = write_with(
+                &out,
+                &src.extents,
+                &src.reqs,
+                wopts(budget, 2),
+                Some(0),
+                || {},
+            );
+            let (outcome, crcs) = r.unwrap();
+            assert_eq!(outcome, Outcome::Done, "{what}: the next write");
+            src.check(&data, &out, &crcs, &format!("{what}, next write"));
+            assert_eq!(f.take_findings(), "", "{what}: next write");
+            cuda::release_staging().unwrap();
+            assert_eq!(cuda::staging_allocated(), None, "{what}");
+        }
+    }
+    assert!(hit >= 15, "only {hit} faults were reached");
+
+    // A copy that fails on the stream, reported by the next query or synchronisation.
+    let (r, _) = write_with(
+        &out,
+        &src.extents,
+        &src.reqs,
+        wopts(budget, 2),
+        Some(0),
+        || (fake().fail_async)(2, 700),
+    );
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("CUDA_ERROR_ILLEGAL_ADDRESS"), "{e}");
+    assert_eq!(f.take_findings(), "");
+    let (r, _) = write_with(
+        &out,
+        &src.extents,
+        &src.reqs,
+        wopts(budget, 2),
+        Some(0),
+        || {},
+    );
+    src.check(&data, &out, &r.unwrap().1, "after a stream error");
+    src.free(f);
+    finish(f);
+}

@@ -210,6 +210,10 @@ def write_checkpoints(d: Path) -> None:
     save_shards(fsdp, d / "fsdp_hf", "safetensors", 3)
     torch.save(fsdp, d / "fsdp.pth")
     torch.save(trained(TiedLM, FSDP_VOCAB).state_dict(), d / "tied.pth")
+    # As save_pretrained stores tied weights: once, under the input embedding's name.
+    tied_once = {k: v for k, v in trained(TiedLM, FSDP_VOCAB).state_dict().items()}
+    del tied_once["head.weight"]
+    safetensors.torch.save_file(tied_once, d / "tied_once.safetensors")
     for mesh_shape in MESHES:
         tag = "x".join(map(str, mesh_shape))
         safetensors.torch.save_file(
@@ -462,6 +466,37 @@ def fsdp2_tied_meta(ctx: Ctx) -> None:
         ctx.problem("tied weights are no longer one parameter")
 
 
+def fsdp2_tied_stored_once(ctx: Ctx) -> None:
+    """A tied model built with zeroload.init_empty (and one materialised), FSDP2-sharded,
+    from a checkpoint holding the tied weight under one of its names only."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import zeroload
+
+    path = ctx.ckpt / "tied_once.safetensors"
+    full = full_state(path)
+    full["head.weight"] = full["tok.weight"]
+    ref = trained(TiedLM, FSDP_VOCAB)
+    for materialise in (False, True):
+        mesh = init_device_mesh("cpu", (ctx.world,))
+        with zeroload.init_empty():
+            model = TiedLM(FSDP_VOCAB)
+        fully_shard_model(model, mesh)
+        if materialise:
+            model.to_empty(device="cpu")
+        model.eval()
+        with ctx.loading():
+            result = zeroload.load_into(model, path)  # strict: no tied name is missing
+        if not ctx.all_loaded():
+            return
+        if result.missing_keys or result.unexpected_keys:
+            ctx.problem(f"keys: {result}")
+        if model.head.weight is not model.tok.weight:
+            ctx.problem(f"materialise={materialise}: tied weights are no longer one parameter")
+        ctx.check_locals(model.state_dict(), full)
+        ctx.check_output(model, ref, FSDP_VOCAB)
+
+
 def _placements(ctx: Ctx, device: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -634,6 +669,7 @@ SCENARIOS: dict[str, Callable[[Ctx], None]] = {
         fsdp2_meta_bin_shards,
         fsdp2_materialised_hf_dir,
         fsdp2_tied_meta,
+        fsdp2_tied_stored_once,
         placements_meta,
         placements_materialised,
         broken_rank,

@@ -476,13 +476,16 @@ def test_convert_subprocess(files: dict, tmp_path: Path) -> None:
 
 
 def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert cli.main(["demo", "--size", "tiny", "--out", str(tmp_path)]) == 0
+    assert cli.main(["demo", "--size", "tiny", "--repeat", "2", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for method in ("baseline", "sequential", "meta", "mmap_assign", "per_tensor", "zeroload"):
         assert method in out
     assert "ratios" in out
     assert "all read" in out  # the time until every weight has been read
-    assert "Fair CPU comparison: mmap_assign" in out
+    # the fair comparison leads, and says what only a GPU shows
+    assert out.lstrip().startswith("Fair CPU comparison: mmap_assign")
+    assert "What only a GPU shows" in out and "RESULTS.md" in out
+    assert "medians of 2 runs per method" in out
     rows = json.loads((tmp_path / "zeroload-demo-tiny-cpu.json").read_text())
     assert [r["method"] for r in rows] == [
         "baseline",
@@ -497,6 +500,12 @@ def test_demo_tiny(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
         assert r["check"] == "equal", r
         assert r["cpu_peak"] is not None and r["wall_s"] > 0
         assert r["touched_s"] >= r["wall_s"]
+        assert len(r["runs"]) == 2  # two runs, each in a fresh process
+        for name in ("wall_s", "touched_s", "cpu_peak", "cpu_peak_read"):
+            values = [run[name] for run in r["runs"]]
+            assert r[name] == pytest.approx(sum(values) / 2), (name, r)  # median of two
+        for run in r["runs"]:  # the peak until all read includes the peak at load
+            assert run["cpu_peak_read"] >= run["cpu_peak"]
     png = tmp_path / "zeroload-demo-tiny-cpu.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -509,6 +518,7 @@ def test_demo_writes_nothing_unless_asked(
     scratch.mkdir()
     monkeypatch.chdir(work)
     args = ["demo", "--size", "tiny", "--methods", "zeroload", "--tmpdir", str(scratch)]
+    args += ["--repeat", "1"]
     assert cli.main(args) == 0
     out = capsys.readouterr()
     assert "tiny test model" in out.err and "0.17M parameters" in out.err
@@ -523,9 +533,59 @@ def test_demo_leaves_the_temp_dir_as_it_found_it(
     # no earlier test has created it already.
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    r = _run("demo", "--size", "tiny", "--methods", "zeroload", "mmap_assign")
+    r = _run("demo", "--size", "tiny", "--methods", "zeroload", "mmap_assign", "--repeat", "1")
     assert r.returncode == 0, r.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "two"])
+def test_repeat_must_be_a_positive_number(bad: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--size", "tiny", "--repeat", bad])
+    assert e.value.code == 2
+    assert "not a positive whole number" in capsys.readouterr().err
+
+
+def _rows(**figures: list) -> tuple:
+    """A zeroload row and a peer row, from lists of per-run figures."""
+    from zeroload.bench import compare
+
+    def row(method: str, which: int) -> compare.Row:
+        runs = [
+            {"wall_s": w, "touched_s": t, "cpu_peak": 1 << 30, "cpu_peak_read": 1 << 30}
+            for w, t in zip(figures["wall_s"][which], figures["touched_s"][which])
+        ]
+        return compare._row(method, method, runs)
+
+    return row("zeroload", 0), row("peer", 1)
+
+
+def test_table_prints_a_ratio_only_where_ranges_do_not_overlap() -> None:
+    from zeroload.bench import compare
+
+    # load: 1.0-1.2 s vs 2.0-2.4 s, apart: a ratio of the medians; all read: 0.9-1.3 s vs
+    # 1.1-1.5 s, overlapping: "same"
+    zl, peer = _rows(
+        wall_s=[[1.0, 1.1, 1.2], [2.0, 2.2, 2.4]], touched_s=[[0.9, 1.0, 1.3], [1.1, 1.2, 1.5]]
+    )
+    assert (zl.wall_s, peer.wall_s, zl.span("wall_s")) == (1.1, 2.2, (1.0, 1.2))
+    text = compare.format_table([peer, zl])
+    assert "medians of 3 runs per method" in text
+    assert "1.10 s (1.00-1.20)" in text and "2.20 s (2.00-2.40)" in text
+    ratios = text.split("ratios")[1]
+    assert "load 2.0x" in ratios and "all read same" in ratios
+    assert "peak RSS all read same" in ratios  # identical peaks
+    # the fair figures lead the ratio line
+    line = next(ln for ln in ratios.splitlines() if "peer" in ln)
+    assert line.split()[1:4] == ["peak", "RSS", "all"]
+
+
+def test_a_run_that_fails_fails_the_row() -> None:
+    from zeroload.bench import compare
+
+    row = compare._row("zeroload", "", [{"wall_s": 1.0}, {"error": "killed by signal 9"}])
+    assert not row.ok and row.error == "killed by signal 9"
+    assert "FAILED" in compare.format_table([row])
 
 
 def test_model_labels_say_why_gpt2_small_has_163m_parameters() -> None:
@@ -537,8 +597,31 @@ def test_model_labels_say_why_gpt2_small_has_163m_parameters() -> None:
     assert describe("xl").startswith("gpt2-xl config, 1638M parameters (1558M as in GPT-2")
 
 
+def test_size_figures_are_the_models_own(tmp_path: Path) -> None:
+    # The help text's figures come from bench.parameter_count / checkpoint_bytes, which
+    # must agree with the model itself for every size.
+    from zeroload import bench
+    from zeroload.bench.gptmodel import GPTModel, num_parameters
+
+    for name, cfg in bench.CONFIGS.items():
+        assert bench.parameter_count(cfg) == num_parameters(cfg), name
+        with torch.device("meta"):
+            sd = GPTModel(cfg).state_dict()
+        assert bench.checkpoint_bytes(cfg) == sum(t.numel() * 4 for t in sd.values()), name
+    torch.save(GPTModel(bench.CONFIGS["tiny"]).state_dict(), tmp_path / "tiny.pth")
+    size = (tmp_path / "tiny.pth").stat().st_size
+    est = bench.checkpoint_bytes(bench.CONFIGS["tiny"])
+    assert est <= size <= 1.1 * est + (64 << 10)  # the file: tensors plus zip and pickle
+    small = bench.CONFIGS[bench.SIZES["small"]]
+    help_text = cli._parser()._subparsers._group_actions[0].choices["demo"].format_help()
+    n, gb = bench.parameter_count(small) / 1e6, bench.checkpoint_bytes(small) / 1e9
+    assert f"{n:.0f}M parameters" in " ".join(help_text.split())
+    assert f"{gb:.2f} GB file" in " ".join(help_text.split())
+
+
 def test_bench_state_dict(files: dict, capsys: pytest.CaptureFixture) -> None:
-    rc = cli.main(["bench", str(files["weird"]), "--methods", "torch_load", "zeroload"])
+    args = ["bench", str(files["weird"]), "--methods", "torch_load", "zeroload"]
+    rc = cli.main([*args, "--repeat", "1"])
     assert rc == 0
     out = capsys.readouterr().out
     table = out.split("ratios")[0]

@@ -231,6 +231,10 @@ def test_fsdp2_tied_weights_stay_tied_and_are_read_once(ranks: list) -> None:
     assert_mapped_where_even(reps)
 
 
+def test_fsdp2_tied_weights_stored_once_load_strictly_and_stay_tied(ranks: list) -> None:
+    scenario(ranks, "fsdp2_tied_stored_once")
+
+
 @pytest.mark.parametrize("kind", ["meta", "materialised"])
 def test_shard_and_replicate_placements_on_1d_and_2d_meshes(ranks: list, kind: str) -> None:
     # Meshes (2,), (2, 1), (1, 2); Shard(0/1/2), Replicate, Shard(0) twice, _StridedShard,

@@ -443,3 +443,36 @@ def test_cuda_path_on_the_fake_driver(worker: list[Any], tmp_path: Path) -> None
 def test_cuda_without_a_device_is_a_clear_error(store: dict[str, Path]) -> None:
     with pytest.raises(zeroload.CudaError, match="cannot load to cuda"):
         zeroload.from_pretrained(store["gpt2"], device="cuda")
+
+
+def test_progress_switches_transformers_bar_for_the_call_only(
+    store: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    logging = transformers.utils.logging
+    before = logging.is_progress_bar_enabled()
+    try:
+        logging.disable_progress_bar()
+        zeroload.from_pretrained(store["gpt2"], progress=True)
+        assert "Loading weights" in capsys.readouterr().err
+        assert not logging.is_progress_bar_enabled()
+        logging.enable_progress_bar()
+        zeroload.from_pretrained(store["gpt2"], progress=False)
+        assert "Loading weights" not in capsys.readouterr().err
+        assert logging.is_progress_bar_enabled()
+    finally:
+        (logging.enable_progress_bar if before else logging.disable_progress_bar)()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["llama-tied", "mixtral-bin"])
+def test_on_a_real_gpu(store: dict[str, Path], name: str) -> None:
+    ref = _reference(name, store[name], device_map="cuda", dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    ours = _load_checked(store[name], device="cuda", dtype=torch.bfloat16)
+    assert all(p.is_cuda for p in ours.parameters())
+    assert all(b.is_cuda for b in ours.buffers())
+    with torch.no_grad():
+        a = ours(INPUT.cuda()).logits
+        b = ref(INPUT.cuda()).logits
+    assert torch.equal(a, b)

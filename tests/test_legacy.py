@@ -88,6 +88,14 @@ def test_load_into_a_model(tmp_path: Path) -> None:
     zeroload.load_into(fresh, path)
     for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+    # A model built on the meta device gets the file's tensors themselves.
+    with torch.device("meta"):
+        empty = TinyNet().eval()
+    zeroload.load_into(empty, path)
+    idx = torch.randint(0, 50, (4,))
+    assert torch.equal(empty(idx), model(idx))
+    for name, t in empty.state_dict().items():
+        assert t.data_ptr() % t.element_size() == 0, name
 
 
 def test_nested_objects_and_plain_values(tmp_path: Path) -> None:
@@ -106,6 +114,43 @@ def test_every_dtype(tmp_path: Path, dtype: torch.dtype) -> None:
     }
     path = save_legacy(obj, tmp_path / "dtypes.pt")
     check_like_torch(path)
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.complex32,
+        torch.bits8,
+    ],
+    ids=str,
+)
+def test_dtypes_torch_load_cannot_read_back(tmp_path: Path, dtype: torch.dtype) -> None:
+    # Legacy torch.save writes these on an UntypedStorage, which torch.load then fails to
+    # read ("UntypedStorage has no attribute dtype"); zeroload reads them, checked
+    # against the tensors saved.
+    obj = {"odd": torch.arange(3, dtype=torch.uint8), "x": random_tensor((4, 2), dtype, 7)}
+    path = save_legacy(obj, tmp_path / "new.pt")
+    with pytest.raises(AttributeError):
+        torch.load(path, weights_only=True)
+    ours = zeroload.load(path)
+    assert ours["x"].dtype == dtype and ours["x"].shape == obj["x"].shape
+    assert torch.equal(ours["x"].view(torch.uint8), obj["x"].view(torch.uint8))
+    assert ours["x"].data_ptr() % ours["x"].element_size() == 0
+
+
+def test_a_model_directory_with_a_legacy_bin(tmp_path: Path) -> None:
+    # Older Hub repositories: pytorch_model.bin in the legacy format.
+    torch.manual_seed(2)
+    sd = TinyNet().state_dict()
+    save_legacy(sd, tmp_path / "pytorch_model.bin")
+    assert_same(
+        zeroload.load(tmp_path), torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    )
 
 
 def test_shared_storages_and_views(tmp_path: Path) -> None:
@@ -176,6 +221,18 @@ def test_unaligned_storages_are_copied_aligned_ones_are_views(tmp_path: Path) ->
             assert torch.equal(f.get_slice(name)[1:], ref[1:]), name
     assert_same(zeroload.load(path, mmap=False), ours)
     assert_same(zeroload.load(io.BytesIO(path.read_bytes())), ours)
+
+
+@pytest.mark.parametrize("protocol", [1, 2, 3, 4, 5])
+def test_every_pickle_protocol(tmp_path: Path, protocol: int) -> None:
+    # torch.save(pickle_protocol=...) applies to every pickle of the file, the magic
+    # number's too. torch.load(weights_only=True) reads only protocols 2 and 3 (its
+    # unpickler lacks the others' opcodes); the reference here is the unrestricted
+    # torch.load of a file we just wrote.
+    obj = {"a": torch.arange(3.0), "b": torch.ones(2, dtype=torch.int8), "n": [1, "x"]}
+    path = tmp_path / "proto.pt"
+    torch.save(obj, path, _use_new_zipfile_serialization=False, pickle_protocol=protocol)
+    assert_same(zeroload.load(path), torch.load(path, weights_only=False))
 
 
 def test_a_long_pickle_is_read_past_the_first_chunk(tmp_path: Path) -> None:

@@ -71,6 +71,25 @@ def test_close_racing_lookups_raises_the_closed_handle_error(tmp_path: Path) -> 
     assert not errors, errors[:3]
 
 
+def test_close_in_the_middle_of_a_lookup_is_answered_consistently(tmp_path: Path) -> None:
+    # Deterministic form of the race above: close() runs inside the index lookup of
+    # get_tensor, after the name was found. The lookup still answers from what it read.
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.arange(3.0)}, path)
+    f = zeroload.open(path)
+
+    class ClosingIndex(dict):  # type: ignore[type-arg]
+        def __getitem__(self, key: str) -> tuple[int, int]:
+            value = super().__getitem__(key)
+            f.close()
+            return value
+
+    f._index = ClosingIndex(f._index)
+    assert torch.equal(f.get_tensor("a"), torch.arange(3.0))
+    with pytest.raises(zeroload.CheckpointError, match="closed"):
+        f.get_tensor("a")
+
+
 def test_convert_leaves_a_file_it_did_not_create(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

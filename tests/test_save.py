@@ -11,7 +11,7 @@ import sys
 import textwrap
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -36,11 +36,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:BComplex32 support is experiment
 PYTHONPATH = str(Path(zeroload.__file__).parent.parent)
 
 
-def load_all_ways(path: Path) -> list[tuple[str, Any]]:
+def load_all_ways(path: Path) -> list[tuple[str, Callable[[], Any]]]:
     return [
-        ("torch.load", torch.load(path, weights_only=True)),
-        ("torch.load(mmap=True)", torch.load(path, mmap=True, weights_only=True)),
-        ("zeroload.load", zeroload.load(path)),
+        ("torch.load", lambda: torch.load(path, weights_only=True)),
+        ("torch.load(mmap=True)", lambda: torch.load(path, mmap=True, weights_only=True)),
+        ("zeroload.load", lambda: zeroload.load(path)),
     ]
 
 
@@ -50,7 +50,8 @@ def assert_saves_like_torch(obj: Any, tmp_path: Path, name: str = "ckpt.pt") -> 
     zeroload.save(obj, ours)
     torch.save(obj, ref)
     expected = torch.load(ref, weights_only=True)
-    for how, got in load_all_ways(ours):
+    for how, load in load_all_ways(ours):
+        got = load()
         try:
             assert_same(got, expected)
             assert_sharing_same(got, expected)
@@ -72,8 +73,9 @@ def assert_zip_like_torch(ours: Path, ref: Path) -> None:
         for info in a.infolist():
             assert info.compress_type == zipfile.ZIP_STORED
             at = info.header_offset
-            name_len, extra_len = int.from_bytes(raw[at + 26 : at + 28], "little"), int.from_bytes(
-                raw[at + 28 : at + 30], "little"
+            name_len, extra_len = (
+                int.from_bytes(raw[at + 26 : at + 28], "little"),
+                int.from_bytes(raw[at + 28 : at + 30], "little"),
             )
             assert (at + 30 + name_len + extra_len) % 64 == 0, info.filename
 
@@ -412,3 +414,45 @@ def test_write_host_checks_requests(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="not contiguous"):
             _core.write_host(fd, str(path), [torch.ones(4, 4).t()], [(0, 0, 4, 0)])
     assert path.read_bytes() == b"abc" + bytes(range(2, 7))
+
+
+def test_conjugate_and_negative_views_keep_their_bits(tmp_path: Path) -> None:
+    """torch writes conj/neg bits as rebuild metadata; so does zeroload.save."""
+    z, w = torch.randn(4, dtype=torch.complex64), torch.randn(4, dtype=torch.complex64)
+    neg = w.conj().imag  # a float view of w's storage with the negative bit
+    assert neg.is_neg()
+    obj = {"conj": z.conj(), "z": z, "neg": neg}
+    zeroload.save(obj, tmp_path / "ours.pt")
+    torch.save(obj, tmp_path / "ref.pt")
+    expected = torch.load(tmp_path / "ref.pt", weights_only=True)
+    # (zeroload.load refuses conj/neg bits, naming them, for either file.)
+    for _, load in load_all_ways(tmp_path / "ours.pt")[:2]:
+        got = load()
+        for k in obj:
+            assert torch.equal(got[k], expected[k]), k
+            assert got[k].is_conj() == obj[k].is_conj() and got[k].is_neg() == obj[k].is_neg()
+
+
+def test_fast_tensor_reduction_pickles_like_torch() -> None:
+    """The pickler's reduction of plain tensors gives the pickle torch's own gives."""
+    import copyreg
+    import io
+
+    from zeroload import _save
+
+    base = torch.randn(4, 6)
+    obj = {
+        "a": base,
+        "t": base.t(),
+        "u16": torch.arange(5).to(torch.uint16),
+        "p": torch.nn.Parameter(torch.ones(2)),
+        "g": torch.ones(3, requires_grad=True),
+    }
+    ours = io.BytesIO()
+    _save._Pickler(ours).dump(obj)
+
+    ref = io.BytesIO()
+    torch_pickler = _save._Pickler(ref)
+    torch_pickler.dispatch_table = dict(copyreg.dispatch_table)  # torch.Tensor.__reduce_ex__
+    torch_pickler.dump(obj)
+    assert ours.getvalue() == ref.getvalue()

@@ -37,7 +37,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: Union[str, "os.PathLike[str]"]) -> Iterator[IO[bytes]]:
+def atomic_write(path: Union[str, os.PathLike[str]]) -> Iterator[IO[bytes]]:
     """A new binary file beside ``path`` that replaces it when the block succeeds."""
     path = Path(path)
     directory = path.parent

@@ -1,11 +1,12 @@
 """Write a ``.safetensors`` file from a checkpoint: :func:`convert`, the library behind
 ``zeroload convert``.
 
-Torch-free and streaming: tensor layouts come from the Rust core's tables (see
-``zeroload._inspect``), tensor bytes are read from the source with plain positioned reads
-(never through a mapping, so a source truncated meanwhile is an error, not SIGBUS) and
-written out one tensor at a time through a fixed buffer. Only a non-contiguous tensor (a
-transposed or strided view) is gathered in memory, with numpy, one tensor at a time.
+Torch-free: tensor layouts come from the Rust core's tables (see ``zeroload._inspect``),
+and the file is written by the writer ``zeroload.save`` uses (``zeroload._writer``):
+contiguous tensors go straight from the source's read-only use of its mapping to the new
+file with parallel positional writes (nothing is copied into anonymous memory), into a
+temporary file that is fsynced and renamed over the destination. Only non-contiguous
+tensors (transposed or strided views) are gathered in memory first, with numpy.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import IO, Any, Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 from zeroload import _core, _shards
 from zeroload._inspect import TensorRef, checkpoint_objects, checkpoint_tensors
+from zeroload._writer import write_file
 
 __all__ = ["ConvertError", "SAFETENSORS_DTYPES", "convert"]
 
@@ -27,8 +29,6 @@ SAFETENSORS_DTYPES: Dict[str, str] = {name: st for name, _, st, _ in _core.dtype
 #: Values per torch element in safetensors shapes (2 for the packed float4: a safetensors
 #: header counts 4-bit values, torch counts bytes of two).
 _VALUES_PER_ELEMENT: Dict[str, int] = {name: n for name, _, _, n in _core.dtypes()}
-
-_CHUNK = 16 << 20  # bytes per read/write of contiguous tensor data
 
 
 class ConvertError(ValueError):
@@ -82,51 +82,23 @@ def _source_tensors(src: Path, key: str | None) -> Tuple[List[Path], List[Tuple[
     return shard_set.files, out
 
 
-def _read_exact(f: io.BufferedReader, path: Path, offset: int, view: memoryview, name: str) -> None:
-    f.seek(offset)
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            raise _core.CheckpointError(
-                f"{path}: the file ends before tensor {name!r} does (byte {offset + got}); "
-                "was it truncated while converting?"
-            )
-        got += n
-
-
-def _write_tensor(
-    t: TensorRef, name: str, src: io.BufferedReader, out: IO[bytes], buf: memoryview
-) -> None:
-    nbytes = t.nbytes
-    if nbytes == 0:
-        return
-    storage_offset = t.ckpt.storage(t.storage)[1]
-    itemsize = t.itemsize
-    start = storage_offset + t.storage_offset * itemsize
-    if t.is_contiguous():
-        done = 0
-        while done < nbytes:
-            n = min(len(buf), nbytes - done)
-            _read_exact(src, t.ckpt.path, start + done, buf[:n], name)
-            out.write(buf[:n])
-            done += n
-        return
-    # A strided view: read the span it covers and gather it (strides are >= 0, checked
-    # by the core, and the span lies inside the storage).
+def _gather(t: TensorRef) -> Any:
+    """A strided view's elements, contiguous, as a numpy byte array (strides are >= 0,
+    checked by the core, and the span lies inside the storage)."""
     import numpy as np
 
+    itemsize = t.itemsize
     span = (sum((d - 1) * s for d, s in zip(t.shape, t.stride)) + 1) * itemsize
-    raw = bytearray(span)
-    _read_exact(src, t.ckpt.path, start, memoryview(raw), name)
-    src_bytes = np.frombuffer(raw, dtype=np.uint8)
+    storage = np.from_dlpack(t.ckpt.storage_view(t.storage))
+    start = t.storage_offset * itemsize
+    src_bytes = storage[start : start + span]
     view = np.lib.stride_tricks.as_strided(
         src_bytes,
         shape=(*t.shape, itemsize),
         strides=(*(s * itemsize for s in t.stride), 1),
         writeable=False,
     )
-    out.write(np.ascontiguousarray(view).data.cast("B"))
+    return np.ascontiguousarray(view).reshape(-1)
 
 
 def convert(
@@ -138,14 +110,15 @@ def convert(
     dedupe: bool = False,
     metadata: Dict[str, str] | None = None,
 ) -> Dict[str, Any]:
-    """Write a ``.safetensors`` file from a checkpoint, one tensor at a time.
+    """Write a ``.safetensors`` file from a checkpoint.
 
     ``src`` is a torch file (``.pt``, ``.pth``, ``.bin``) holding a flat dict of tensors
     (or one inside it, chosen with ``key``: ``"state_dict"`` or a dotted path such as
     ``"model.state_dict"``), a safetensors file, or a shard set (index or directory),
     which becomes one file. Needs no torch: layouts come from the parsed checkpoint and
-    bytes are copied straight from the source file through a fixed 16 MiB buffer, so the
-    model is never held in RAM; a non-contiguous tensor is gathered in memory on its own.
+    bytes go straight from the source's mapping to the new file (``zeroload.save``'s
+    writer: parallel positional writes), so the model is never copied into anonymous
+    memory; only non-contiguous tensors are gathered in memory (with numpy) first.
 
     safetensors stores no aliasing, so tensors that share storage (tied weights) are
     written as separate copies, or, with ``dedupe=True``, exact aliases (same storage,
@@ -153,7 +126,8 @@ def convert(
     ``safetensors.torch.save_model`` does). Tensors are ordered by element size, largest
     first, so every tensor is aligned. The header's ``__metadata__`` is
     ``{"format": "pt"}`` updated with ``metadata``. The file is written beside ``dst``
-    under a temporary name and renamed over it when complete.
+    under a temporary name, fsynced and renamed over it when complete; on any failure
+    ``dst`` is left as it was and the temporary file removed.
 
     Returns a summary dict (``src``, ``dst``, ``tensors``, ``bytes``, ``shared`` groups,
     ``dropped`` names).
@@ -226,30 +200,27 @@ def convert(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
 
-    # A unique temporary name beside dst (same file system for the rename; "x" mode never
-    # clobbers), created with the default permissions, removed on any failure, but only
-    # once created: a file already under that name is someone else's and stays.
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.zeroload-tmp")
-    sources: Dict[Path, io.BufferedReader] = {}
-    out = open(tmp, "xb")
-    try:
-        with out:
-            out.write(len(raw).to_bytes(8, "little"))
-            out.write(raw)
-            buf = memoryview(bytearray(min(_CHUNK, max(offset, 1))))
-            for name, t in order:
-                f = sources.get(t.ckpt.path)
-                if f is None:
-                    f = sources[t.ckpt.path] = open(t.ckpt.path, "rb")
-                _write_tensor(t, name, f, out, buf)
-        os.replace(tmp, dst)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
-    finally:
-        for f in sources.values():
-            f.close()
+    # The writer zeroload.save uses (torch-free): contiguous tensors go straight from the
+    # source's mapping to the new file with parallel positional writes; a temporary file
+    # beside dst is fsynced and renamed over it, and removed on any failure.
+    start = 8 + len(raw)
+    sources: List[Any] = [len(raw).to_bytes(8, "little") + raw]
+    requests: List[Tuple[int, int, int, int]] = [(0, 0, len(sources[0]), 0)]
+    views: Dict[Tuple[str, int], int] = {}
+    for name, t in order:
+        at = start + header[name]["data_offsets"][0]
+        if t.nbytes == 0:
+            continue
+        if not t.is_contiguous():
+            sources.append(_gather(t))
+            requests.append((len(sources) - 1, 0, t.nbytes, at))
+            continue
+        key = (t.ckpt.path, t.storage)
+        if key not in views:
+            views[key] = len(sources)
+            sources.append(t.ckpt.storage_view(t.storage))
+        requests.append((views[key], t.storage_offset * t.itemsize, t.nbytes, at))
+    write_file(dst, start + offset, sources, requests)
     return {
         "src": str(src),
         "dst": str(dst),

@@ -117,6 +117,14 @@ def copy_to_cuda(
     direct: bool = False,
     readers: int | None = None,
 ) -> None: ...
+def write_from_cuda(
+    fd: int,
+    sources: Sequence[tuple[int, int]],
+    requests: Sequence[tuple[int, int, int, int]],
+    device: int,
+    budget: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[int]: ...
 def copy_to_host(
     ckpt: Checkpoint,
     destinations: Sequence[Any],

@@ -321,8 +321,8 @@ def _seams() -> list[tuple[Any, str, Any]]:
     try:
         import transformers.modeling_layers as modeling_layers
     except ImportError:
-        modeling_layers = None
-    if modeling_layers is not None and hasattr(modeling_layers, "safe_open"):
+        pass
+    else:
         seams.append((modeling_layers, "safe_open", _safe_open))
     return [s for s in seams if hasattr(s[0], s[1])]
 
@@ -377,10 +377,10 @@ def _load_state_dict(
         )
     if map_location == "meta":
         # Shapes and dtypes only (transformers' dtype detection): CPU views, never read.
-        source = SafeOpen(checkpoint_file, device="cpu")
+        views = SafeOpen(checkpoint_file, device="cpu")
         out = {}
-        for k in source.keys():
-            t = source.get_tensor(k)
+        for k in views.keys():
+            t = views.get_tensor(k)
             out[k] = torch.empty(t.shape, dtype=t.dtype, device="meta")
         return out
     source = _Source(checkpoint_file, target, _serving_here.readahead)

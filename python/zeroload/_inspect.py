@@ -257,7 +257,16 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
     by_dtype: Dict[str, Dict[str, int]] = {}
     for f in shard_set.files:
         ck = _core.Checkpoint.open(os.fspath(f))
-        named, flat = checkpoint_tensors(ck, shard_set.file_tensors(f, ck))
+        fname = Path(f).name
+        flat_list = shard_set.file_tensors(f, ck)
+        flat = flat_list is not None
+        if flat_list is not None:  # as checkpoint_tensors names them
+            rows = _tensor_rows(ck)
+            named = [(name, TensorRef(ck, i, rows[i])) for name, i in flat_list]
+        else:  # one build of the object graph for its tensors and its other entries
+            obj = checkpoint_objects(ck)
+            named = list(named_tensor_refs(obj))
+            entries.extend({**_entry(n, v), "file": fname} for n, v in named_other_entries(obj))
         storage_bytes = sum(ck.storage(i)[2] for i in range(ck.num_storages))
         out_files.append(
             {
@@ -272,10 +281,6 @@ def inspect_checkpoint(path: os.PathLike | str) -> Dict[str, Any]:
                 "flat": flat,
             }
         )
-        fname = Path(f).name
-        if not flat:
-            for name, value in named_other_entries(checkpoint_objects(ck)):
-                entries.append({**_entry(name, value), "file": fname})
         for name, t in named:
             numel = t.numel
             nbytes = t.nbytes

@@ -19,6 +19,7 @@ an ``FB`` padding extra field, followed by a data descriptor; zip64 end records 
 from __future__ import annotations
 
 import collections
+import copyreg
 import io
 import os
 import pickle
@@ -27,7 +28,7 @@ import struct
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 from torch.utils.dlpack import to_dlpack
@@ -54,10 +55,10 @@ _PLAIN = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dt
 
 def save(
     obj: Any,
-    path: "os.PathLike[str] | str",
+    path: os.PathLike[str] | str,
     *,
-    metadata: Optional[Mapping[str, str]] = None,
-    progress: Optional[bool] = None,
+    metadata: Mapping[str, str] | None = None,
+    progress: bool | None = None,
 ) -> None:
     """Save ``obj`` to ``path`` atomically, as ``torch.save`` or safetensors would.
 
@@ -110,7 +111,7 @@ class _Plan:
         self.requests: List[Request] = []
         self.cuda: List[Tuple[torch.Tensor, int]] = []
         self.crc = False
-        self.finish: Optional[Callable[[List[int]], Tail]] = None
+        self.finish: Callable[[List[int]], Tail] | None = None
         self.fixed: List[Tuple[bytes, int]] = []  # (bytes, file offset): no CRC needed
 
     def add(self, source: Any, nbytes: int, file_offset: int) -> None:
@@ -129,7 +130,7 @@ class _Plan:
             return
         self.add(to_dlpack(t if t.dtype in _DLPACK_DTYPES else _bytes_of(t)), nbytes, file_offset)
 
-    def write(self, path: Path, progress: Optional[bool]) -> None:
+    def write(self, path: Path, progress: bool | None) -> None:
         """Writes the file: data ranges (CRCs in request order), the fixed ranges with
         them (after them in the request list, so their CRCs are dropped), CUDA ranges,
         then what ``finish`` makes of the CRCs."""
@@ -183,7 +184,7 @@ def _write_cuda(
     fd: int,
     path: Path,
     items: List[Tuple[torch.Tensor, int]],
-    progress: Optional[Callable[[int, int], Any]],
+    progress: Callable[[int, int], Any] | None,
 ) -> List[int]:
     """Writes each contiguous CUDA tensor's bytes at its file offset; returns their
     CRC-32s. Through the core's device -> pinned staging -> file path when the extension
@@ -198,7 +199,9 @@ def _write_cuda(
         for device, idx in by_device.items():
             torch.cuda.current_stream(device).synchronize()
             sources = [_bytes_of(items[i][0]) for i in idx]
-            requests = [(k, 0, s.numel(), items[i][1]) for k, (i, s) in enumerate(zip(idx, sources))]
+            requests = [
+                (k, 0, s.numel(), items[i][1]) for k, (i, s) in enumerate(zip(idx, sources))
+            ]
             got = write_from_cuda(fd, sources, requests, device, None, progress)
             for i, c in zip(idx, got):
                 crcs[i] = c
@@ -290,18 +293,85 @@ def _check(path: Path, obj: Any, where: str, seen: set) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+#: Types the pickler meets most that are never storages.
+_NOT_STORAGE = frozenset(
+    {str, int, float, bool, type(None), tuple, list, dict, collections.OrderedDict, bytes,
+     torch.Size, torch.dtype, torch.device, torch.Tensor, torch.nn.Parameter}
+)  # fmt: skip
+
+
+class _StorageRef:
+    """A tensor's storage as :func:`_reduce_tensor` hands it to the pickler: the
+    untyped storage and the dtype it is viewed as (``None``: an untyped storage, as
+    ``_rebuild_tensor_v3`` takes)."""
+
+    __slots__ = ("dtype", "storage")
+
+    def __init__(self, storage: torch.UntypedStorage, dtype: torch.dtype | None) -> None:
+        self.storage, self.dtype = storage, dtype
+
+
+_V3_DTYPES = frozenset(torch.storage._new_dtypes())
+_STORAGE_TYPES = {
+    dtype: getattr(torch, name)
+    for dtype, name in torch.storage._dtype_to_storage_type_map().items()
+}
+
+
+def _reduce_tensor(t: torch.Tensor) -> Any:
+    """What ``Tensor.__reduce_ex__`` returns for a plain dense CPU or CUDA tensor (torch/
+    _tensor.py ``_reduce_ex_internal``), without building a ``TypedStorage`` per tensor;
+    anything else goes to torch's own reduction."""
+    if (
+        t.layout is not torch.strided
+        or t.device.type not in ("cpu", "cuda")
+        or t._backward_hooks
+        or t.is_quantized
+        or t.__dict__
+    ):
+        return t.__reduce_ex__(2)
+    v3 = t.dtype in _V3_DTYPES
+    args: tuple = (
+        _StorageRef(t.untyped_storage(), None if v3 else t.dtype),
+        t.storage_offset(),
+        tuple(t.size()),
+        t.stride(),
+        t.requires_grad,
+        collections.OrderedDict(),
+    )
+    if v3:
+        args += (t.dtype,)
+    metadata = torch._utils.get_tensor_metadata(t)
+    if metadata:
+        args += (metadata,)
+    rebuild = torch._utils._rebuild_tensor_v3 if v3 else torch._utils._rebuild_tensor_v2
+    return (rebuild, args)
+
+
 class _Pickler(pickle.Pickler):
     """torch.save's pickler: storages become persistent ids, numbered by first use
-    (torch/serialization.py ``_save``)."""
+    (torch/serialization.py ``_save``). Plain tensors are reduced by
+    :func:`_reduce_tensor` (what torch's reduction gives, faster)."""
 
     def __init__(self, f: io.BytesIO) -> None:
         super().__init__(f, protocol=2)
+        self.dispatch_table = {**copyreg.dispatch_table, torch.Tensor: _reduce_tensor}
         self.storages: List[torch.UntypedStorage] = []
-        self._keys: Dict[int, str] = {}
+        self._keys: Dict[int, Tuple[str, str]] = {}  # storage _cdata -> key, location
         self._dtypes: Dict[int, torch.dtype] = {}
 
     def persistent_id(self, obj: Any) -> Any:
-        if isinstance(obj, torch.storage.TypedStorage):
+        cls = type(obj)
+        if cls in _NOT_STORAGE:  # the common case, decided without torch's checks
+            return None
+        if cls is _StorageRef:
+            storage = obj.storage
+            if obj.dtype is None:
+                dtype, storage_type, numel = torch.uint8, torch.UntypedStorage, storage.nbytes()
+            else:
+                dtype, storage_type = obj.dtype, _STORAGE_TYPES[obj.dtype]
+                numel = storage.nbytes() // obj.dtype.itemsize
+        elif isinstance(obj, torch.storage.TypedStorage):
             storage = obj._untyped_storage
             dtype = obj.dtype
             storage_type = getattr(torch, obj._pickle_storage_type())
@@ -313,18 +383,19 @@ class _Pickler(pickle.Pickler):
             numel = storage.nbytes()
         else:
             return None
-        if storage.device.type != "meta" and storage.data_ptr() != 0:
-            if self._dtypes.setdefault(storage.data_ptr(), dtype) != dtype:
+        ptr = storage.data_ptr()
+        if ptr != 0 and storage.device.type != "meta":
+            if self._dtypes.setdefault(ptr, dtype) != dtype:
                 raise RuntimeError(
                     "Cannot save multiple tensors or storages that view the same data as "
                     "different types"
                 )
-        key = self._keys.get(storage._cdata)
-        if key is None:
-            key = self._keys[storage._cdata] = str(len(self._keys))
+        known = self._keys.get(storage._cdata)
+        if known is None:
+            location = torch.serialization.location_tag(storage)
+            known = self._keys[storage._cdata] = (str(len(self._keys)), location)
             self.storages.append(storage)
-        location = torch.serialization.location_tag(storage)
-        return ("storage", storage_type, key, location, numel)
+        return ("storage", storage_type, known[0], known[1], numel)
 
 
 def _storage_alignment() -> int:
@@ -412,7 +483,9 @@ def _plan_torch(obj: Any, path: Path) -> _Plan:
                 fields += [size, size]
             if at >= _U32:
                 fields.append(at)
-            extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields) if fields else b""
+            extra = b""
+            if fields:
+                extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
             central += struct.pack(
                 "<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 45 if fields else 0, 0x0808, 0, 0, 0, crc,
                 min(size, _U32), min(size, _U32), len(name), len(extra), 0, 0, 0, 0,
@@ -448,7 +521,7 @@ def _serialization_id() -> bytes:
 # ---------------------------------------------------------------------------------------
 
 
-def _plan_safetensors(obj: Any, path: Path, metadata: Optional[Mapping[str, str]]) -> _Plan:
+def _plan_safetensors(obj: Any, path: Path, metadata: Mapping[str, str] | None) -> _Plan:
     import json
 
     if not isinstance(obj, dict):
@@ -514,7 +587,7 @@ def _refuse_shared(path: Path, tensors: List[Tuple[str, torch.Tensor]]) -> None:
         spans.setdefault(key, []).append((lo, hi, name))
     for group in spans.values():
         group.sort()
-        for (lo_a, hi_a, a), (lo_b, _, b) in zip(group, group[1:]):
+        for (_lo_a, hi_a, a), (lo_b, _, b) in zip(group, group[1:]):
             if lo_b < hi_a:
                 raise _core.CheckpointError(
                     f"{path}: tensors {a!r} and {b!r} share memory; a safetensors file "

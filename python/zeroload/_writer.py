@@ -12,7 +12,7 @@ Any failure leaves ``path`` untouched and removes the temporary file.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Sequence, Tuple
 
 from zeroload import _core
 from zeroload._atomic import atomic_write
@@ -26,15 +26,15 @@ Tail = Tuple[List[Any], List[Request]]
 
 
 def write_file(
-    path: "os.PathLike[str] | str",
+    path: os.PathLike[str] | str,
     size: int,
     sources: Sequence[Any],
     requests: Sequence[Request],
     *,
     crc: bool = False,
-    progress: Optional[Callable[[int, int], Any]] = None,
-    extra: Optional[Callable[[int], List[int]]] = None,
-    finish: Optional[Callable[[List[int]], Tail]] = None,
+    progress: Callable[[int, int], Any] | None = None,
+    extra: Callable[[int], List[int]] | None = None,
+    finish: Callable[[List[int]], Tail] | None = None,
 ) -> None:
     """Writes a file of ``size`` bytes atomically over ``path``.
 

@@ -88,6 +88,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     # Nothing here may import torch: `zeroload --help` and `zeroload inspect` start in a
     # fraction of its import time. `zeroload.bench` itself holds only names.
@@ -116,8 +126,11 @@ def _parser() -> argparse.ArgumentParser:
         "--size",
         choices=list(bench.SIZES),
         default="small",
-        help="model size: GPT-2's configs (default: small, 163M parameters with the "
-        "untied output head, a 0.65 GB file)",
+        help="model size: GPT-2's configs (default: small, {:.0f}M parameters with the "
+        "untied output head, a {:.2f} GB file)".format(
+            bench.parameter_count(bench.CONFIGS[bench.SIZES["small"]]) / 1e6,
+            bench.checkpoint_bytes(bench.CONFIGS[bench.SIZES["small"]]) / 1e9,
+        ),
     )
     d.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     d.add_argument(
@@ -135,6 +148,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to write the temporary checkpoint, removed at the end "
         "(default: the system temp directory)",
+    )
+    d.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="run every method N times, each in a fresh process, and print medians with "
+        "their range; a ratio only where ranges do not overlap (default: 3)",
     )
     d.set_defaults(func=_cmd_demo)
 
@@ -160,6 +181,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run only these methods",
     )
     b.add_argument("--out", metavar="DIR", help="also write a PNG chart and JSON results here")
+    b.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="run every method N times, each in a fresh process, and print medians with "
+        "their range; a ratio only where ranges do not overlap (default: 3)",
+    )
     b.set_defaults(func=_cmd_bench)
 
     i = sub.add_parser(

@@ -327,3 +327,104 @@ fn pickle_error(path: &Path, entry: &str, start: u64, e: PickleError) -> Error {
         PickleError::Unsupported { what, .. } => Error::Unsupported { path, entry, what },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+    use crate::format::{flat_tensors, validate};
+
+    /// `tests/data/legacy/generate.py`: views of one storage, a Parameter, a 3-byte
+    /// storage first (so the others start at odd offsets), an empty tensor.
+    const TIED: &[u8] = include_bytes!("../../tests/data/legacy/tied.legacy");
+
+    fn parse_bytes(b: &[u8]) -> Result<Parsed> {
+        parse(Path::new("t.pt"), std::io::Cursor::new(b), b.len() as u64)
+    }
+
+    #[test]
+    fn real_file() {
+        let p = parse_bytes(TIED).unwrap();
+        validate(Path::new("t.pt"), TIED.len() as u64, &p).unwrap();
+        assert_eq!(p.format, Format::TorchLegacy);
+        let names: Vec<String> = flat_tensors(&p.objects)
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["odd", "a", "b", "t", "row", "p", "x"]);
+        let sizes: Vec<u64> = p.storages.iter().map(|s| s.nbytes).collect();
+        assert_eq!(sizes, [3, 24, 16, 0]);
+        // Every record is an 8-byte element count, then the bytes; the storage table
+        // points past the count.
+        for s in &p.storages {
+            let at = s.offset as usize;
+            let elem = if s.nbytes == 16 {
+                8
+            } else if s.nbytes == 3 {
+                1
+            } else {
+                4
+            };
+            let numel = u64::from_le_bytes(TIED[at - 8..at].try_into().unwrap());
+            assert_eq!(numel * elem, s.nbytes, "{s:?}");
+        }
+        let w = &p.storages[1];
+        let floats: Vec<f32> = TIED[w.offset as usize..(w.offset + w.nbytes) as usize]
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(floats, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]);
+        assert_ne!(w.offset % 4, 0, "this vector's float storage is unaligned");
+        // a and b are one tensor; t and row view its storage.
+        assert_eq!(p.tensors.len(), 6);
+        assert_eq!(p.tensors[2].strides, [1, 3]);
+        assert_eq!((p.tensors[3].storage, p.tensors[3].storage_offset), (1, 3));
+        assert_eq!(p.tensors[4].dtype, DType::F64);
+    }
+
+    #[test]
+    fn detection() {
+        assert!(is_legacy(TIED));
+        assert!(is_legacy(&TIED[..15])); // the magic number pickle alone
+        assert!(!is_legacy(&TIED[..14]));
+        assert!(!is_legacy(&TIED[15..]));
+        assert!(!is_legacy(b"PK\x03\x04"));
+        assert!(!is_legacy(b""));
+    }
+
+    #[test]
+    fn truncation_at_every_position_fails_cleanly() {
+        for n in 0..TIED.len() {
+            match parse_bytes(&TIED[..n]) {
+                Err(Error::Malformed { path, .. }) => assert_eq!(path, Path::new("t.pt")),
+                other => panic!("{n}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn byte_flips_never_panic() {
+        let mut buf = TIED.to_vec();
+        for i in 0..buf.len() {
+            let orig = buf[i];
+            for x in [0x00u8, 0x01, 0x7f, 0x80, 0xff, orig ^ 0x01, orig ^ 0x20] {
+                buf[i] = x;
+                if let Ok(p) = parse_bytes(&buf) {
+                    let _ = validate(Path::new("t.pt"), buf.len() as u64, &p);
+                }
+            }
+            buf[i] = orig;
+        }
+    }
+
+    #[test]
+    fn a_record_of_the_wrong_size_is_refused() {
+        let p = parse_bytes(TIED).unwrap();
+        let mut buf = TIED.to_vec();
+        let at = p.storages[1].offset as usize - 8;
+        buf[at..at + 8].copy_from_slice(&7u64.to_le_bytes());
+        let e = parse_bytes(&buf).unwrap_err().to_string();
+        assert!(e.contains("7 elements of 4 bytes"), "{e}");
+    }
+}

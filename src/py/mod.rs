@@ -3,6 +3,7 @@
 //! transfer and slices (copies, GIL released), dlpack, dtypes (the dtype table).
 
 mod checkpoint;
+mod cuda_save;
 mod dlpack;
 mod dtypes;
 mod errors;
@@ -20,5 +21,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     slices::register(m)?;
     dtypes::register(m)?;
     save::register(m)?;
+    cuda_save::register(m)?;
     Ok(())
 }

@@ -11,10 +11,14 @@
 //! - [`host`]: worker threads `pread` straight into destination host memory (existing CPU
 //!   tensors: `load_into` on a materialised module); reads coalesced across small gaps
 //!   scatter with one `preadv`, the gaps going to a scratch buffer.
-//! - [`cuda`]: the driver glue of the CUDA sink: loading the driver, contexts, a
-//!   process-wide ring of pinned slabs, a stream with an event per slab; the staged loop
-//!   of [`pipeline`] runs on them. One synchronisation at the end.
-//!
+//! - [`staging`]: the driver-independent part of staging through pinned slabs: the
+//!   budget, the ring (generic over the memory that pins it), checkout of a sink's
+//!   process-wide staging resources, the shelf of what the driver refused to free.
+//! - [`writeback`]: the reverse of the staged loop (source memory -> slab -> file, with
+//!   writer threads and a CRC32 per request), for saving.
+//! - [`cuda`]: the driver glue of the CUDA sink: loading the driver, contexts, pinned
+//!   memory, a stream with an event per slab; the staged loop of [`pipeline`] (loads) and
+//!   the loop of [`writeback`] (saves) run on them. One synchronisation at the end.
 //! - [`write`]: the reverse direction for `zeroload.save`: host byte ranges written to a
 //!   file with parallel positional writes, large ranges split across threads, CRC-32s
 //!   computed on the way.
@@ -28,6 +32,11 @@ pub mod host;
 pub mod pipeline;
 pub mod plan;
 pub mod slice;
+// The staging checkout (slot and condition variable) and the ring's geometry and warning
+// are blocking locks (clippy.toml): they are checked out, looked at and released only by
+// copies and queries that src/py runs detached from Python.
+#[allow(clippy::disallowed_types)]
+pub mod staging;
 pub mod write;
 pub mod writeback;
 

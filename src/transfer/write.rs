@@ -44,9 +44,12 @@ struct Segment {
     len: u64,
 }
 
+/// Units of work: `(first, end)` ranges of the segment list.
+type Units = Vec<(usize, usize)>;
+
 /// The segments of `reqs` in file order, and the units (ranges of segments) that the
 /// threads claim. Refuses requests whose file ranges overlap or overflow.
-fn plan_units(path: &Path, reqs: &[WriteRequest]) -> Result<(Vec<Segment>, Vec<(usize, usize)>)> {
+fn plan_units(path: &Path, reqs: &[WriteRequest]) -> Result<(Vec<Segment>, Units)> {
     let mut order: Vec<usize> = (0..reqs.len()).filter(|&i| reqs[i].nbytes > 0).collect();
     order.sort_by_key(|&i| reqs[i].file_offset);
     let mut end_of_last = 0u64;
@@ -293,7 +296,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out");
         let file = File::create(&path).unwrap();
-        let a = vec![1u8; 100];
+        let a = [1u8; 100];
         let reqs = [WriteRequest {
             src: a.as_ptr() as usize,
             nbytes: 100,

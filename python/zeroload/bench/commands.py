@@ -52,13 +52,16 @@ def _check_device(device: str) -> str:
     return str(dev)
 
 
-#: What to compare zeroload with, and where its gain is, printed under each table.
+#: What to compare zeroload with, and where its gain is, printed above each table.
 _FAIR_CPU = (
-    "Fair CPU comparison: {peer} maps the file too, so both return before reading a weight "
-    "(their peak RSS is before any read); compare 'all read', the time until every weight "
-    "has been read. On the CPU zeroload gains only by parsing in Rust (files of many tensors); "
-    "its real gain is on a GPU: one copy on the device, streamed through a small pinned "
-    "buffer, never a CPU copy of the weights."
+    "Fair CPU comparison: {peer} maps the file too, so both return before reading a weight, "
+    "and their 'peak RSS at load' is before any read; compare 'peak RSS, all read' and "
+    "'all read' (until every weight has been read). On the CPU zeroload gains only by "
+    "parsing in Rust (files of many tensors). What only a GPU shows: one copy on the "
+    "device (GPU peak = 1x the weights, where torch.load holds 2x) streamed through a small "
+    "pinned buffer, never a CPU copy of the weights (host RSS within the staging budget). "
+    "GPU figures: run `zeroload demo --device cuda` on a GPU machine; benchmarks/RESULTS.md "
+    "records them where measured (none yet: no GPU was available when it was written)."
 )
 _FAIR_GPU = (
     "On a GPU, zeroload copies each storage once, file -> small pinned buffer -> GPU: "
@@ -83,9 +86,9 @@ def _fair_comparison(rows: List[Any], device: str) -> str:
 
 def _report(rows: List[Any], title: str, out: Path | None, stem: str, device: str) -> int:
     print()
-    print(compare.format_table(rows, title=title))
-    print()
     print(textwrap.fill(_fair_comparison(rows, device), width=100))
+    print()
+    print(compare.format_table(rows, title=title))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{stem}.json").write_text(json.dumps([r.as_dict() for r in rows], indent=1))
@@ -117,12 +120,19 @@ def demo(args: argparse.Namespace) -> int:
         del model
         size = ckpt.stat().st_size
         count = len(args.methods or MODEL_METHODS)
+        times = f", {args.repeat} times each" if args.repeat > 1 else ""
         print(
-            f"saved {ckpt.name}: {format_bytes(size)}; loading it {count} ways ...",
+            f"saved {ckpt.name}: {format_bytes(size)}; loading it {count} ways{times} ...",
             file=sys.stderr,
         )
         rows = compare.compare_model(
-            ckpt, cfg, device=device, methods=args.methods, reference=ref, workdir=tmp
+            ckpt,
+            cfg,
+            device=device,
+            methods=args.methods,
+            reference=ref,
+            workdir=tmp,
+            repeat=args.repeat,
         )
     title = f"GPTModel, {label}: {format_bytes(size)} state dict, device {device}"
     out = Path(args.out) if args.out else None
@@ -138,10 +148,14 @@ def bench(args: argparse.Namespace) -> int:
     if not path.exists():
         raise _shards.not_found(path)
     if args.model:
-        rows = compare.compare_model(path, args.model, device=device, methods=args.methods)
+        rows = compare.compare_model(
+            path, args.model, device=device, methods=args.methods, repeat=args.repeat
+        )
         title = f"{path.name} as {args.model}, device {device}"
     else:
-        rows = compare.compare_state_dict(path, device=device, methods=args.methods)
+        rows = compare.compare_state_dict(
+            path, device=device, methods=args.methods, repeat=args.repeat
+        )
         title = f"{path.name} (state dict), device {device}"
     out = Path(args.out) if args.out else None
     stem = f"zeroload-bench-{path.stem}-{device.replace(':', '')}"

@@ -15,7 +15,13 @@ Loaders that map the file (``torch.load(mmap=True)``, safetensors, zeroload on t
 return before reading the weights; the first forward pass then pays for the reads. So each
 child also times reading every byte of every tensor right after loading (a sum per tensor,
 as a first forward pass would touch them): ``touched_s`` is load plus that, the time until
-every weight has been read, which is what a user waits for.
+every weight has been read, which is what a user waits for, and ``cpu_peak_read`` is the
+peak RSS increase from the start of the load until then: the fair memory figure, since a
+lazy loader's peak at return is before it has read anything.
+
+With ``repeat=N`` every method runs N times, round-robin (each time in a fresh process);
+a row holds the median of each figure and every run's figures (``runs``), and the table
+prints medians with their ranges and a ratio only where two ranges do not overlap.
 
 Model mode methods (the seed notebook's, plus zeroload):
     baseline     ``GPTModel(cfg).to(dev); load_state_dict(torch.load(p, map_location=dev))``
@@ -77,12 +83,22 @@ class Row:
     gpu_peak_used: int | None = None
     wall_s: float | None = None
     touched_s: float | None = None  # wall_s plus reading every byte of every tensor
+    cpu_peak_read: int | None = None  # peak RSS increase until every weight has been read
     check: str = ""  # "equal", "differs (...)", "reference", "" when not checked
     error: str | None = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    runs: List[Dict[str, Any]] = field(default_factory=list)  # every run's figures
 
     def as_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def span(self, name: str) -> tuple | None:
+        """(min, max) of figure ``name`` over the runs (the median is the attribute)."""
+        values = [r[name] for r in self.runs if r.get(name) is not None]
+        if not values:
+            value = getattr(self, name)
+            return None if value is None else (value, value)
+        return (min(values), max(values))
 
 
 # --------------------------------------------------------------------------------------
@@ -287,8 +303,12 @@ def _child(spec: Dict[str, Any]) -> Dict[str, Any]:
             obj = _load_state_dict(method, spec, dev)
     result: Dict[str, Any] = {k: v for k, v in t.as_dict().items() if k != "label"}
     start = time.perf_counter()
-    touch_all(obj)
+    with track("read", gpu=False) as reading:
+        touch_all(obj)
     result["touched_s"] = result["wall_s"] + (time.perf_counter() - start)
+    # The peak from the start of the load until every weight has been read: reading began
+    # at the load's end level (cpu_end over the load's baseline).
+    result["cpu_peak_read"] = max(t.cpu_peak, t.cpu_end + reading.cpu_peak)
     if spec["mode"] == "model":
         out = obj(ref["input"].to(dev)).cpu()
         if ref.get("output_device") == dev.type or dev.type == "cpu":
@@ -347,26 +367,80 @@ def run_child(spec: Dict[str, Any], timeout: float | None = None) -> Dict[str, A
     return {"error": lines[-1] if lines else f"exit status {proc.returncode}"}
 
 
-def _row(method: str, description: str, result: Dict[str, Any]) -> Row:
+_FIGURES = (
+    "cpu_peak",
+    "cpu_sampled_peak",
+    "cpu_hwm_peak",
+    "cpu_peak_read",
+    "gpu_peak_allocated",
+    "gpu_peak_used",
+    "wall_s",
+    "touched_s",
+)
+
+
+def _median(values: List[Any]) -> Any:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    if len(values) % 2:
+        return values[mid]
+    low, high = values[mid - 1], values[mid]
+    both_int = isinstance(low, int) and isinstance(high, int)
+    return (low + high) // 2 if both_int else (low + high) / 2
+
+
+def _row(
+    method: str, description: str, results: Union[Dict[str, Any], List[Dict[str, Any]]]
+) -> Row:
+    """One row from a method's runs: the median of each figure; failed if any run failed;
+    the check is the worst run's (a run that differs makes the row differ)."""
+    runs = [results] if isinstance(results, dict) else list(results)
     row = Row(method=method, description=description)
-    if "error" in result:
-        row.error = result["error"]
+    failed = next((r for r in runs if "error" in r), None)
+    if failed is not None:
+        row.error = failed["error"]
         return row
     row.ok = True
-    for name in (
-        "cpu_peak",
-        "cpu_sampled_peak",
-        "cpu_hwm_peak",
-        "gpu_peak_allocated",
-        "gpu_peak_used",
-        "wall_s",
-        "touched_s",
-    ):
-        setattr(row, name, result.get(name))
-    row.check = result.get("check", "")
-    if "digest" in result:
-        row.extra["digest"] = result["digest"]
+    row.runs = [{name: r.get(name) for name in _FIGURES} for r in runs]
+    for name in _FIGURES:
+        setattr(row, name, _median([r.get(name) for r in runs]))
+    checks = [r.get("check", "") for r in runs]
+    row.check = next((c for c in checks if c.startswith("differs")), checks[0])
+    digests = {r["digest"] for r in runs if "digest" in r}
+    if len(digests) == 1:
+        row.extra["digest"] = digests.pop()
+    elif digests:
+        row.extra["digest"] = "runs differ"
     return row
+
+
+def _run_rounds(
+    methods: Sequence[str],
+    spec_of: Callable[[str], Dict[str, Any]],
+    repeat: int,
+    timeout: float | None,
+    verbose: bool,
+    before_each: Callable[[str], None] | None,
+) -> Dict[str, List[Dict[str, Any]]]:
+    """Every method ``repeat`` times, round-robin (so a slow drift of the machine spreads
+    over all methods alike), each run in a fresh process; a method that fails is not
+    run again."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be at least 1, not {repeat}")
+    results: Dict[str, List[Dict[str, Any]]] = {m: [] for m in methods}
+    for round_no in range(repeat):
+        for m in methods:
+            if any("error" in r for r in results[m]):
+                continue
+            if verbose:
+                of = f" ({round_no + 1}/{repeat})" if repeat > 1 else ""
+                print(f"  running {m} in a fresh process{of} ...", file=sys.stderr, flush=True)
+            if before_each is not None:
+                before_each(m)
+            results[m].append(run_child(spec_of(m), timeout))
+    return results
 
 
 def _write_warmup(folder: Path, like: Path | None = None) -> Path:
@@ -423,6 +497,7 @@ def compare_model(
     timeout: float | None = None,
     verbose: bool = True,
     before_each: Callable[[str], None] | None = None,
+    repeat: int = 1,
 ) -> List[Row]:
     """Load a ``GPTModel`` checkpoint with each method in a fresh process; return the rows.
 
@@ -439,6 +514,8 @@ def compare_model(
         verbose: print progress lines to stderr.
         before_each: called with the method name before each child starts (e.g. to drop
             the page cache for a cold-cache run).
+        repeat: runs per method (round-robin, each in a fresh process); each row holds
+            the medians, and every run's figures in ``runs``.
     """
     import torch
 
@@ -487,16 +564,14 @@ def compare_model(
             ref["output"], ref["output_device"] = out, dev_type
             ref_path = tmpdir / "reference_device.pt"
             torch.save(ref, ref_path)
-        rows = []
-        for m in methods:
-            if verbose:
-                print(f"  running {m} in a fresh process ...", file=sys.stderr, flush=True)
+
+        def spec_of(m: str) -> Dict[str, Any]:
             spec = _spec("model", m, checkpoint, device, cfg, ref_path, per_tensor_dir)
             spec["warmup_file"] = str(warm)
-            if before_each is not None:
-                before_each(m)
-            rows.append(_row(m, MODEL_METHODS[m], run_child(spec, timeout)))
-    return rows
+            return spec
+
+        results = _run_rounds(methods, spec_of, repeat, timeout, verbose, before_each)
+    return [_row(m, MODEL_METHODS[m], results[m]) for m in methods]
 
 
 def _spec(
@@ -550,8 +625,10 @@ def compare_state_dict(
     timeout: float | None = None,
     verbose: bool = True,
     before_each: Callable[[str], None] | None = None,
+    repeat: int = 1,
 ) -> List[Row]:
-    """Load a checkpoint as a state dict with each method in a fresh process.
+    """Load a checkpoint as a state dict with each method in a fresh process (``repeat``
+    times each, as :func:`compare_model` does).
 
     The check column compares a SHA-256 digest of every tensor (name, dtype, shape, bytes)
     with the first method's (``torch.load`` or ``safetensors``; its row says ``reference``):
@@ -563,16 +640,14 @@ def compare_state_dict(
     for m in methods:
         if m not in STATE_DICT_METHODS:
             raise ValueError(f"unknown method {m!r}; choose from {', '.join(STATE_DICT_METHODS)}")
-    rows = []
     with tempfile.TemporaryDirectory(prefix="zeroload-compare-") as tmp:
         warm = _write_warmup(Path(tmp), Path(files[0]))
-        for m in methods:
-            if verbose:
-                print(f"  running {m} in a fresh process ...", file=sys.stderr, flush=True)
-            spec = _spec("state_dict", m, checkpoint, device, files=files, warmup_file=warm)
-            if before_each is not None:
-                before_each(m)
-            rows.append(_row(m, STATE_DICT_METHODS[m], run_child(spec, timeout)))
+
+        def spec_of(m: str) -> Dict[str, Any]:
+            return _spec("state_dict", m, checkpoint, device, files=files, warmup_file=warm)
+
+        results = _run_rounds(methods, spec_of, repeat, timeout, verbose, before_each)
+    rows = [_row(m, STATE_DICT_METHODS[m], results[m]) for m in methods]
     # The reference row is not compared with itself: its check says what it is.
     base = next((r for r in rows if r.ok and r.method != "zeroload"), None)
     for r in rows:
@@ -587,40 +662,76 @@ def compare_state_dict(
 # --------------------------------------------------------------------------------------
 
 
-def _ratio(value: float | None, base: float | None, floor: float) -> str:
-    if value is None or base is None:
+_SCALES = {"GiB": 1 << 30, "MiB": 1 << 20, "KiB": 1 << 10, "B": 1}
+
+
+def _mem(value: int | None, span: tuple | None) -> str:
+    """A memory figure, and its range (in the median's unit) when the runs differ."""
+    text = format_bytes(value, 2)
+    if value is None or span is None or span[0] == span[1]:
+        return text
+    scale = _SCALES[text.split()[-1]]
+    digits = 0 if scale == 1 else 2
+    return f"{text} ({span[0] / scale:.{digits}f}-{span[1] / scale:.{digits}f})"
+
+
+def _secs(value: float | None, span: tuple | None) -> str:
+    """A time in seconds, and its range when the runs differ."""
+    if value is None:
         return "-"
-    return f"{max(value, floor) / max(base, floor):.1f}x"
+    if span is None or span[0] == span[1]:
+        return f"{value:.2f} s"
+    return f"{value:.2f} s ({span[0]:.2f}-{span[1]:.2f})"
+
+
+def _ratio(row: Row, base: Row, name: str, floor: float) -> str:
+    """``row``'s median over ``base``'s for figure ``name``, or "same" where the two rows'
+    ranges over their runs overlap (the difference is within the noise)."""
+    value, ref = getattr(row, name), getattr(base, name)
+    if value is None or ref is None:
+        return "-"
+    (lo, hi), (ref_lo, ref_hi) = row.span(name), base.span(name)
+    lo, hi, ref_lo, ref_hi = (max(x, floor) for x in (lo, hi, ref_lo, ref_hi))
+    if lo <= ref_hi and ref_lo <= hi:
+        return "same"
+    return f"{max(value, floor) / max(ref, floor):.1f}x"
 
 
 def format_table(rows: Sequence[Row], *, title: str = "", against: str = "zeroload") -> str:
     """One aligned text table of the rows, then ratios against ``against``.
 
-    ``load`` is the time until the model (or dict) is returned; ``all read`` adds reading
-    every byte of every tensor, which mmap-based loaders defer to first use.
+    Each figure is the median over the runs, with its range (lowest-highest) when the runs
+    differ. ``peak RSS, all read`` is the peak CPU RSS increase until every weight has
+    been read (the fair figure: a lazy loader's ``peak RSS at load`` is taken before it has
+    read anything); ``load`` is the time until the model (or dict) is returned; ``all
+    read`` adds reading every byte of every tensor, which mmap-based loaders defer to
+    first use. A ratio is printed only where the two ranges do not overlap ("same"
+    otherwise).
     """
     show_gpu = any(r.gpu_peak_allocated is not None for r in rows)
     show_touched = any(r.touched_s is not None for r in rows)
-    headers = ["method", "peak CPU RSS", "load"] + (["all read"] if show_touched else [])
-    if show_gpu:
-        headers[2:2] = ["peak GPU alloc", "peak GPU used"]
+    show_read_peak = any(r.cpu_peak_read is not None for r in rows)
+    headers = ["method"]
+    headers += ["peak RSS, all read"] if show_read_peak else []
+    headers += ["peak RSS at load"]
+    headers += ["peak GPU alloc", "peak GPU used"] if show_gpu else []
+    headers += ["load"] + (["all read"] if show_touched else [])
     headers += ["check", "what it does"]
-    n_times = 2 if show_touched else 1
     table = []
     for r in rows:
         if not r.ok:
-            cells = [r.method, "-"] + ["-"] * n_times + (["-", "-"] if show_gpu else [])
-            cells += ["FAILED", (r.error or "")[:90]]
+            cells = [r.method] + ["-"] * (len(headers) - 3) + ["FAILED", (r.error or "")[:90]]
         else:
-            times = [f"{r.wall_s:.2f} s"]
-            if show_touched:
-                times.append(f"{r.touched_s:.2f} s" if r.touched_s is not None else "-")
-            cells = [r.method, format_bytes(r.cpu_peak, 2), *times]
+            cells = [r.method]
+            if show_read_peak:
+                cells.append(_mem(r.cpu_peak_read, r.span("cpu_peak_read")))
+            cells.append(_mem(r.cpu_peak, r.span("cpu_peak")))
             if show_gpu:
-                cells[2:2] = [
-                    format_bytes(r.gpu_peak_allocated, 2),
-                    format_bytes(r.gpu_peak_used, 2),
-                ]
+                cells.append(_mem(r.gpu_peak_allocated, r.span("gpu_peak_allocated")))
+                cells.append(_mem(r.gpu_peak_used, r.span("gpu_peak_used")))
+            cells.append(_secs(r.wall_s, r.span("wall_s")))
+            if show_touched:
+                cells.append(_secs(r.touched_s, r.span("touched_s")))
             cells += [r.check or "-", r.description]
         table.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *table)]
@@ -631,6 +742,9 @@ def format_table(rows: Sequence[Row], *, title: str = "", against: str = "zerolo
     out = []
     if title:
         out.append(title)
+    runs = max((len(r.runs) for r in rows if r.ok), default=1)
+    if runs > 1:
+        out.append(f"medians of {runs} runs per method (range: lowest-highest)")
     out.append(line(headers))
     out.append(line(["-" * w for w in widths]))
     out.extend(line(c) for c in table)
@@ -638,21 +752,28 @@ def format_table(rows: Sequence[Row], *, title: str = "", against: str = "zerolo
     others = [r for r in rows if r.ok and r is not base]
     if base is not None and others:
         out.append("")
-        out.append(f"ratios (method / {against}; peaks floored at 1 MiB, times at 1 ms):")
+        out.append(
+            f"ratios (method / {against}, medians; 'same' where the ranges overlap; "
+            "peaks floored at 1 MiB, times at 1 ms):"
+        )
         mib = float(1 << 20)
         for r in others:
-            parts = [f"CPU {_ratio(r.cpu_peak, base.cpu_peak, mib)}"]
-            if show_gpu:
-                parts.append(f"GPU {_ratio(r.gpu_peak_allocated, base.gpu_peak_allocated, mib)}")
-            parts.append(f"load {_ratio(r.wall_s, base.wall_s, 1e-3)}")
+            parts = []
+            if show_read_peak:
+                parts.append(f"peak RSS all read {_ratio(r, base, 'cpu_peak_read', mib)}")
             if show_touched:
-                parts.append(f"all read {_ratio(r.touched_s, base.touched_s, 1e-3)}")
+                parts.append(f"all read {_ratio(r, base, 'touched_s', 1e-3)}")
+            if show_gpu:
+                parts.append(f"GPU {_ratio(r, base, 'gpu_peak_allocated', mib)}")
+            parts.append(f"peak RSS at load {_ratio(r, base, 'cpu_peak', mib)}")
+            parts.append(f"load {_ratio(r, base, 'wall_s', 1e-3)}")
             out.append(f"  {r.method:<{widths[0]}}  " + ", ".join(parts))
     return "\n".join(out)
 
 
 def plot(rows: Sequence[Row], path: PathLike, *, title: str = "") -> Path:
-    """Write a bar chart (peak CPU RSS, peak GPU memory when measured, time) as a PNG."""
+    """Write a bar chart (peak CPU RSS, peak GPU memory when measured, times) as a PNG:
+    medians, with the range over the runs as error bars."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -660,18 +781,29 @@ def plot(rows: Sequence[Row], path: PathLike, *, title: str = "") -> Path:
 
     ok = [r for r in rows if r.ok]
     names = [r.method for r in ok]
-    panels = [("peak CPU RSS increase (GiB)", [(r.cpu_peak or 0) / (1 << 30) for r in ok])]
+    gib = float(1 << 30)
+    figures = []
+    if any(r.cpu_peak_read is not None for r in ok):
+        figures.append(("peak CPU RSS until all read (GiB)", "cpu_peak_read", gib))
+    figures.append(("peak CPU RSS at load (GiB)", "cpu_peak", gib))
     if any(r.gpu_peak_allocated is not None for r in ok):
-        panels.append(
-            ("peak GPU allocated (GiB)", [(r.gpu_peak_allocated or 0) / (1 << 30) for r in ok])
-        )
-    panels.append(("time to load (s)", [r.wall_s or 0.0 for r in ok]))
+        figures.append(("peak GPU allocated (GiB)", "gpu_peak_allocated", gib))
+    figures.append(("time to load (s)", "wall_s", 1.0))
     if any(r.touched_s is not None for r in ok):
-        panels.append(("time until all weights read (s)", [r.touched_s or 0.0 for r in ok]))
+        figures.append(("time until all weights read (s)", "touched_s", 1.0))
+    panels = []
+    for label, name, scale in figures:
+        values = [(getattr(r, name) or 0) / scale for r in ok]
+        spans = [r.span(name) or (0, 0) for r in ok]
+        errors = [
+            [max(v - lo / scale, 0.0) for v, (lo, _) in zip(values, spans)],
+            [max(hi / scale - v, 0.0) for v, (_, hi) in zip(values, spans)],
+        ]
+        panels.append((label, values, errors))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     colors = ["#d62728" if n == "zeroload" else "#7f7f7f" for n in names]
-    for ax, (label, values) in zip(axes[0], panels):
-        bars = ax.bar(range(len(names)), values, color=colors)
+    for ax, (label, values, errors) in zip(axes[0], panels):
+        bars = ax.bar(range(len(names)), values, yerr=errors, capsize=3, color=colors)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)

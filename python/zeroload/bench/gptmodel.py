@@ -17,34 +17,17 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
-from zeroload.bench import SIZES
+from zeroload.bench import BASE_CONFIG, CONFIGS, SIZES
 
-__all__ = ["CONFIGS", "SIZES", "GPTModel", "config", "describe", "num_parameters"]
-
-#: Settings shared by every size (GPT-2's vocabulary and context length).
-BASE_CONFIG: Dict[str, Any] = {
-    "vocab_size": 50257,
-    "context_length": 1024,
-    "drop_rate": 0.0,
-    "qkv_bias": True,
-}
-
-#: The seed notebook's model configurations, plus a tiny one for tests.
-CONFIGS: Dict[str, Dict[str, Any]] = {
-    "tiny": {
-        "vocab_size": 512,
-        "context_length": 64,
-        "drop_rate": 0.0,
-        "qkv_bias": True,
-        "emb_dim": 64,
-        "n_layers": 2,
-        "n_heads": 4,
-    },
-    "gpt2-small (124M)": {**BASE_CONFIG, "emb_dim": 768, "n_layers": 12, "n_heads": 12},
-    "gpt2-medium (355M)": {**BASE_CONFIG, "emb_dim": 1024, "n_layers": 24, "n_heads": 16},
-    "gpt2-large (774M)": {**BASE_CONFIG, "emb_dim": 1280, "n_layers": 36, "n_heads": 20},
-    "gpt2-xl (1558M)": {**BASE_CONFIG, "emb_dim": 1600, "n_layers": 48, "n_heads": 25},
-}
+__all__ = [
+    "BASE_CONFIG",
+    "CONFIGS",
+    "SIZES",
+    "GPTModel",
+    "config",
+    "describe",
+    "num_parameters",
+]
 
 
 def config(name: str) -> Dict[str, Any]:

@@ -898,4 +898,87 @@ mod tests {
         assert_eq!((m.as_str(), n.as_str()), ("my.module", "MyTensor"));
         assert!(unsupported(&call(("torch", "Size"), P::bare().none())).contains("subclass"));
     }
+
+    /// `_rebuild_tensor_v2` of `size` elements at `off` on the legacy persistent id
+    /// `('storage', torch.FloatStorage, key, 'cpu', numel, view_metadata)`; `view` writes
+    /// the view_metadata.
+    fn legacy_tensor(key: &str, numel: i64, view: impl Fn(P) -> P, off: i64, size: i64) -> Vec<u8> {
+        let p = P::new()
+            .global("torch._utils", "_rebuild_tensor_v2")
+            .mark()
+            .mark()
+            .str("storage")
+            .global("torch", "FloatStorage")
+            .str(key)
+            .str("cpu")
+            .int(numel);
+        view(p)
+            .tuple()
+            .op(op::BINPERSID)
+            .int(off)
+            .ints(&[size])
+            .ints(&[1])
+            .op(op::NEWFALSE)
+            .ordered_dict()
+            .tuple()
+            .reduce()
+            .stop()
+    }
+
+    fn legacy(p: &[u8]) -> Result<Unpickled, PickleError> {
+        unpickle_prefix(p, true)
+            .map(|(u, used)| {
+                assert_eq!(used, p.len());
+                u
+            })
+            .map_err(|e| e.error)
+    }
+
+    #[test]
+    fn legacy_persistent_ids_have_six_fields() {
+        let p = legacy_tensor("k", 6, |p| p.none(), 1, 4);
+        let u = legacy(&p).unwrap();
+        assert_eq!(u.tensors, vec![t(DType::F32, 0, &[4], &[1], 1, false)]);
+        assert_eq!(u.storages, vec![sref("k", Some(DType::F32), 6)]);
+        // The zip format's five fields are not a legacy id, and the other way round.
+        let five = P::new()
+            .tensor_v2("torch.FloatStorage", "0", 6, 0, &[2], &[1])
+            .stop();
+        let e = legacy(&five).unwrap_err().to_string();
+        assert!(e.contains("this one has 5 fields"), "{e}");
+        let e = unpickle(&p).unwrap_err().to_string();
+        assert!(e.contains("this one has 6 fields"), "{e}");
+    }
+
+    #[test]
+    fn legacy_storage_views() {
+        let view = |p: P| p.mark().str("v").int(2).int(3).tuple();
+        let u = legacy(&legacy_tensor("root", 6, view, 1, 2)).unwrap();
+        assert_eq!(
+            u.storages,
+            vec![
+                sref("root", Some(DType::F32), 6),
+                StorageRef {
+                    view_of: Some((0, 8)),
+                    ..sref("v", Some(DType::F32), 3)
+                }
+            ]
+        );
+        // The tensor is on the view.
+        assert_eq!(u.tensors, vec![t(DType::F32, 1, &[2], &[1], 1, false)]);
+        // A view past the end of its storage, or not (key, offset, size), is refused.
+        let past = |p: P| p.mark().str("v").int(4).int(3).tuple();
+        let e = legacy(&legacy_tensor("root", 6, past, 0, 1)).unwrap_err();
+        assert!(e.to_string().contains("runs past its storage"), "{e}");
+        let short = |p: P| p.mark().str("v").int(4).tuple();
+        let e = legacy(&legacy_tensor("root", 6, short, 0, 1)).unwrap_err();
+        assert!(e.to_string().contains("(key, offset, size)"), "{e}");
+        // A view's key naming its own root is both a storage and a view.
+        let itself = |p: P| p.mark().str("root").int(0).int(6).tuple();
+        let e = legacy(&legacy_tensor("root", 6, itself, 0, 1)).unwrap_err();
+        assert!(
+            e.to_string().contains("both as a storage and as a view"),
+            "{e}"
+        );
+    }
 }

@@ -14,13 +14,15 @@
 //!   kept for the life of the process; the calling thread's current context is restored
 //!   on return (a failure to restore it is reported, not ignored). Each destination buffer
 //!   is checked to be memory of the device, once per buffer.
-//! - `ring.rs`: a ring of pinned (page-locked, portable) host slabs sized by the staging
-//!   budget; if the full budget cannot be pinned (`CUDA_ERROR_OUT_OF_MEMORY`), a smaller
-//!   ring is used and [`take_staging_warning`] says so once.
-//! - `staging.rs`: the process keeps one set of staging resources (the ring, one
-//!   non-blocking stream with an event per slab for each device used, the reader pool),
-//!   created on first use and reused by every copy; a copy checks them out and gives them
-//!   back; [`release_staging`] frees them all.
+//! - `staging.rs`: what is CUDA's in the staging resources: pinned slabs
+//!   (`cuMemHostAlloc`, portable; the ring itself, its budget, the fallback to a smaller
+//!   ring with [`take_staging_warning`], the checkout and the shelf of refused frees are
+//!   `transfer/staging/`'s), one non-blocking stream with an event per slab for each
+//!   device used, and freeing each in its context. The process keeps one set (with the
+//!   reader pool), created on first use and reused by every load and save; a copy checks
+//!   it out and gives it back; [`release_staging`] frees it all.
+//! - `save.rs`: the reverse path (GPU -> slab -> file) for saving: `cuMemcpyDtoHAsync_v2`
+//!   into the same ring on the same stream, driven by `transfer/writeback.rs`.
 //! - Here: one copy. Reader threads `pread` chunks into free slabs (never DMA from the
 //!   mmap: page faults would serialise the transfer); the calling thread issues one async
 //!   host-to-device copy per destination piece, records the slab's event, and recycles
@@ -34,18 +36,15 @@
 //! and `tests/test_cuda_engine.py`).
 
 mod driver;
-mod ring;
 mod save;
-// The staging resources' slot, geometry and warning are blocking locks (clippy.toml): they
-// are checked out, looked at and released only by copies and queries that src/py runs
-// detached from Python.
-#[allow(clippy::disallowed_types)]
 mod staging;
 
 use std::sync::Arc;
 
 pub use driver::{device_count, is_available};
-pub use ring::{
+// The staging budget is the driver-independent staging part's; re-exported for callers
+// of the CUDA sink.
+pub use crate::transfer::staging::{
     parse_bytes, ring_geometry, staging_budget, DEFAULT_STAGING_BYTES, MIN_STAGING_BYTES,
     STAGING_ENV,
 };

@@ -1,26 +1,29 @@
-//! The staging resources every CUDA copy reuses: the pinned ring, one non-blocking stream
-//! with an event per slab for each device used, and the reader threads. They are created
-//! on first use and kept for the process; a copy *checks them out* and gives them back
-//! when it is done (another copy waits meanwhile). No lock is held while a copy runs, so
-//! the progress callback (which may need Python's GIL) never runs under our lock, and
-//! [`staging_allocated`] answers at once during a copy. What the driver refuses to free
-//! is kept as an orphan and retried by the next [`release_staging`].
-
-use std::cell::Cell;
-use std::sync::{Condvar, Mutex};
+//! The staging resources every CUDA copy (load or save) reuses: the pinned ring, one
+//! non-blocking stream with an event per slab for each device used, and the reader
+//! threads. The driver-independent parts (ring, budget, checkout, the shelf of what the
+//! driver refused to free) are `transfer/staging/`'s; this file supplies what is CUDA's:
+//! pinning (`cuMemHostAlloc`, portable), streams and events, and freeing each in its
+//! context. The resources are created on first use and kept for the process; a copy
+//! *checks them out* and gives them back when it is done (another copy waits meanwhile).
+//! No lock is held while a copy runs, so the progress callback (which may need Python's
+//! GIL) never runs under our lock, and [`staging_allocated`] answers at once during a
+//! copy. What the driver refuses to free is shelved and retried by the next
+//! [`release_staging`].
 
 use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 
 use super::driver::{cu, guarded, with_context};
-use super::ring::{ring_geometry, Ring};
 use crate::error::{Error, Result};
 use crate::transfer::pipeline::{ReaderPool, Stage};
+use crate::transfer::staging::checkout::{Checkout, Guard, Settle};
+use crate::transfer::staging::ring::{ensure_ring, PinnedMemory, Ring, RingNews};
+use crate::transfer::staging::shelf::Shelf;
 
 /// The staging ring's current geometry `(slab_bytes, slabs)`, if it is allocated. Answers
 /// at once, also while a copy runs.
 pub fn staging_allocated() -> Option<(u64, usize)> {
-    *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner())
+    NEWS.geometry()
 }
 
 /// Frees the staging resources: the pinned ring, the streams and events, the reader
@@ -37,7 +40,46 @@ pub fn release_staging() -> Result<bool> {
 /// The warning of the last staging fallback (the full budget could not be pinned), once:
 /// the next call returns `None` until another fallback happens.
 pub fn take_staging_warning() -> Option<String> {
-    WARNING.lock().unwrap_or_else(|e| e.into_inner()).take()
+    NEWS.take_warning()
+}
+
+/// Pinned host memory from the driver (`cuMemHostAlloc`, portable across contexts),
+/// allocated in context `ctx` (bound by the caller) and freed with a context current.
+#[derive(Clone, Copy)]
+pub(crate) struct CudaPinned {
+    /// The context that was current when it was pinned (bound again to free it).
+    pub(crate) ctx: usize,
+}
+
+impl PinnedMemory for CudaPinned {
+    const REFUSAL: &'static str = "cuMemHostAlloc: CUDA_ERROR_OUT_OF_MEMORY";
+
+    fn pin(&self, bytes: usize) -> Result<std::result::Result<*mut u8, Error>> {
+        // SAFETY: a context is current (the caller bound `ctx`); the memory is
+        // uninitialised, which is fine: a copy only ever writes it (pread, or DMA from
+        // the device) before reading it (DMA to the device, or a write to the file).
+        match unsafe { result::malloc_host(bytes, sys::CU_MEMHOSTALLOC_PORTABLE) } {
+            Ok(p) => Ok(Ok(p.cast())),
+            Err(e @ DriverError(sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)) => {
+                Ok(Err(cu("cuMemHostAlloc")(e)))
+            }
+            Err(e) => Err(cu("cuMemHostAlloc")(e)),
+        }
+    }
+
+    unsafe fn unpin(&self, slab: *mut u8) -> Result<()> {
+        // SAFETY: `slab` came from `cuMemHostAlloc` and is freed once (this function's
+        // contract); a context is current (`Ring::free`'s contract for CUDA; the fake
+        // driver records a finding otherwise).
+        unsafe { result::free_host(slab.cast()) }.map_err(cu("cuMemFreeHost"))
+    }
+
+    fn exhausted(&self, message: String) -> Error {
+        Error::Cuda {
+            call: "cuMemHostAlloc".into(),
+            message,
+        }
+    }
 }
 
 /// One device's stream and an event per slab, reused by every copy to that device.
@@ -138,11 +180,11 @@ impl Stage for Streams {
 #[derive(Default)]
 struct Orphans {
     /// Slabs, kept as rings that remember their context.
-    rings: Vec<Ring>,
+    rings: Shelf<Ring<CudaPinned>>,
     /// `(context, event)`.
-    events: Vec<(usize, usize)>,
+    events: Shelf<(usize, usize)>,
     /// `(context, stream)`.
-    streams: Vec<(usize, usize)>,
+    streams: Shelf<(usize, usize)>,
 }
 
 impl Orphans {
@@ -154,38 +196,26 @@ impl Orphans {
     /// again and returns the first error.
     fn retry(&mut self) -> Result<()> {
         let mut first = None;
-        for mut ring in std::mem::take(&mut self.rings) {
-            if let Err(e) = with_context(ring.ctx, || ring.free()) {
-                first.get_or_insert(e);
-                self.rings.push(ring);
-            }
-        }
-        retry_each(&mut self.events, &mut first, |e| {
-            // SAFETY: an event of ours whose destruction failed before; never used since;
-            // its context is current.
-            unsafe { result::event::destroy(e as sys::CUevent) }.map_err(cu("cuEventDestroy_v2"))
+        self.rings.retry(&mut first, |ring| {
+            with_context(ring.mem.ctx, || ring.free())
         });
-        retry_each(&mut self.streams, &mut first, |s| {
-            // SAFETY: a stream of ours whose destruction failed before; never used since;
-            // its context is current.
-            unsafe { result::stream::destroy(s as sys::CUstream) }.map_err(cu("cuStreamDestroy_v2"))
+        self.events.retry(&mut first, |&mut (ctx, e)| {
+            with_context(ctx, || {
+                // SAFETY: an event of ours whose destruction failed before; never used
+                // since; its context is current.
+                unsafe { result::event::destroy(e as sys::CUevent) }
+                    .map_err(cu("cuEventDestroy_v2"))
+            })
+        });
+        self.streams.retry(&mut first, |&mut (ctx, s)| {
+            with_context(ctx, || {
+                // SAFETY: a stream of ours whose destruction failed before; never used
+                // since; its context is current.
+                unsafe { result::stream::destroy(s as sys::CUstream) }
+                    .map_err(cu("cuStreamDestroy_v2"))
+            })
         });
         first.map_or(Ok(()), Err)
-    }
-}
-
-/// Destroys each `(context, handle)` of `orphans` again with `destroy`, in its own
-/// context; keeps the ones refused again and records the first error in `first`.
-fn retry_each(
-    orphans: &mut Vec<(usize, usize)>,
-    first: &mut Option<Error>,
-    destroy: impl Fn(usize) -> Result<()>,
-) {
-    for (ctx, handle) in std::mem::take(orphans) {
-        if let Err(e) = with_context(ctx, || destroy(handle)) {
-            first.get_or_insert(e);
-            orphans.push((ctx, handle));
-        }
     }
 }
 
@@ -193,7 +223,7 @@ fn retry_each(
 /// a time.
 #[derive(Default)]
 pub(crate) struct Staging {
-    ring: Option<Ring>,
+    ring: Option<Ring<CudaPinned>>,
     /// `(device ordinal, its stream and events)`.
     streams: Vec<(usize, Streams)>,
     readers: ReaderPool,
@@ -205,76 +235,49 @@ pub(crate) struct Staging {
 // checkout (one copy at a time) and, within a copy, by slab ownership passed over channels.
 unsafe impl Send for Staging {}
 
-/// The staging resources, or `None` while a copy has them checked out.
-struct Slot {
-    staging: Option<Box<Staging>>,
-    busy: bool,
+impl Settle for Staging {
+    /// A copy panicked midway: let its queued work finish before anyone else touches the
+    /// slabs.
+    fn settle_after_panic(&mut self) {
+        for (_, st) in &self.streams {
+            let _ = st.synchronize();
+        }
+    }
 }
 
-static SLOT: Mutex<Slot> = Mutex::new(Slot {
-    staging: None,
-    busy: false,
-});
-static SLOT_FREE: Condvar = Condvar::new();
-thread_local! {
-    /// Whether this thread has the staging resources checked out.
-    static HOLDING: Cell<bool> = const { Cell::new(false) };
-}
-static GEOMETRY: Mutex<Option<(u64, usize)>> = Mutex::new(None);
-static WARNING: Mutex<Option<String>> = Mutex::new(None);
+static SLOT: Checkout<Staging> = Checkout::new();
+static NEWS: RingNews = RingNews::new();
 
 /// The staging resources, checked out: given back (and another copy woken) on drop.
-pub(crate) struct StagingGuard(Option<Box<Staging>>);
+pub(crate) type StagingGuard = Guard<Staging>;
 
 impl Staging {
     /// Waits until no other copy uses the staging resources and takes them. The lock is
     /// held only to take or give back, never while a copy runs or Python is called.
     /// Refused on a thread that already has them (a progress callback starting another
-    /// GPU load, or freeing the staging, would otherwise wait for itself forever).
+    /// GPU load or save, or freeing the staging, would otherwise wait for itself forever).
     pub(crate) fn checkout() -> Result<StagingGuard> {
-        if HOLDING.with(|h| h.get()) {
-            return Err(Error::InvalidArgument(
-                "a GPU load or save, or release_staging(), was started from inside a GPU load or save on the \
-                 same thread (from its progress callback); finish the load first"
+        SLOT.take(|| {
+            Error::InvalidArgument(
+                "a GPU load or save, or release_staging(), was started from inside a GPU \
+                 load or save on the same thread (from its progress callback); finish the \
+                 load first"
                     .into(),
-            ));
-        }
-        let mut slot = SLOT.lock().unwrap_or_else(|e| e.into_inner());
-        while slot.busy {
-            slot = SLOT_FREE.wait(slot).unwrap_or_else(|e| e.into_inner());
-        }
-        slot.busy = true;
-        HOLDING.with(|h| h.set(true));
-        Ok(StagingGuard(Some(slot.staging.take().unwrap_or_default())))
+            )
+        })
     }
 
     /// A ring for `budget`, pinned in context `ctx` (bound by the caller) unless the
-    /// current one was made for the same budget.
-    pub(crate) fn ensure_ring(&mut self, budget: u64, ctx: usize) -> Result<&Ring> {
-        if self
-            .ring
-            .as_ref()
-            .is_none_or(|r| r.wanted != ring_geometry(budget))
-        {
-            if let Some(mut old) = self.ring.take() {
-                // Free the old ring first: budgets are about peak memory. Its slabs are
-                // portable, so the copy's context (current) frees them.
-                *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                if let Err(e) = old.free() {
-                    // It keeps the slabs the driver refused, with their context.
-                    self.orphans.rings.push(old);
-                    return Err(e);
-                }
-            }
-            let (ring, warning) = Ring::alloc(budget, ctx)?;
-            *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((ring.slab_bytes as u64, ring.slabs.len()));
-            if let Some(w) = warning {
-                *WARNING.lock().unwrap_or_else(|e| e.into_inner()) = Some(w);
-            }
-            self.ring = Some(ring);
-        }
-        Ok(self.ring.as_ref().expect("ring allocated"))
+    /// current one was made for the same budget. An old ring's slabs are portable, so
+    /// the copy's context (current) frees them.
+    pub(crate) fn ensure_ring(&mut self, budget: u64, ctx: usize) -> Result<&Ring<CudaPinned>> {
+        ensure_ring(
+            &mut self.ring,
+            budget,
+            CudaPinned { ctx },
+            &mut self.orphans.rings,
+            &NEWS,
+        )
     }
 
     /// The stream of `device` (context `ctx`, bound by the caller) with `events` events,
@@ -316,47 +319,13 @@ impl Staging {
                 first.get_or_insert(e);
             }
         }
-        *GEOMETRY.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        NEWS.set_geometry(None);
         if let Some(mut ring) = self.ring.take() {
-            if let Err(e) = with_context(ring.ctx, || ring.free()) {
+            if let Err(e) = with_context(ring.mem.ctx, || ring.free()) {
                 self.orphans.rings.push(ring);
                 first.get_or_insert(e);
             }
         }
         first.map_or(Ok(true), Err)
-    }
-}
-
-impl std::ops::Deref for StagingGuard {
-    type Target = Staging;
-    fn deref(&self) -> &Staging {
-        self.0.as_ref().expect("checked out")
-    }
-}
-
-impl std::ops::DerefMut for StagingGuard {
-    fn deref_mut(&mut self) -> &mut Staging {
-        self.0.as_mut().expect("checked out")
-    }
-}
-
-impl Drop for StagingGuard {
-    fn drop(&mut self) {
-        let staging = self.0.take();
-        if std::thread::panicking() {
-            // A copy panicked midway: let its queued work finish before anyone else
-            // touches the slabs.
-            if let Some(s) = &staging {
-                for (_, st) in &s.streams {
-                    let _ = st.synchronize();
-                }
-            }
-        }
-        let mut slot = SLOT.lock().unwrap_or_else(|e| e.into_inner());
-        slot.staging = staging;
-        slot.busy = false;
-        drop(slot);
-        HOLDING.with(|h| h.set(false));
-        SLOT_FREE.notify_one();
     }
 }

@@ -584,7 +584,10 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
             );
         }
         let (lo, hi) = (addr as u64, (addr + len) as u64);
-        if let Some((a, b)) = st.inflight_overlap(lo, hi) {
+        // Overlapping another copy in flight is one finding: that copy's bytes land in
+        // this one's buffer, so this one is not poisoned (its check would fire too).
+        let overlaps = st.inflight_overlap(lo, hi);
+        if let Some((a, b)) = overlaps {
             st.find(
                 Class::OverlappingDestinations,
                 format!("{NAME} to {addr:#x}+{len} overlaps a copy in flight to {a:#x}..{b:#x}"),
@@ -594,7 +597,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
         st.inflight.entry(lo).or_default().push((hi, id));
         let check = st.cfg.check_sources;
         drop(st);
-        let poisoned = check && pinned.is_some();
+        let poisoned = check && pinned.is_some() && overlaps.is_none();
         if poisoned {
             // SAFETY: the host buffer holds `len` bytes inside a live pinned allocation.
             unsafe { libc::memset(dst, POISON as i32, len) };
