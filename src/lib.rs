@@ -12,6 +12,7 @@ compile_error!(
      bytes are handed to tensors unconverted"
 );
 
+pub mod checkpoint;
 pub mod dlpack;
 pub mod dtype;
 pub mod error;
@@ -23,6 +24,6 @@ pub mod transfer;
 #[cfg(feature = "python")]
 mod py;
 
+pub use checkpoint::Checkpoint;
 pub use dtype::DType;
 pub use error::{Error, Result};
-pub use format::Checkpoint;

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use _core::checkpoint;
 use _core::format::{self, pickle};
 use _core::Error;
 
@@ -295,7 +296,7 @@ fn files_truncated_after_mapping_give_errors_not_sigbus() {
                 continue;
             }
             let header_cut = name.ends_with(".pth") || cut < bytes.len() - 16;
-            match format::parse_mapped(&path, &mapping) {
+            match checkpoint::parse_mapped(&path, &mapping) {
                 Err(e) => assert!(e.to_string().contains(name), "{e}"),
                 // Only a cut inside a safetensors data section can go unnoticed here
                 // (the loader's reads of the data catch it later).
@@ -336,7 +337,7 @@ fn parsing_an_open_file_agrees_with_parsing_its_bytes() {
         for bytes in variants {
             std::fs::write(&path, &bytes).unwrap();
             let mapping = _core::mapping::Mapping::open(&path).unwrap();
-            let from_file = format::parse_mapped(&path, &mapping).map_err(|e| e.to_string());
+            let from_file = checkpoint::parse_mapped(&path, &mapping).map_err(|e| e.to_string());
             let from_bytes = format::parse(&path, &bytes).map_err(|e| e.to_string());
             assert_eq!(from_file, from_bytes, "{name}, {} bytes", bytes.len());
             checked += 1;

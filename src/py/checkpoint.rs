@@ -10,9 +10,10 @@ use pyo3::IntoPyObjectExt;
 
 use super::dlpack::{capsule, check_dims, DLPackView};
 use super::errors::{catch_panic, CheckpointError};
+use crate::checkpoint::Checkpoint;
 use crate::dlpack::Export;
 use crate::dtype::DType;
-use crate::format::{Checkpoint, ObjId, Value};
+use crate::format::{ObjId, Value};
 
 /// Dtypes whose typed DLPack export a consumer refused (bit `dtype as u32`): older torch
 /// builds cannot import some (float8, uint16 and wider). Kept for one call only (one
@@ -214,7 +215,8 @@ impl PyCheckpoint {
         let mapping = mapping.map_err(PyErr::from)?;
         let inner = py.detach(|| {
             catch_panic(&name, "parsing it", || {
-                let parsed = crate::format::parse_mapped(&name, &mapping).map_err(PyErr::from)?;
+                let parsed =
+                    crate::checkpoint::parse_mapped(&name, &mapping).map_err(PyErr::from)?;
                 Ok(Checkpoint::new(&name, mapping.clone(), parsed))
             })
         })?;

@@ -6,9 +6,9 @@
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
+use crate::checkpoint::Checkpoint;
 use crate::dlpack::{DL_CPU, DL_CUDA};
 use crate::error::{Error, Result};
-use crate::format::Checkpoint;
 use crate::py::checkpoint::PyCheckpoint;
 use crate::py::transfer::{borrow_destinations, extents, run_copy};
 use crate::transfer::slice::{Rect, MAX_RUNS};

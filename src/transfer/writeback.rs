@@ -146,6 +146,9 @@ pub(crate) unsafe fn run_writeback<D: Drain>(
     let mut crcs = vec![0u32; plan.parts];
     let stop = AtomicBool::new(false);
     let (job_tx, job_rx) = mpsc::channel::<(usize, usize)>();
+    // A blocking lock (clippy.toml), taken by the writer threads only, which never attach
+    // to Python (the copy runs inside run_copy's `py.detach`).
+    #[allow(clippy::disallowed_types)]
     let job_rx = std::sync::Mutex::new(job_rx);
     let (done_tx, done_rx) = mpsc::channel::<Written>();
     let writers = writers

@@ -37,10 +37,6 @@
 
 mod driver;
 mod save;
-// The staging resources' slot, geometry and warning are blocking locks (clippy.toml): they
-// are checked out, looked at and released only by copies and queries that src/py runs
-// detached from Python.
-#[allow(clippy::disallowed_types)]
 mod staging;
 
 use std::sync::Arc;
