@@ -84,7 +84,8 @@ def from_pretrained(
     shards through zeroload's reader and `.bin` shards through its pickle VM (never
     `torch.load`). On the CPU the parameters are copy-on-write views of the files (no
     copy; the kernel reads them ahead in the background); on a GPU each tensor goes file
-    -> pinned staging ring -> device memory, never through a full CPU copy.
+    -> pinned staging ring -> device memory, never through a full CPU copy. Calls in
+    several threads run one at a time (transformers' own loading is not thread-safe).
 
     Args:
         path: a local model directory (`config.json` and `model.safetensors`,
