@@ -350,6 +350,8 @@ def _per_tensor_dir(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
         torch.save(buf, folder / f"{name}.pt")
     torch.save(torch.arange(3), folder / "w.pt")  # short names: a 1-character stem...
     torch.save(torch.ones(2, 2), folder / f"{'a' * 21}.pt")  # ...and a 21-character one
+    # A legacy (pre-zip) torch.save file among them.
+    torch.save(torch.full((2,), 7.0), folder / "legacy.pt", _use_new_zipfile_serialization=False)
     return {p.stem: torch.load(p, weights_only=True) for p in sorted(folder.glob("*.pt"))}
 
 
@@ -388,7 +390,7 @@ def test_load_into_from_a_per_tensor_directory(per_tensor: tuple) -> None:
     with zeroload.init_empty():
         model = TinyNet().eval()
     result = zeroload.load_into(model, folder, strict=False)
-    assert result.missing_keys == [] and sorted(result.unexpected_keys) == ["a" * 21, "w"]
+    assert result.missing_keys == [] and sorted(result.unexpected_keys) == ["a" * 21, "legacy", "w"]
     for k, v in src.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     idx = torch.tensor([1, 4, 9])
