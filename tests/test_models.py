@@ -299,6 +299,42 @@ def test_a_tied_parameter_is_satisfied_by_any_of_its_names(
     assert torch.equal(model(idx), ref(idx))
 
 
+def test_a_tied_parameter_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zeroload import _core, _load_into
+
+    sd = {k: v.clone() for k, v in TiedNet().state_dict().items()}  # both names stored
+    path = tmp_path / "both.pth"
+    torch.save(sd, path)
+    loaded: list[list[str]] = []
+    load_entries = _load_into._load_entries
+    monkeypatch.setattr(
+        _load_into,
+        "_load_entries",
+        lambda entries, names, *a, **k: (
+            loaded.append(list(names)) or load_entries(entries, names, *a, **k)
+        ),
+    )
+    with torch.device("meta"):
+        meta = TiedNet()
+    zeroload.load_into(meta, path)
+    read = sorted(n for names in loaded for n in names)
+    assert read == ["lm_head.weight", "proj.bias", "proj.weight"]
+    copies: list[int] = []
+    copy_to_host = _core.copy_to_host
+    monkeypatch.setattr(
+        _core,
+        "copy_to_host",
+        lambda ckpt, dests, requests, *a: (
+            copies.append(len(requests)) or copy_to_host(ckpt, dests, requests, *a)
+        ),
+    )
+    live = TiedNet()
+    zeroload.load_into(live, path)
+    assert copies == [3]  # wte.weight/lm_head.weight once, proj.weight, proj.bias
+    assert live.lm_head.weight is live.wte.weight and meta.lm_head.weight is meta.wte.weight
+    assert torch.equal(live.wte.weight, sd["wte.weight"])
+
+
 @pytest.mark.parametrize("kind", ["meta", "materialised"])
 def test_when_every_tied_name_is_stored_the_last_wins_as_in_load_state_dict(
     tmp_path: Path, kind: str
