@@ -299,6 +299,42 @@ def test_a_tied_parameter_is_satisfied_by_any_of_its_names(
     assert torch.equal(model(idx), ref(idx))
 
 
+def test_a_tied_parameter_is_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from zeroload import _core, _load_into
+
+    sd = {k: v.clone() for k, v in TiedNet().state_dict().items()}  # both names stored
+    path = tmp_path / "both.pth"
+    torch.save(sd, path)
+    loaded: list[list[str]] = []
+    load_entries = _load_into._load_entries
+    monkeypatch.setattr(
+        _load_into,
+        "_load_entries",
+        lambda entries, names, *a, **k: (
+            loaded.append(list(names)) or load_entries(entries, names, *a, **k)
+        ),
+    )
+    with torch.device("meta"):
+        meta = TiedNet()
+    zeroload.load_into(meta, path)
+    read = sorted(n for names in loaded for n in names)
+    assert read == ["lm_head.weight", "proj.bias", "proj.weight"]
+    copies: list[int] = []
+    copy_to_host = _core.copy_to_host
+    monkeypatch.setattr(
+        _core,
+        "copy_to_host",
+        lambda ckpt, dests, requests, *a: (
+            copies.append(len(requests)) or copy_to_host(ckpt, dests, requests, *a)
+        ),
+    )
+    live = TiedNet()
+    zeroload.load_into(live, path)
+    assert copies == [3]  # wte.weight/lm_head.weight once, proj.weight, proj.bias
+    assert live.lm_head.weight is live.wte.weight and meta.lm_head.weight is meta.wte.weight
+    assert torch.equal(live.wte.weight, sd["wte.weight"])
+
+
 @pytest.mark.parametrize("kind", ["meta", "materialised"])
 def test_when_every_tied_name_is_stored_the_last_wins_as_in_load_state_dict(
     tmp_path: Path, kind: str
@@ -350,6 +386,8 @@ def _per_tensor_dir(folder: Path, model: torch.nn.Module) -> dict[str, Any]:
         torch.save(buf, folder / f"{name}.pt")
     torch.save(torch.arange(3), folder / "w.pt")  # short names: a 1-character stem...
     torch.save(torch.ones(2, 2), folder / f"{'a' * 21}.pt")  # ...and a 21-character one
+    # A legacy (pre-zip) torch.save file among them.
+    torch.save(torch.full((2,), 7.0), folder / "legacy.pt", _use_new_zipfile_serialization=False)
     return {p.stem: torch.load(p, weights_only=True) for p in sorted(folder.glob("*.pt"))}
 
 
@@ -388,7 +426,7 @@ def test_load_into_from_a_per_tensor_directory(per_tensor: tuple) -> None:
     with zeroload.init_empty():
         model = TinyNet().eval()
     result = zeroload.load_into(model, folder, strict=False)
-    assert result.missing_keys == [] and sorted(result.unexpected_keys) == ["a" * 21, "w"]
+    assert result.missing_keys == [] and sorted(result.unexpected_keys) == ["a" * 21, "legacy", "w"]
     for k, v in src.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     idx = torch.tensor([1, 4, 9])
