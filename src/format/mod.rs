@@ -235,7 +235,22 @@ fn for_each_child(v: &Value, mut f: impl FnMut(ObjId)) {
             attrs.iter().for_each(|&(_, v)| f(v));
         }
         Value::Parameter { tensor, .. } => f(*tensor),
-        _ => {}
+        // Leaves, listed so that a new variant is a compile error here until its children
+        // (if any) are walked.
+        Value::None
+        | Value::Bool(_)
+        | Value::Int(_)
+        | Value::BigInt(_)
+        | Value::Float(_)
+        | Value::Complex(..)
+        | Value::Str(_)
+        | Value::Bytes(_)
+        | Value::ByteArray(_)
+        | Value::Size(_)
+        | Value::Device(_)
+        | Value::DType(_)
+        | Value::Storage(_)
+        | Value::Tensor(_) => {}
     }
 }
 
@@ -256,7 +271,22 @@ fn for_each_child_mut(v: &mut Value, mut f: impl FnMut(&mut ObjId)) {
             attrs.iter_mut().for_each(|(_, v)| f(v));
         }
         Value::Parameter { tensor, .. } => f(tensor),
-        _ => {}
+        // Leaves, listed so that a new variant is a compile error here until its children
+        // (if any) are walked.
+        Value::None
+        | Value::Bool(_)
+        | Value::Int(_)
+        | Value::BigInt(_)
+        | Value::Float(_)
+        | Value::Complex(..)
+        | Value::Str(_)
+        | Value::Bytes(_)
+        | Value::ByteArray(_)
+        | Value::Size(_)
+        | Value::Device(_)
+        | Value::DType(_)
+        | Value::Storage(_)
+        | Value::Tensor(_) => {}
     }
 }
 

@@ -103,7 +103,22 @@ pub(super) fn child(v: &Value, i: usize) -> Option<ObjId> {
             }
         }
         Value::Parameter { tensor, .. } => (i == 0).then_some(*tensor),
-        _ => None,
+        // Leaves, listed so that a new variant is a compile error here until its children
+        // (if any) are walked.
+        Value::None
+        | Value::Bool(_)
+        | Value::Int(_)
+        | Value::BigInt(_)
+        | Value::Float(_)
+        | Value::Complex(..)
+        | Value::Str(_)
+        | Value::Bytes(_)
+        | Value::ByteArray(_)
+        | Value::Size(_)
+        | Value::Device(_)
+        | Value::DType(_)
+        | Value::Storage(_)
+        | Value::Tensor(_) => None,
     }
 }
 
