@@ -490,3 +490,13 @@ def test_zip64_fields_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert_saves_like_torch(obj, tmp_path)
     raw = (tmp_path / "ckpt.pt").read_bytes()
     assert raw.count(b"\xff\xff\xff\xff") >= 3  # the markers are there
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_a_replaced_file_keeps_its_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"old")
+    path.chmod(0o640)
+    zeroload.save({"w": torch.ones(2)}, path)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
