@@ -477,3 +477,26 @@ def test_cuda_tensors_save_like_their_cpu_copies(suffix: str, tmp_path: Path) ->
         assert zipfile.ZipFile(tmp_path / f"gpu{suffix}").testzip() is None
     else:
         assert (tmp_path / f"gpu{suffix}").read_bytes() == (tmp_path / f"cpu{suffix}").read_bytes()
+
+
+def test_zip64_fields_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zip64 layout (records or offsets past 4 GiB), exercised by moving the point
+    where it starts to 100 bytes: torch, zipfile and zeroload read the file back."""
+    from zeroload import _save
+
+    monkeypatch.setattr(_save, "_ZIP64_AT", 100)
+    obj = {"small": torch.arange(5.0), "big": torch.randn(300), "tied": None}
+    obj["tied"] = obj["big"][10:20]
+    assert_saves_like_torch(obj, tmp_path)
+    raw = (tmp_path / "ckpt.pt").read_bytes()
+    assert raw.count(b"\xff\xff\xff\xff") >= 3  # the markers are there
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_a_replaced_file_keeps_its_permissions(tmp_path: Path) -> None:
+    path = tmp_path / "ckpt.pt"
+    path.write_bytes(b"old")
+    path.chmod(0o640)
+    zeroload.save({"w": torch.ones(2)}, path)
+    assert path.stat().st_mode & 0o777 == 0o640
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from pathlib import Path
 from typing import IO, Iterator, Union
 
@@ -52,6 +53,9 @@ def atomic_write(path: Union[str, os.PathLike[str]]) -> Iterator[IO[bytes]]:
     done = False
     try:
         with os.fdopen(fd, "w+b") as f:
+            with contextlib.suppress(FileNotFoundError):
+                # The replaced file keeps its permissions, as when torch.save rewrites it.
+                os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
             yield f
             f.flush()
             os.fsync(f.fileno())

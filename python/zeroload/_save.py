@@ -39,7 +39,17 @@ from zeroload._writer import Request, Tail, write_file
 
 __all__ = ["save"]
 
-_U32 = 0xFFFFFFFF
+_U32 = 0xFFFFFFFF  # "see the zip64 extra field" in a 32-bit size or offset
+#: Sizes and offsets from here on go to zip64 fields (a module global so the tests can
+#: exercise the zip64 layout without writing 4 GiB).
+_ZIP64_AT = _U32
+
+
+def _fit(x: int) -> int:
+    """``x`` for a 32-bit zip field: the value, or the zip64 marker."""
+    return _U32 if x >= _ZIP64_AT else x
+
+
 #: dtypes torch exports through DLPack as whole-byte elements (others go as bytes).
 _DLPACK_DTYPES = {
     torch.float16, torch.bfloat16, torch.float32, torch.float64,
@@ -417,17 +427,17 @@ def _local_header(name: bytes, cursor: int, size: int, align: int) -> Tuple[byte
     field) so the data starts on an ``align`` boundary, as torch's writer pads."""
     start = cursor + 30 + len(name) + 4
     fields: List[int] = []
-    if size >= _U32:
+    if size >= _ZIP64_AT:
         fields += [size, size]
-    if cursor >= _U32:
+    if cursor >= _ZIP64_AT:
         fields.append(cursor)
     z64 = b""
-    if size >= _U32 or cursor >= _U32:
+    if fields:
         z64 = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
         start += len(z64)
     pad = -start % align
     extra = z64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
-    sizes = _U32 if size >= _U32 else 0
+    sizes = _U32 if size >= _ZIP64_AT else 0
     head = struct.pack(
         "<IHHHHHIIIHH", 0x04034B50, 0, 0x0808, 0, 0, 0, 0, sizes, sizes, len(name), len(extra)
     )
@@ -486,17 +496,16 @@ def _plan_torch(obj: Any, path: Path) -> _Plan:
             reqs.append((0, len(out), len(desc), end))
             out += desc
             fields: List[int] = []
-            if size >= _U32:
+            if size >= _ZIP64_AT:
                 fields += [size, size]
-            if at >= _U32:
+            if at >= _ZIP64_AT:
                 fields.append(at)
             extra = b""
             if fields:
                 extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
             central += struct.pack(
                 "<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 45 if fields else 0, 0x0808, 0, 0, 0, crc,
-                min(size, _U32), min(size, _U32), len(name), len(extra), 0, 0, 0, 0,
-                min(at, _U32),
+                _fit(size), _fit(size), len(name), len(extra), 0, 0, 0, 0, _fit(at),
             )  # fmt: skip
             central += name + extra
         n = len(entries)
@@ -507,7 +516,7 @@ def _plan_torch(obj: Any, path: Path) -> _Plan:
         central += struct.pack("<IIQI", 0x07064B50, 0, eocd64_at, 1)
         central += struct.pack(
             "<IHHHHIIH", 0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF),
-            min(eocd64_at - cd_offset, _U32), min(cd_offset, _U32), 0,
+            _fit(eocd64_at - cd_offset), _fit(cd_offset), 0,
         )  # fmt: skip
         reqs.append((0, len(out), len(central), cd_offset))
         out += central
