@@ -1,7 +1,7 @@
 """Promise: every read outside the zero-copy CPU views (casts, `load_into`'s fallback
 copies, slices of tensors laid out non-contiguously, other devices) is a `pread` of the
 file in bounded pieces, never a read through the mapping, so a file truncated under a
-load raises `CheckpointError` (a read through the mapping would die of SIGBUS: each case
+load (or a `zeroload convert`) raises `CheckpointError` (a read through the mapping would die of SIGBUS: each case
 runs in a subprocess, so that such a death fails the test instead of the run)."""
 
 from __future__ import annotations
@@ -160,6 +160,20 @@ _CASES = {
         truncate()
         out = torch.empty(2, 300)
         _slices.read([_slices.SliceRead("wt", ckpt, i, [[(0, 2)], [(0, 300)]], out)])
+    """,
+    "convert": """
+        from zeroload import _convert
+        real = _convert._source_tensors
+        def hook(*a):
+            out = real(*a)
+            truncate()
+            return out
+        _convert._source_tensors = hook
+        dst = path[: -len(".pth")] + ".safetensors"
+        try:
+            _convert.convert(path, dst)
+        finally:
+            assert not os.path.exists(dst), "a failed convert left its output"
     """,
     "other_device_storage": """
         ckpt = zeroload._core.Checkpoint.open(path)

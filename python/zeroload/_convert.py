@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-from zeroload import _core, _shards
+from zeroload import _core, _pread, _shards
 from zeroload._inspect import TensorRef, checkpoint_objects, checkpoint_tensors
 from zeroload._writer import write_file
 
@@ -81,16 +81,21 @@ def _source_tensors(src: Path, key: str | None) -> Tuple[List[Path], List[Tuple[
     return shard_set.files, out
 
 
+def _file_offset(t: TensorRef) -> int:
+    """Where tensor `t`'s first element lies in its file."""
+    return int(t.ckpt.storage(t.storage)[1]) + t.storage_offset * t.itemsize
+
+
 def _gather(t: TensorRef) -> Any:
-    """A strided view's elements, contiguous, as a numpy byte array (strides are >= 0,
-    checked by the core, and the span lies inside the storage)."""
+    """A strided view's elements, contiguous, as a numpy byte array: the span it covers is
+    read with `pread` (strides are >= 0, checked by the core, and the span lies inside the
+    storage), then gathered."""
     import numpy as np
 
     itemsize = t.itemsize
     span = (sum((d - 1) * s for d, s in zip(t.shape, t.stride)) + 1) * itemsize
-    storage = np.from_dlpack(t.ckpt.storage_view(t.storage))
-    start = t.storage_offset * itemsize
-    src_bytes = storage[start : start + span]
+    src_bytes = np.empty(span, dtype=np.uint8)
+    _pread.read_into(t.ckpt, _file_offset(t), span, src_bytes)
     view = np.lib.stride_tricks.as_strided(
         src_bytes,
         shape=(*t.shape, itemsize),
@@ -98,6 +103,26 @@ def _gather(t: TensorRef) -> Any:
         writeable=False,
     )
     return np.ascontiguousarray(view).reshape(-1)
+
+
+def _copy_tensors(fd: int, dst: Path, placed: List[Tuple[TensorRef, int]]) -> List[int]:
+    """Copies each contiguous tensor's bytes from its file to byte `at` of the new file:
+    read with `pread` into a bounce buffer of at most 64 MiB, never through the mapping
+    (a source truncated meanwhile raises `CheckpointError`, not SIGBUS), and written with
+    the core's parallel positional writes."""
+    import numpy as np
+
+    if not placed:
+        return []
+    bounce = np.empty(max(_pread.bounce_size(t.nbytes, 1) for t, _ in placed), dtype=np.uint8)
+    path = os.fspath(dst)
+    for t, at in placed:
+
+        def write(start: int, length: int, at: int = at) -> None:
+            _core.write_host(fd, path, [bounce], [(0, 0, length, at + start)], None, False)
+
+        _pread.read_pieces(t.ckpt, _file_offset(t), t.nbytes, 1, bounce, write)
+    return []
 
 
 def convert(
@@ -199,13 +224,13 @@ def convert(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
 
-    # The writer zeroload.save uses (torch-free): contiguous tensors go straight from the
-    # source's mapping to the new file with parallel positional writes; a temporary file
-    # beside dst is fsynced and renamed over it, and removed on any failure.
+    # The writer zeroload.save uses (torch-free): a temporary file beside dst, fsynced and
+    # renamed over it, removed on any failure. The header goes first; tensor bytes are read
+    # from the source files with pread (`_copy_tensors`), strided views gathered.
     start = 8 + len(raw)
     sources: List[Any] = [len(raw).to_bytes(8, "little") + raw]
     requests: List[Tuple[int, int, int, int]] = [(0, 0, len(sources[0]), 0)]
-    views: Dict[Tuple[Path, int], int] = {}
+    placed: List[Tuple[TensorRef, int]] = []
     for name, t in order:
         at = start + header[name]["data_offsets"][0]
         if t.nbytes == 0:
@@ -213,13 +238,11 @@ def convert(
         if not t.is_contiguous():
             sources.append(_gather(t))
             requests.append((len(sources) - 1, 0, t.nbytes, at))
-            continue
-        view = (t.ckpt.path, t.storage)
-        if view not in views:
-            views[view] = len(sources)
-            sources.append(t.ckpt.storage_view(t.storage))
-        requests.append((views[view], t.storage_offset * t.itemsize, t.nbytes, at))
-    write_file(dst, start + offset, sources, requests)
+        else:
+            placed.append((t, at))
+    write_file(
+        dst, start + offset, sources, requests, extra=lambda fd: _copy_tensors(fd, dst, placed)
+    )
     return {
         "src": str(src),
         "dst": str(dst),
