@@ -1,8 +1,9 @@
 """Promise: every read outside the zero-copy CPU views (casts, `load_into`'s fallback
-copies, slices of tensors laid out non-contiguously, other devices) is a `pread` of the
-file in bounded pieces, never a read through the mapping, so a file truncated under a
-load (or a `zeroload convert`) raises `CheckpointError` (a read through the mapping would die of SIGBUS: each case
-runs in a subprocess, so that such a death fails the test instead of the run)."""
+copies, slices of tensors laid out non-contiguously, other devices, `zeroload convert`) is
+a `pread` of the file in bounded pieces, never a read through the mapping, so a file
+truncated under a load raises `CheckpointError` (a read through the mapping would die of
+SIGBUS: each case runs in a subprocess, so that such a death fails the test instead of the
+run)."""
 
 from __future__ import annotations
 
