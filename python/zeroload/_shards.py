@@ -65,9 +65,10 @@ class ShardSet:
         if i is None:
             folder = file.parent
             raise CheckpointError(
-                f"{file}: {folder} is read as a directory of per-tensor files (it has no "
-                f"{' or '.join(_DIRECTORY_CANDIDATES)}), so each file must hold one tensor "
-                "saved with torch.save(tensor, path); this one holds other objects"
+                f"{file}: no checkpoint in this directory ({folder} has no "
+                f"{' or '.join(_DIRECTORY_CANDIDATES)}), so it is read as a directory of "
+                "per-tensor files, each holding one tensor saved with torch.save(tensor, "
+                "path); this one holds other objects: to load it, pass the file itself"
             )
         return [(self.tensor_names[file], i)]
 
