@@ -24,6 +24,7 @@ __all__ = [
     "dtypes",
     "release_staging",
     "safetensors_dtype_name",
+    "write_from_cuda",
     "write_host",
 ]
 
