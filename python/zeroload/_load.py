@@ -12,7 +12,7 @@ import torch
 
 from zeroload import _core, _shards, _torch
 from zeroload._core import CheckpointError
-from zeroload._device import DeviceLike
+from zeroload._cuda import DeviceLike
 from zeroload._open import reads_privately
 from zeroload._torch import KeysFilter, MapLocation
 

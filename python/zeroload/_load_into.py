@@ -26,8 +26,8 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from zeroload import _core, _dtensor, _shards, _torch
 from zeroload._core import CheckpointError
-from zeroload._device import DeviceLike
-from zeroload._inspect import is_contiguous
+from zeroload._cuda import DeviceLike
+from zeroload._layout import is_contiguous
 
 
 class _Entry(NamedTuple):
@@ -352,9 +352,9 @@ def _fill_in_place(
                 if dev.type == "cpu":
                     _core.copy_to_host(ckpt, dests, requests, None, bar)
                 else:
-                    from zeroload import _device
+                    from zeroload import _cuda
 
-                    _device.copy_into(ckpt, dests, requests, dev, progress=bar)
+                    _cuda.copy_into(ckpt, dests, requests, dev, progress=bar)
             finally:
                 if bar is not None:
                     bar.close()

@@ -10,7 +10,7 @@ import torch
 
 from zeroload import _core, _shards, _slices, _torch
 from zeroload._core import CheckpointError
-from zeroload._device import DeviceLike, parse_device
+from zeroload._cuda import DeviceLike, parse_device
 
 _FRAMEWORKS = {"pt": False, "pytorch": False, "torch": False, "np": True, "numpy": True}
 _BACKENDS = ("mmap", "pread")
