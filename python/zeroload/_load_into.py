@@ -25,7 +25,6 @@ import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
 from zeroload import _core, _dtensor, _shards, _torch
-from zeroload._core import CheckpointError
 from zeroload._cuda import DeviceLike
 from zeroload._layout import is_contiguous
 
@@ -38,22 +37,14 @@ class _Entry(NamedTuple):
 
 def _entries(path: str | os.PathLike[str]) -> dict[str, _Entry]:
     """Every tensor name of the checkpoint (all shards), in file order."""
-    shard_set = _shards.resolve(path)
-    out: dict[str, _Entry] = {}
-    for file in shard_set.files:
-        ckpt = _core.Checkpoint.open(os.fspath(file))
-        flat = shard_set.file_tensors(file, ckpt)
-        if flat is None:
-            raise CheckpointError(
-                f"{file}: load_into needs a state dict (a flat dict of name -> tensor); this "
-                "checkpoint holds other objects. Load it with zeroload.load and pass the "
-                "state dict to module.load_state_dict"
-            )
-        for name, i in flat:
-            if name in out:
-                raise CheckpointError(f"{file}: tensor {name!r} also appears in {out[name].file}")
-            out[name] = _Entry(file, ckpt, i)
-    return out
+    index = _shards.tensor_index(
+        _shards.resolve(path),
+        "load_into needs a state dict (a flat dict of name -> tensor); this checkpoint "
+        "holds other objects. Load it with zeroload.load and pass the state dict to "
+        "module.load_state_dict",
+    )
+    files, ckpts = index.files, index.ckpts
+    return {name: _Entry(files[n], ckpts[n], i) for name, (n, i) in index.where.items()}
 
 
 def _error(module: torch.nn.Module, msgs: list[str]) -> RuntimeError:
