@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,8 +44,10 @@ def _entries(path: str | os.PathLike[str]) -> dict[str, _Entry]:
         "holds other objects. Load it with zeroload.load and pass the state dict to "
         "module.load_state_dict",
     )
-    files, ckpts = index.files, index.ckpts
-    return {name: _Entry(files[n], ckpts[n], i) for name, (n, i) in index.where.items()}
+    out: dict[str, _Entry] = {}
+    for file, ckpt, part in zip(index.files, index.ckpts, index.names):
+        out.update(zip(part, map(_Entry, repeat(file), repeat(ckpt), part.values())))
+    return out
 
 
 def _error(module: torch.nn.Module, msgs: list[str]) -> RuntimeError:

@@ -111,7 +111,7 @@ class SafeOpen:
             "for other checkpoints",
         )
         self._ckpts = index.ckpts
-        self._index: dict[str, tuple[int, int]] = index.where
+        self._index: dict[str, tuple[int, int]] = index.where()
         single = len(self._ckpts) == 1 and shard_set.tensor_names is None
         self._metadata = self._ckpts[0].metadata if single else None
         if self._metadata is None and shard_set.metadata:

@@ -8,6 +8,7 @@ reader of several files uses. Torch-free."""
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -104,12 +105,19 @@ class Names:
 
 
 class TensorIndex(NamedTuple):
-    """Every tensor of a shard set: its files, their parses (in the same order) and
-    name -> (file number, tensor index in that file), in file order."""
+    """Every tensor of a shard set: its files, their parses and, per file, name -> tensor
+    index in that file (all three in file order; no name is in two files)."""
 
     files: list[Path]
     ckpts: list[_core.Checkpoint]
-    where: dict[str, tuple[int, int]]
+    names: list[dict[str, int]]
+
+    def where(self) -> dict[str, tuple[int, int]]:
+        """name -> (file number, tensor index in that file), in file order."""
+        out: dict[str, tuple[int, int]] = {}
+        for n, part in enumerate(self.names):
+            out.update(zip(part, zip(itertools.repeat(n), part.values())))
+        return out
 
 
 def tensor_index(shard_set: ShardSet, not_flat: str) -> TensorIndex:
@@ -121,7 +129,8 @@ def tensor_index(shard_set: ShardSet, not_flat: str) -> TensorIndex:
 
     Raises:
         CheckpointError: a file is not a flat dict of tensors (`not_flat`), a file of a
-            per-tensor directory holds more than one tensor, or a name is in two files.
+            per-tensor directory holds more than one tensor, or a name is in two files
+            (``{file}: tensor 'x' also appears in {earlier file}``).
     """
     files = shard_set.files
     ckpts = [_core.Checkpoint.open(os.fspath(f)) for f in files]
@@ -129,18 +138,24 @@ def tensor_index(shard_set: ShardSet, not_flat: str) -> TensorIndex:
         flat = ckpts[0].flat_index()
         if flat is None:
             raise CheckpointError(f"{files[0]}: {not_flat}")
-        return TensorIndex(files, ckpts, {name: (0, i) for name, i in flat.items()})
-    where: dict[str, tuple[int, int]] = {}
+        return TensorIndex(files, ckpts, [flat])
+    names: list[dict[str, int]] = []
+    file_of: dict[str, int] = {}  # name -> file number
     for n, (file, ckpt) in enumerate(zip(files, ckpts)):
-        named = shard_set.file_tensors(file, ckpt)
-        if named is None:
+        if shard_set.tensor_names is None:
+            part = ckpt.flat_index()  # built by the core: no list of pairs in between
+        else:
+            named = shard_set.file_tensors(file, ckpt)
+            part = None if named is None else dict(named)
+        if part is None:
             raise CheckpointError(f"{file}: {not_flat}")
-        for name, i in named:
-            other = where.get(name)
-            if other is not None:
-                raise duplicate(file, f"tensor {name!r}", files[other[0]])
-            where[name] = (n, i)
-    return TensorIndex(files, ckpts, where)
+        clash = part.keys() & file_of.keys()
+        if clash:
+            name = next(k for k in part if k in clash)  # the first in the file's order
+            raise duplicate(file, f"tensor {name!r}", files[file_of[name]])
+        file_of.update(dict.fromkeys(part, n))
+        names.append(part)
+    return TensorIndex(files, ckpts, names)
 
 
 def resolve(path: str | os.PathLike) -> ShardSet:
