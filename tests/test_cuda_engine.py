@@ -4,7 +4,7 @@ No machine this project builds or tests on has a GPU, so the real copy engine ru
 against `libfakecuda.so`, a fake `libcuda.so` that executes each stream on its own thread
 after random delays, keeps device bytes where the host cannot reach them through device
 addresses, and records every misuse of the driver (see tests/fakecuda/README.md). Only
-the allocation of destination storage is substituted (`zeroload._device.backend`): the
+the allocation of destination storage is substituted (`zeroload._cuda.backend`): the
 destinations are fake device memory exported through DLPack, as PyTorch's CUDA tensors
 would be, and come back as CPU tensors afterwards, so that view building, tied storages,
 dtype casts, progress and cancellation all run for real and are compared with `torch.load`.
@@ -49,7 +49,7 @@ from conftest import (
 from reference import assert_same, assert_sharing_same
 
 import zeroload
-from zeroload import _core, _device
+from zeroload import _core, _cuda
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS / "fakecuda"))
@@ -143,7 +143,7 @@ def _gpu(allocator: str = "segments", device: int | None = 0) -> Iterator[fakecu
     fake = _fake()
     fake.bind(device)
     backend = fakecuda.FakeBackend(fake, allocator)
-    with _device.using_backend(backend):
+    with _cuda.using_backend(backend):
         yield backend
 
 
@@ -240,7 +240,7 @@ def _case_progress(tmp: str) -> None:
     progress = ProgressRecorder()
     ids = list(range(ckpt.num_storages))
     with _gpu(), _fake().watch():
-        tensors = _device.materialize_storages(
+        tensors = _cuda.storage_tensors(
             ckpt, ids, torch.device("cuda"), progress=progress, budget=8 << 20
         )
     progress.check(sum(ckpt.storage(i)[2] for i in ids))
@@ -278,7 +278,7 @@ def _case_cancel(tmp: str) -> None:
 
     for progress, exc in [(stop, Stop), (interrupt, KeyboardInterrupt)]:
         with _gpu(), _fake().watch(), pytest.raises(exc):
-            _device.materialize_storages(
+            _cuda.storage_tensors(
                 ckpt, ids, torch.device("cuda"), progress=progress, budget=4 << 20
             )
         gc.collect()  # the abandoned destinations give their device memory back
@@ -338,7 +338,7 @@ def _case_load_into(tmp: str) -> None:
     for k, v in src.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
 
-    # Materialised parameters on the GPU are filled in place through `_device.copy_into`
+    # Materialised parameters on the GPU are filled in place through `_cuda.copy_into`
     # (PyTorch cannot hold a CUDA tensor here, so the destinations are fake device buffers).
     tied = _save(tmp, TiedNet().state_dict(), "tied.pth")
     ckpt = _core.Checkpoint.open(str(tied))
@@ -350,7 +350,7 @@ def _case_load_into(tmp: str) -> None:
             reqs.append((off, n, len(dests), 0))
             dests.append(backend.empty(n, torch.device("cuda", 1)))
         with _fake().watch():
-            _device.copy_into(ckpt, dests, reqs, torch.device("cuda", 1))
+            _cuda.copy_into(ckpt, dests, reqs, torch.device("cuda", 1))
         for (off, n, _, _), d in zip(reqs, dests):
             assert bytes(backend.finish(d).numpy()) == raw[off : off + n]
 
@@ -383,10 +383,10 @@ def _case_concurrent(tmp: str) -> None:
                 time.sleep(0.001)  # Python work with the GIL held, during the copy
 
             # The smallest budget: many progress calls, the ring contended.
-            out = _device.materialize_storages(
+            out = _cuda.storage_tensors(
                 ckpt, ids, torch.device("cuda"), progress=progress, budget=2 << 20
             )
-            with _device.using_backend(backend):
+            with _cuda.using_backend(backend):
                 results[i] = zeroload.load(paths[i], device="cuda", staging_bytes=2 << 20)
             assert len(out) == len(ids)
         except BaseException as e:
@@ -398,7 +398,7 @@ def _case_concurrent(tmp: str) -> None:
             polls[0] += 1
 
     backend = fakecuda.FakeBackend(fake)
-    with _device.using_backend(backend):
+    with _cuda.using_backend(backend):
         threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
         poller = threading.Thread(target=poll)
         try:
@@ -578,7 +578,7 @@ def _case_unavailable(tmp: str) -> None:
         assert _core.cuda_available() is False
         assert _core.cuda_device_count() == 0
         backend = fakecuda.FakeBackend(fake)
-        with _device.using_backend(backend), pytest.raises(zeroload.CudaError) as e:
+        with _cuda.using_backend(backend), pytest.raises(zeroload.CudaError) as e:
             zeroload.load(path, device="cuda")
         assert "CUDA error in" not in str(e.value)
         with pytest.raises(zeroload.CudaError, match="not available"):

@@ -32,7 +32,7 @@ from conftest import (
 from reference import assert_same, assert_sharing_same
 
 import zeroload
-from zeroload import _core, _device
+from zeroload import _core, _cuda
 from zeroload._load_into import load_into
 
 pytestmark = [
@@ -164,7 +164,7 @@ def test_progress_callback_totals(tmp_path: Path, progress_recorder: ProgressRec
     path = save(tmp_path, sd)
     ckpt = _core.Checkpoint.open(str(path))
     ids = list(range(ckpt.num_storages))
-    tensors = _device.materialize_storages(
+    tensors = _cuda.storage_tensors(
         ckpt, ids, torch.device("cuda"), progress=progress_recorder, budget=8 << 20
     )
     progress_recorder.check(sum(ckpt.storage(i)[2] for i in ids))
@@ -188,7 +188,7 @@ def test_exception_in_progress_aborts_and_the_ring_is_reusable(tmp_path: Path) -
             raise Stop
 
     with pytest.raises(Stop):
-        _device.materialize_storages(
+        _cuda.storage_tensors(
             ckpt,
             list(range(ckpt.num_storages)),
             torch.device("cuda"),

@@ -386,7 +386,7 @@ def test_device_loads_build_torchs_views_on_one_copy_per_storage(
 ) -> None:
     # The GPU path's glue, without a GPU: the copy engine's allocation and copy (tested
     # in test_gpu.py on CUDA) is replaced by CPU copies of each storage's bytes.
-    import zeroload._device
+    import zeroload._cuda
     from zeroload import _core
 
     copies: list[list[int]] = []
@@ -396,7 +396,7 @@ def test_device_loads_build_torchs_views_on_one_copy_per_storage(
         copies.append(list(ids))
         return [torch.from_dlpack(ckpt.storage_view(i)).clone() for i in ids]
 
-    monkeypatch.setattr(zeroload._device, "materialize_storages", fake_copy)
+    monkeypatch.setattr(zeroload._cuda, "storage_tensors", fake_copy)
     path = save(tmp_path, training_checkpoint())
     ref = torch.load(path, weights_only=True)
     for device in ("cuda", {"cpu": "cuda:0"}):

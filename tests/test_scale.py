@@ -228,8 +228,8 @@ def wide_file(big_dir: Path) -> Path:
     return path
 
 
-def counting_opens(monkeypatch: pytest.MonkeyPatch, module: types.ModuleType) -> list[str]:
-    """Records every Checkpoint.open made through `module`'s `_core`."""
+def counting_opens(monkeypatch: pytest.MonkeyPatch, *modules: types.ModuleType) -> list[str]:
+    """Records every Checkpoint.open made through the `_core` of any of `modules`."""
     opened: list[str] = []
 
     class Checkpoint:
@@ -242,7 +242,8 @@ def counting_opens(monkeypatch: pytest.MonkeyPatch, module: types.ModuleType) ->
         def __getattr__(self, attr: str) -> object:
             return Checkpoint if attr == "Checkpoint" else getattr(_core, attr)
 
-    monkeypatch.setattr(module, "_core", CountingCore("_core"))
+    for module in modules:
+        monkeypatch.setattr(module, "_core", CountingCore("_core"))
     return opened
 
 
@@ -251,13 +252,15 @@ def test_load_into_20k_parameters_parses_once(
     wide_file: Path, monkeypatch: pytest.MonkeyPatch, on_meta: bool
 ) -> None:
     import zeroload._load_into as load_into_module
+    import zeroload._shards as shards_module
 
     if on_meta:
         with torch.device("meta"):
             model = Wide(MID)
     else:
         model = Wide(MID)
-    opened = counting_opens(monkeypatch, load_into_module)
+    # The shard set's files are opened by its name index (`_shards.tensor_index`).
+    opened = counting_opens(monkeypatch, load_into_module, shards_module)
     result = zeroload.load_into(model, wide_file)
     assert not result.missing_keys and not result.unexpected_keys
     assert opened == [os.fspath(wide_file)]

@@ -11,7 +11,7 @@ import torch
 from conftest import ProgressRecorder, TinyNet
 
 import zeroload
-from zeroload import _core, _device
+from zeroload import _core, _cuda
 
 
 @pytest.fixture
@@ -93,18 +93,18 @@ def test_load_into_cuda_without_cuda_is_a_cuda_error_and_changes_nothing(
 
 
 def test_device_parsing() -> None:
-    assert _device.parse_device(None) == torch.device("cpu")
-    assert _device.parse_device("cuda:1") == torch.device("cuda", 1)
-    assert _device.parse_device(2) == torch.device("cuda", 2)
-    assert _device.parse_device(torch.device("cuda")) == torch.device("cuda")
+    assert _cuda.parse_device(None) == torch.device("cpu")
+    assert _cuda.parse_device("cuda:1") == torch.device("cuda", 1)
+    assert _cuda.parse_device(2) == torch.device("cuda", 2)
+    assert _cuda.parse_device(torch.device("cuda")) == torch.device("cuda")
     with pytest.raises(ValueError, match="not a device"):
-        _device.parse_device("gpu7")
+        _cuda.parse_device("gpu7")
     with pytest.raises(ValueError):
-        _device.parse_device(-1)
+        _cuda.parse_device(-1)
     with pytest.raises(TypeError):
-        _device.parse_device(1.5)  # type: ignore[arg-type]
+        _cuda.parse_device(1.5)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="not a CUDA device"):
-        _device.cuda_device("cpu")
+        _cuda.cuda_device("cpu")
 
 
 @pytest.mark.parametrize("threads", [None, 1, 2, 5])

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from zeroload._core import CheckpointError, CudaError, ForbiddenGlobalError
 
 if TYPE_CHECKING:
-    from zeroload._device import release_staging
+    from zeroload._cuda import release_staging
     from zeroload._hf import from_pretrained
     from zeroload._init_empty import init_empty
     from zeroload._load import load, load_bytes
@@ -67,7 +67,7 @@ _LAZY = {
     "load_into": "zeroload._load_into",
     "from_pretrained": "zeroload._hf",
     "init_empty": "zeroload._init_empty",
-    "release_staging": "zeroload._device",
+    "release_staging": "zeroload._cuda",
     "track": "zeroload._track",
     "save": "zeroload._save",
 }

@@ -63,7 +63,7 @@ def _source_tensors(src: Path, key: str | None) -> Tuple[List[Path], List[Tuple[
     if key is not None and len(shard_set.files) > 1:
         raise ConvertError(f"{src}: --key selects inside one file, not in a shard set")
     out: List[Tuple[str, TensorRef]] = []
-    seen: set = set()
+    seen = _shards.Names()
     for f in shard_set.files:
         ckpt = _core.Checkpoint.open(os.fspath(f))
         if key is None:
@@ -74,9 +74,7 @@ def _source_tensors(src: Path, key: str | None) -> Tuple[List[Path], List[Tuple[
         else:
             named = list(_select(checkpoint_objects(ckpt), key, f).items())
         for name, t in named:
-            if name in seen:
-                raise _core.CheckpointError(f"{f}: tensor {name!r} also appears in another shard")
-            seen.add(name)
+            seen.add(name, f)
             out.append((name, t))
     return shard_set.files, out
 

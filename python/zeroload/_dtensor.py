@@ -31,7 +31,7 @@ import torch
 
 from zeroload import _slices, _torch
 from zeroload._core import CheckpointError
-from zeroload._inspect import is_contiguous
+from zeroload._layout import is_contiguous
 
 Ranges = list[list[tuple[int, int]]]
 
@@ -177,7 +177,7 @@ def _with_rank(e: Exception) -> Exception:
 
 
 def _local_device(mesh: Any, device: Any) -> torch.device:
-    from zeroload._device import parse_device
+    from zeroload._cuda import parse_device
 
     kind = mesh.device_type
     if device is not None:

@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from zeroload import _device, _torch
+from zeroload import _cuda, _torch
 from zeroload._core import CheckpointError
-from zeroload._device import DeviceLike, parse_device
+from zeroload._cuda import DeviceLike, parse_device
 from zeroload._open import SafeOpen
 
 # transformers versions whose loading goes through the seams this module replaces
@@ -127,8 +127,8 @@ def from_pretrained(
     cls = _model_class(transformers, folder, model_class, kwargs.get("config"))
     target = parse_device(device)
     if target.type == "cuda":
-        target = _device.cuda_device(target)
-        if isinstance(_device.backend, _device.TorchCuda):
+        target = _cuda.cuda_device(target)
+        if isinstance(_cuda.backend, _cuda.TorchCuda):
             kwargs["device_map"] = {"": target}
         # else: a substituted backend (tests) hands back CPU tensors; transformers keeps
         # the rest of the model there too.

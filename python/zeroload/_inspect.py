@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 from zeroload import _core, _shards
+from zeroload._layout import is_contiguous
 from zeroload._units import format_bytes, plural
 
 __all__ = [
@@ -24,7 +25,6 @@ __all__ = [
     "checkpoint_tensors",
     "format_inspect",
     "inspect_checkpoint",
-    "is_contiguous",
 ]
 
 #: Bytes per element of each dtype the core reads, named as attributes of ``torch``
@@ -33,17 +33,6 @@ DTYPE_ITEMSIZE: Dict[str, int] = {name: size for name, size, _, _ in _core.dtype
 
 #: Non-tensor entries the table shows (``--json`` lists them all).
 _MAX_ENTRIES = 40
-
-
-def is_contiguous(shape: Sequence[int], stride: Sequence[int]) -> bool:
-    """Row-major dense, as ``torch.Tensor.is_contiguous`` has it (dimensions of size 1 may
-    have any stride)."""
-    expected = 1
-    for d, s in zip(reversed(shape), reversed(stride)):
-        if d != 1 and s != expected:
-            return False
-        expected *= d
-    return True
 
 
 class TensorRef:

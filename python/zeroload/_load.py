@@ -12,7 +12,7 @@ import torch
 
 from zeroload import _core, _shards, _torch
 from zeroload._core import CheckpointError
-from zeroload._device import DeviceLike
+from zeroload._cuda import DeviceLike
 from zeroload._open import reads_privately
 from zeroload._torch import KeysFilter, MapLocation
 
@@ -234,6 +234,7 @@ def _load_shards(
             raise KeyError(_torch.missing_key_message(shard_set.index, unknown[0], weight_map))
         keys = set(wanted).__contains__
     merged: dict[str, Any] = {}
+    seen = _shards.Names()
     for file, names in shard_set.names_by_file().items():
         expected = names if keys is None else [n for n in names if keys(n)]
         if not expected:
@@ -242,8 +243,7 @@ def _load_shards(
         ckpt = _core.Checkpoint.open(os.fspath(file))
         part = _torch.load_checkpoint(ckpt, target, keys=here.__contains__, **options)
         for name, tensor in part.items():
-            if name in merged:
-                raise CheckpointError(f"{file}: tensor {name!r} also appears in another shard")
+            seen.add(name, file)
             merged[name] = tensor
         if len(part) != len(here):
             missing = sorted(here - part.keys())

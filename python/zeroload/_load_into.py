@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,9 +26,8 @@ import torch
 from torch.nn.modules.module import _IncompatibleKeys
 
 from zeroload import _core, _dtensor, _shards, _torch
-from zeroload._core import CheckpointError
-from zeroload._device import DeviceLike
-from zeroload._inspect import is_contiguous
+from zeroload._cuda import DeviceLike
+from zeroload._layout import is_contiguous
 
 
 class _Entry(NamedTuple):
@@ -38,21 +38,15 @@ class _Entry(NamedTuple):
 
 def _entries(path: str | os.PathLike[str]) -> dict[str, _Entry]:
     """Every tensor name of the checkpoint (all shards), in file order."""
-    shard_set = _shards.resolve(path)
+    index = _shards.tensor_index(
+        _shards.resolve(path),
+        "load_into needs a state dict (a flat dict of name -> tensor); this checkpoint "
+        "holds other objects. Load it with zeroload.load and pass the state dict to "
+        "module.load_state_dict",
+    )
     out: dict[str, _Entry] = {}
-    for file in shard_set.files:
-        ckpt = _core.Checkpoint.open(os.fspath(file))
-        flat = shard_set.file_tensors(file, ckpt)
-        if flat is None:
-            raise CheckpointError(
-                f"{file}: load_into needs a state dict (a flat dict of name -> tensor); this "
-                "checkpoint holds other objects. Load it with zeroload.load and pass the "
-                "state dict to module.load_state_dict"
-            )
-        for name, i in flat:
-            if name in out:
-                raise CheckpointError(f"{file}: tensor {name!r} also appears in {out[name].file}")
-            out[name] = _Entry(file, ckpt, i)
+    for file, ckpt, part in zip(index.files, index.ckpts, index.names):
+        out.update(zip(part, map(_Entry, repeat(file), repeat(ckpt), part.values())))
     return out
 
 
@@ -352,9 +346,9 @@ def _fill_in_place(
                 if dev.type == "cpu":
                     _core.copy_to_host(ckpt, dests, requests, None, bar)
                 else:
-                    from zeroload import _device
+                    from zeroload import _cuda
 
-                    _device.copy_into(ckpt, dests, requests, dev, progress=bar)
+                    _cuda.copy_into(ckpt, dests, requests, dev, progress=bar)
             finally:
                 if bar is not None:
                     bar.close()

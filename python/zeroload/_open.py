@@ -10,7 +10,7 @@ import torch
 
 from zeroload import _core, _shards, _slices, _torch
 from zeroload._core import CheckpointError
-from zeroload._device import DeviceLike, parse_device
+from zeroload._cuda import DeviceLike, parse_device
 
 _FRAMEWORKS = {"pt": False, "pytorch": False, "torch": False, "np": True, "numpy": True}
 _BACKENDS = ("mmap", "pread")
@@ -105,29 +105,14 @@ class SafeOpen:
         shard_set = _shards.resolve(path)
         self._path = os.fspath(path)
         # Name -> (file number, tensor index), built once: every call is a dict lookup.
-        self._ckpts = [_core.Checkpoint.open(os.fspath(f)) for f in shard_set.files]
-        self._index: dict[str, tuple[int, int]] = {}
-        per_tensor = shard_set.tensor_names is not None  # a directory of per-tensor files
-        single = len(self._ckpts) == 1 and not per_tensor
-        for n, ckpt in enumerate(self._ckpts):
-            names: dict[str, int] | None
-            if per_tensor:
-                names = dict(shard_set.file_tensors(shard_set.files[n], ckpt) or ())
-            else:
-                names = ckpt.flat_index()
-            if names is None:
-                raise CheckpointError(
-                    f"{ckpt.path}: zeroload.open needs a flat dict of tensors (a state dict); "
-                    "use zeroload.load for other checkpoints"
-                )
-            if single:
-                self._index = {name: (0, i) for name, i in names.items()}
-                break
-            for name, i in names.items():
-                if name in self._index:
-                    other = self._ckpts[self._index[name][0]].path
-                    raise CheckpointError(f"{ckpt.path}: tensor {name!r} also appears in {other}")
-                self._index[name] = (n, i)
+        index = _shards.tensor_index(
+            shard_set,
+            "zeroload.open needs a flat dict of tensors (a state dict); use zeroload.load "
+            "for other checkpoints",
+        )
+        self._ckpts = index.ckpts
+        self._index: dict[str, tuple[int, int]] = index.where()
+        single = len(self._ckpts) == 1 and shard_set.tensor_names is None
         self._metadata = self._ckpts[0].metadata if single else None
         if self._metadata is None and shard_set.metadata:
             self._metadata = {str(k): str(v) for k, v in shard_set.metadata.items()}

@@ -1,13 +1,19 @@
 """Hugging Face layouts: a model directory or a shard index resolves to its files; so does
-a directory of per-tensor `torch.save` files (`{name}.pt`, one tensor each)."""
+a directory of per-tensor `torch.save` files (`{name}.pt`, one tensor each).
+
+Also the one name index of a shard set (`tensor_index`: name -> file and tensor, every
+file opened once) and the one "also appears in" check (`Names`, `duplicate`) that every
+reader of several files uses. Torch-free."""
 
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from zeroload import _core
 from zeroload._core import CheckpointError
@@ -71,6 +77,86 @@ class ShardSet:
                 "path); this one holds other objects: to load it, pass the file itself"
             )
         return [(self.tensor_names[file], i)]
+
+
+def duplicate(file: str | os.PathLike, what: str, other: object) -> CheckpointError:
+    """``{file}: {what} also appears in {other}``: one value found in two files of a set."""
+    return CheckpointError(f"{os.fspath(file)}: {what} also appears in {other}")
+
+
+class Names:
+    """Which file each name of a shard set came from, as the files are read in order: the
+    one place a name found in two files is refused."""
+
+    __slots__ = ("_file_of",)
+
+    def __init__(self) -> None:
+        self._file_of: dict[str, str | os.PathLike] = {}
+
+    def add(self, name: str, file: str | os.PathLike) -> None:
+        """Records `name` as read from `file`.
+
+        Raises:
+            CheckpointError: an earlier file holds `name` too (naming both files).
+        """
+        other = self._file_of.get(name)
+        if other is not None:
+            raise duplicate(file, f"tensor {name!r}", os.fspath(other))
+        self._file_of[name] = file
+
+
+class TensorIndex(NamedTuple):
+    """Every tensor of a shard set: its files, their parses and, per file, name -> tensor
+    index in that file (all three in file order; no name is in two files)."""
+
+    files: list[Path]
+    ckpts: list[_core.Checkpoint]
+    names: list[dict[str, int]]
+
+    def where(self) -> dict[str, tuple[int, int]]:
+        """name -> (file number, tensor index in that file), in file order."""
+        out: dict[str, tuple[int, int]] = {}
+        for n, part in enumerate(self.names):
+            out.update(zip(part, zip(itertools.repeat(n), part.values())))
+        return out
+
+
+def tensor_index(shard_set: ShardSet, not_flat: str) -> TensorIndex:
+    """Opens every file of `shard_set` once and indexes its tensors by name: a flat dict's
+    names, or, in a directory of per-tensor files, each file's name.
+
+    `not_flat`: what the caller says (after ``{file}: ``) of a file that holds other
+    objects than a flat dict of tensors (a training checkpoint).
+
+    Raises:
+        CheckpointError: a file is not a flat dict of tensors (`not_flat`), a file of a
+            per-tensor directory holds more than one tensor, or a name is in two files
+            (``{file}: tensor 'x' also appears in {earlier file}``).
+    """
+    files = shard_set.files
+    ckpts = [_core.Checkpoint.open(os.fspath(f)) for f in files]
+    if len(ckpts) == 1 and shard_set.tensor_names is None:  # one file: no name can repeat
+        flat = ckpts[0].flat_index()
+        if flat is None:
+            raise CheckpointError(f"{files[0]}: {not_flat}")
+        return TensorIndex(files, ckpts, [flat])
+    names: list[dict[str, int]] = []
+    file_of: dict[str, int] = {}  # name -> file number
+    for n, (file, ckpt) in enumerate(zip(files, ckpts)):
+        if shard_set.tensor_names is None:
+            part = ckpt.flat_index()  # built by the core: no list of pairs in between
+        else:
+            named = shard_set.file_tensors(file, ckpt)
+            part = None if named is None else dict(named)
+        if part is None:
+            raise CheckpointError(f"{file}: {not_flat}")
+        clash = part.keys() & file_of.keys()
+        if clash:
+            name = next(k for k in part if k in clash)  # the first in the file's order
+            raise duplicate(file, f"tensor {name!r}", files[file_of[name]])
+        file_of.update(dict.fromkeys(part, n))
+        names.append(part)
+    return TensorIndex(files, ckpts, names)
 
 
 def resolve(path: str | os.PathLike) -> ShardSet:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from zeroload import _core, _torch
-from zeroload._inspect import is_contiguous
+from zeroload._layout import is_contiguous
 
 # Per dimension, the (start, stop) index ranges selected, concatenated in order.
 Ranges = Sequence[Sequence[tuple[int, int]]]
@@ -224,13 +224,13 @@ def _copy(
 ) -> tuple[int, int]:
     if device.type == "cpu":
         return _core.copy_slices_to_host(ckpt, dests, tuples, threads)
-    from zeroload import _device
+    from zeroload import _cuda
 
-    dev = _device.cuda_device(device)
+    dev = _cuda.cuda_device(device)
     # The destinations may be in use by queued kernels on any stream, and torch exports
     # CUDA tensors through DLPack only on the current device.
-    _device.backend.synchronize(dev, all_streams=True)
-    with _device.backend.exporting(dev):
+    _cuda.backend.synchronize(dev, all_streams=True)
+    with _cuda.backend.exporting(dev):
         delivered = _core.copy_slices_to_cuda(ckpt, dests, tuples, dev.index, None)
     return delivered, 0
 
@@ -463,15 +463,15 @@ def read_selection(
             if nbytes:
                 _core.copy_slices_to_host(ckpt, [buf], [one], host_threads())
         else:
-            from zeroload import _device
+            from zeroload import _cuda
 
-            dev = _device.cuda_device(device)
-            dest = _device.backend.empty(nbytes, dev)
+            dev = _cuda.cuda_device(device)
+            dest = _cuda.backend.empty(nbytes, dev)
             if nbytes:
-                _device.backend.synchronize(dev, all_streams=False)
-                with _device.backend.exporting(dev):
+                _cuda.backend.synchronize(dev, all_streams=False)
+                with _cuda.backend.exporting(dev):
                     _core.copy_slices_to_cuda(ckpt, [dest], [one], dev.index, None)
-            buf = _device.backend.finish(dest)
+            buf = _cuda.backend.finish(dest)
     except ValueError as e:
         if "separate" not in str(e):
             raise

@@ -16,10 +16,10 @@ from typing import Any, Union
 
 import torch
 
-from zeroload import _core, _device, _pread
-from zeroload._device import DeviceLike, parse_device
-from zeroload._inspect import is_contiguous
-from zeroload._track import proc_kib_field
+from zeroload import _core, _cuda, _pread
+from zeroload._cuda import DeviceLike, parse_device
+from zeroload._layout import is_contiguous
+from zeroload._procfs import proc_kib_field
 
 MapLocation = Union[DeviceLike, Mapping[str, DeviceLike], None]
 KeysFilter = Union[Iterable[str], Callable[[str], bool], None]
@@ -168,7 +168,7 @@ def materialize_storages(
             total = sum(ckpt.storage(i)[2] for i in ids)
             bar = progress_bar(progress, total, f"zeroload {device}")
             try:
-                tensors = _device.materialize_storages(
+                tensors = _cuda.storage_tensors(
                     ckpt, ids, device, progress=bar, budget=staging_bytes
                 )
             finally:

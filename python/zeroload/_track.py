@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, TypeVar, Union, overload
 
+from zeroload._procfs import proc_kib_field
 from zeroload._units import format_bytes
 
 __all__ = ["Track", "TrackResult", "track"]
@@ -48,19 +49,6 @@ def _rss_bytes() -> int:
 
         scale = 1 if sys.platform == "darwin" else 1024
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
-
-
-def proc_kib_field(path: str, name: bytes) -> int | None:
-    """A ``Name:  N kB`` line of a /proc file (``/proc/self/status``, ``/proc/meminfo``),
-    in bytes; None where the file or the line is missing (not Linux)."""
-    try:
-        with open(path, "rb") as f:
-            for line in f:
-                if line.startswith(name + b":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _hwm_bytes() -> int | None:

@@ -22,6 +22,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,15 +124,16 @@ class StorageReader(_DCPStorageReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """Every tensor of the checkpoint (names, dtypes, shapes) from the files' headers;
         no tensor data is read."""
-        files, named = _files_and_names(self.path)
+        shard_set = _shard_set(self.path)
         sd_meta: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         storage: dict[MetadataIndex, _TensorItem | _BytesItem] = {}
-        for f in files:
+        for file in shard_set.files:
+            f = os.fspath(file)
             ckpt = self._open(f)
-            for fqn, item in _items(ckpt, f, named.get(f)):
+            for fqn, item in _items(ckpt, f, shard_set.file_tensors(file, ckpt)):
                 if isinstance(item, _BytesItem):
                     if fqn in sd_meta:
-                        raise CheckpointError(f"{f}: {fqn!r} also appears in another file")
+                        raise _shards.duplicate(f, repr(fqn), "another file")
                     sd_meta[fqn] = BytesStorageMetadata()
                     storage[MetadataIndex(fqn)] = item
                     continue
@@ -139,10 +141,9 @@ class StorageReader(_DCPStorageReader):
                 offsets = _saved_offsets(ckpt, fqn, len(shape))
                 index = MetadataIndex(fqn, offsets)
                 if index in storage:
-                    raise CheckpointError(
-                        f"{f}: tensor {fqn!r} (at offset {list(offsets)}) also appears in "
-                        f"{getattr(storage[index], 'file', 'another file')}"
-                    )
+                    other = getattr(storage[index], "file", "another file")
+                    what = f"tensor {fqn!r} (at offset {list(offsets)})"
+                    raise _shards.duplicate(f, what, other)
                 storage[index] = item
                 chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(shape))
                 md = sd_meta.get(fqn)
@@ -211,31 +212,28 @@ class StorageReader(_DCPStorageReader):
 
 
 def _files(path: str | os.PathLike) -> list[str]:
+    """The checkpoint's files (see `_shard_set`)."""
+    return [os.fspath(f) for f in _shard_set(path).files]
+
+
+def _shard_set(path: str | os.PathLike) -> _shards.ShardSet:
     """The checkpoint's files: as `zeroload.load` resolves `path`, or, for a directory
     with no index, every `.safetensors` file in it (what HuggingFaceStorageReader reads:
     the shard files of `HuggingFaceStorageWriter(save_distributed=True)` have none)."""
-    return _files_and_names(path)[0]
-
-
-def _files_and_names(path: str | os.PathLike) -> tuple[list[str], dict[str, str]]:
-    """`_files(path)`, and for a directory of per-tensor `torch.save` files, each file's
-    tensor name (its file name less the suffix)."""
     try:
-        shard_set = _shards.resolve(path)
-        names = shard_set.tensor_names or {}
-        return [os.fspath(f) for f in shard_set.files], {os.fspath(f): n for f, n in names.items()}
+        return _shards.resolve(path)
     except FileNotFoundError:
         p = os.fspath(path)
         if not os.path.isdir(p):
             raise
         found = sorted(
-            os.path.join(p, n)
+            Path(p, n)
             for n in os.listdir(p)
             if n.endswith(".safetensors") and os.path.isfile(os.path.join(p, n))
         )
         if not found:
             raise
-        return found, {}
+        return _shards.ShardSet(files=found)
 
 
 def _saved_offsets(ckpt: _core.Checkpoint, fqn: str, ndim: int) -> tuple[int, ...]:
@@ -258,20 +256,11 @@ def _saved_offsets(ckpt: _core.Checkpoint, fqn: str, ndim: int) -> tuple[int, ..
 
 
 def _items(
-    ckpt: _core.Checkpoint, file: str, name: str | None = None
+    ckpt: _core.Checkpoint, file: str, flat: list[tuple[str, int]] | None
 ) -> Iterator[tuple[str, _TensorItem | _BytesItem]]:
-    """`(fqn, item)` of every value in one file, in file order; `name`: the file is one
-    tensor of a directory of per-tensor files, with this name."""
-    if name is not None:
-        single = ckpt.single_tensor()
-        if single is None:
-            raise CheckpointError(
-                f"{file}: a file of a directory of per-tensor files must hold one tensor "
-                "saved with torch.save(tensor, path); this one holds other objects"
-            )
-        yield name, _TensorItem(file, single)
-        return
-    flat = ckpt.flat_tensors()
+    """`(fqn, item)` of every value in one file, in file order; `flat`: the file's
+    `(name, tensor index)` pairs when it is a flat dict of tensors or a file of a directory
+    of per-tensor files (`ShardSet.file_tensors`), None for other checkpoints."""
     if flat is not None:
         for name, i in flat:
             yield name, _TensorItem(file, i)

@@ -6,7 +6,7 @@ ctypes, and plug it into zeroload's GPU path.
   it by its SONAME. Load it before anything in the process touches CUDA.
 - `FakeCuda` wraps the `fakecuda_*` control functions (faults, findings, counters) and
   the driver calls tests use themselves (allocate, read back, VMM, pools).
-- `FakeBackend` is a `zeroload._device.CudaBackend`: destinations are fake device memory
+- `FakeBackend` is a `zeroload._cuda.CudaBackend`: destinations are fake device memory
   exported through DLPack (kDLCUDA), as PyTorch's would be, allocated the way one of
   PyTorch's allocators does it; after the copy their bytes come back (cuMemcpyDtoH_v2) as
   CPU tensors, so that the rest of zeroload's GPU path runs unchanged.
@@ -452,7 +452,7 @@ class DeviceBuffer:
 
 
 class FakeBackend:
-    """`zeroload._device.CudaBackend` on the fake driver.
+    """`zeroload._cuda.CudaBackend` on the fake driver.
 
     `allocator` picks how destination memory is obtained, as PyTorch's allocators do:
     - "segments": the caching allocator's default: blocks (rounded to 512 bytes) carved

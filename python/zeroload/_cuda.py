@@ -148,7 +148,7 @@ def cuda_device(device: DeviceLike) -> torch.device:
     return torch.device("cuda", index)
 
 
-def materialize_storages(
+def storage_tensors(
     ckpt: _core.Checkpoint,
     storages: Sequence[int],
     device: torch.device,
@@ -198,7 +198,7 @@ def copy_into(
 ) -> None:
     """Copies file bytes straight into existing CUDA tensors (`load_into` on a model whose
     parameters live on the GPU): `requests` are `(file_offset, nbytes, destination index,
-    byte offset in it)`; `progress(bytes_done, bytes_total)` as for `materialize_storages`."""
+    byte offset in it)`; `progress(bytes_done, bytes_total)` as for `storage_tensors`."""
     dev = cuda_device(device)
     # The parameters may be in use by queued kernels on any stream.
     backend.synchronize(dev, all_streams=True)
