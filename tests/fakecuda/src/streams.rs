@@ -442,6 +442,28 @@ pub(crate) fn lookup_event(st: &mut State, name: &str, h: CUevent) -> Result<Arc
 // Copies
 // ---------------------------------------------------------------------------------------
 
+/// The stream `h` of an async copy, which must belong to the current context (a copy on
+/// another context's stream is a finding and `INVALID_CONTEXT`).
+fn stream_of_current_context(
+    st: &mut State,
+    name: &str,
+    h: CUstream,
+) -> Result<Arc<Stream>, CUresult> {
+    let (ctx, _) = need_context(st, name)?;
+    let s = lookup_stream(st, name, h)?;
+    if s.ctx != ctx {
+        st.find(
+            Class::WrongContext,
+            format!(
+                "{name}: stream {:#x} belongs to context {:#x}, but {ctx:#x} is current",
+                s.id, s.ctx
+            ),
+        );
+        return Err(INVALID_CONTEXT);
+    }
+    Ok(s)
+}
+
 #[no_mangle]
 pub extern "C" fn cuMemcpyHtoDAsync_v2(
     dst: CUdeviceptr,
@@ -452,18 +474,7 @@ pub extern "C" fn cuMemcpyHtoDAsync_v2(
     const NAME: &str = "cuMemcpyHtoDAsync_v2";
     guard(NAME, || {
         let mut st = enter(NAME, true)?;
-        let (ctx, _) = need_context(&mut st, NAME)?;
-        let s = lookup_stream(&mut st, NAME, stream)?;
-        if s.ctx != ctx {
-            st.find(
-                Class::WrongContext,
-                format!(
-                    "{NAME}: stream {:#x} belongs to context {:#x}, but {ctx:#x} is current",
-                    s.id, s.ctx
-                ),
-            );
-            return Err(INVALID_CONTEXT);
-        }
+        let s = stream_of_current_context(&mut st, NAME, stream)?;
         if len == 0 {
             return Ok(());
         }
@@ -539,18 +550,7 @@ pub unsafe extern "C" fn cuMemcpyDtoHAsync_v2(
     const NAME: &str = "cuMemcpyDtoHAsync_v2";
     guard(NAME, || {
         let mut st = enter(NAME, true)?;
-        let (ctx, _) = need_context(&mut st, NAME)?;
-        let s = lookup_stream(&mut st, NAME, stream)?;
-        if s.ctx != ctx {
-            st.find(
-                Class::WrongContext,
-                format!(
-                    "{NAME}: stream {:#x} belongs to context {:#x}, but {ctx:#x} is current",
-                    s.id, s.ctx
-                ),
-            );
-            return Err(INVALID_CONTEXT);
-        }
+        let s = stream_of_current_context(&mut st, NAME, stream)?;
         if len == 0 {
             return Ok(());
         }
