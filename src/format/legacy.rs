@@ -26,8 +26,8 @@ use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use super::pickle::{self, PickleError, PrefixError, Unpickled};
-use super::{Format, Parsed, Storage, Value};
+use super::pickle::{self, PrefixError, Unpickled};
+use super::{pickle_error, Format, Parsed, Storage, Value};
 use crate::error::{Error, Result};
 
 /// The magic number `0x1950a86a20f9469cfc6c`, as pickle's LONG1 stores it (little-endian
@@ -306,26 +306,6 @@ fn read_exact_at<R: Read + Seek>(
             _ => Error::io(path, e),
         })?;
     Ok(buf)
-}
-
-fn pickle_error(path: &Path, entry: &str, start: u64, e: PickleError) -> Error {
-    let path = path.to_path_buf();
-    let entry = entry.to_string();
-    match e {
-        PickleError::Malformed { offset, message } => Error::Malformed {
-            path,
-            entry,
-            offset: Some(start + offset),
-            message,
-        },
-        PickleError::Forbidden { module, name, .. } => Error::ForbiddenGlobal {
-            path,
-            entry,
-            module,
-            name,
-        },
-        PickleError::Unsupported { what, .. } => Error::Unsupported { path, entry, what },
-    }
 }
 
 #[cfg(test)]

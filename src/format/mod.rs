@@ -504,6 +504,28 @@ pub fn single_tensor(g: &ObjectGraph) -> Option<usize> {
     }
 }
 
+/// A pickle's error as the checkpoint error of `entry` in `path`, its offset made absolute
+/// (`start`: where the pickle begins in the file). Shared by the torch zip and legacy parsers.
+pub(crate) fn pickle_error(path: &Path, entry: &str, start: u64, e: pickle::PickleError) -> Error {
+    let path = path.to_path_buf();
+    let entry = entry.to_string();
+    match e {
+        pickle::PickleError::Malformed { offset, message } => Error::Malformed {
+            path,
+            entry,
+            offset: Some(start + offset),
+            message,
+        },
+        pickle::PickleError::Forbidden { module, name, .. } => Error::ForbiddenGlobal {
+            path,
+            entry,
+            module,
+            name,
+        },
+        pickle::PickleError::Unsupported { what, .. } => Error::Unsupported { path, entry, what },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,8 +14,8 @@ use std::path::Path;
 use zip::read::{ArchiveOffset, Config};
 use zip::{CompressionMethod, ZipArchive};
 
-use super::pickle::{self, PickleError};
-use super::{Format, Parsed, Storage};
+use super::pickle;
+use super::{pickle_error, Format, Parsed, Storage};
 use crate::error::{Error, Result};
 
 /// Where an entry's bytes are in the file.
@@ -96,7 +96,7 @@ pub fn parse<R: Read + Seek>(path: &Path, source: R, file_len: u64) -> Result<Pa
         .ok_or_else(|| malformed(&pkl_name, "missing".into()))?;
     let pkl = read_span(path, &mut zip, &pkl_name, pkl_span)?;
     let unpickled =
-        pickle::unpickle(&pkl).map_err(|e| pickle_error(path, &pkl_name, pkl_span, e))?;
+        pickle::unpickle(&pkl).map_err(|e| pickle_error(path, &pkl_name, pkl_span.offset, e))?;
 
     let mut storages = Vec::with_capacity(unpickled.storages.len());
     let mut seen: HashMap<&str, ()> = HashMap::with_capacity(unpickled.storages.len());
@@ -247,24 +247,4 @@ fn read_span<R: Read + Seek>(
         .and_then(|mut entry| entry.read_exact(&mut buf).map_err(Into::into))
         .map_err(|e| Error::malformed(path, name, format!("unreadable entry: {e}")))?;
     Ok(buf)
-}
-
-fn pickle_error(path: &Path, entry: &str, span: EntrySpan, e: PickleError) -> Error {
-    let path = path.to_path_buf();
-    let entry = entry.to_string();
-    match e {
-        PickleError::Malformed { offset, message } => Error::Malformed {
-            path,
-            entry,
-            offset: Some(span.offset + offset),
-            message,
-        },
-        PickleError::Forbidden { module, name, .. } => Error::ForbiddenGlobal {
-            path,
-            entry,
-            module,
-            name,
-        },
-        PickleError::Unsupported { what, .. } => Error::Unsupported { path, entry, what },
-    }
 }
