@@ -66,8 +66,8 @@ fn borrow_fd(fd: i32) -> PyResult<ManuallyDrop<File>> {
     }
 }
 
-/// Writes byte ranges of `sources` to the open file `fd` with parallel positional writes
-/// and the GIL released. `sources`: `bytes` objects, dense CPU tensors (anything
+/// Writes byte ranges of `sources` to the open file `fd` with positional writes in file
+/// order and the GIL released (`transfer::write`; `threads`: the writer plus CRC threads). `sources`: `bytes` objects, dense CPU tensors (anything
 /// exporting DLPack) or unused "dltensor" capsules of them (`to_dlpack`): zero-copy, so a
 /// tensor viewing a zeroload mapping is written straight from the mapping; `requests`: `(source index, byte offset in the source, nbytes,
 /// file offset)`, checked against the source's size; file ranges must not overlap.

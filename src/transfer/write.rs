@@ -2,21 +2,28 @@
 //!
 //! Each request names a host byte range and the file offset it goes to. Requests are
 //! taken in file order and cut into units of work: a large range is split into pieces
-//! of [`PIECE`] bytes, each its own unit, so one big tensor is written by every thread;
-//! neighbouring small ranges are grouped into one unit, and ranges that touch in the file
-//! go out with one `pwritev` (a zip record's local header and its data, say). Worker
-//! threads claim units in order (`pipeline::run_scoped`), so the file grows roughly
-//! front to back and the page cache sees mostly sequential writes.
+//! of [`PIECE`] bytes, neighbouring small ranges are grouped into one unit, and ranges
+//! that touch in the file go out with one `pwritev` (a zip record's local header and its
+//! data, say).
 //!
-//! With `crc`, each unit computes the CRC-32 of its pieces as it writes them (crc32fast,
-//! SIMD), and the pieces of a request are combined in order: the zip records' checksums
-//! cost no second pass over the data.
+//! One thread writes, in file order. A buffered write into one file holds the file's
+//! inode lock while it copies into the page cache (ext4, XFS and btrfs alike), so a second
+//! writer thread only waits for it: on the 2-CPU VM of benchmarks/RESULTS.md two writers
+//! were 2-5x slower than one. What does run in parallel is the disk: after each unit the
+//! writer starts that unit's writeback and waits for the one [`fileio::WRITE_BEHIND`]
+//! bytes back ([`fileio::write_behind`]), so the final `fsync` finds little left to do and
+//! dirty memory stays bounded.
+//!
+//! With `crc`, other threads compute the CRC-32 of each unit's pieces meanwhile (crc32fast,
+//! SIMD; running ahead of the writer, they also fault in sources that are cold file
+//! mappings before the writer reaches them), and the pieces of a request are combined in
+//! order: the zip records' checksums cost no second pass over the data.
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
-use super::pipeline::{default_threads, run_scoped, Reporter};
+use super::pipeline::{default_threads, Claims, Reporter};
 use super::{Outcome, ProgressFn};
 use crate::error::{Error, Result};
 use crate::fileio::{self, WriteBuf};
@@ -110,9 +117,11 @@ fn plan_units(path: &Path, reqs: &[WriteRequest]) -> Result<(Vec<Segment>, Units
     Ok((segments, units))
 }
 
-/// Writes every request's bytes to `file` (named `path` in errors) on `threads` threads
-/// (default: up to 8), reporting progress through `cb` on the calling thread. Returns the
-/// outcome and, with `crc`, the CRC-32 of each request's bytes (in request order; empty
+/// Writes every request's bytes to `file` (named `path` in errors), reporting progress
+/// through `cb` on the calling thread, which does every write, in file order (see the
+/// module docs for why one writer). With `crc`, `threads - 1` more threads (default: the
+/// machine's parallelism, at most 8) compute the CRC-32s meanwhile. Returns the outcome
+/// and, with `crc`, the CRC-32 of each request's bytes (in request order; empty
 /// otherwise). A cancelled or failed write leaves the file partly written: the caller
 /// writes to a temporary file and discards it.
 ///
@@ -134,24 +143,34 @@ pub unsafe fn write_from_host(
     let Some(mut reporter) = Reporter::start(cb, total) else {
         return Ok((Outcome::Cancelled, Vec::new()));
     };
+    let ptr = |s: &Segment| (reqs[s.req].src as *const u8).wrapping_add(s.start as usize);
     let crcs: Vec<AtomicU32> = if crc {
         segments.iter().map(|_| AtomicU32::new(0)).collect()
     } else {
         Vec::new()
     };
+    // Each unit's CRCs are computed once, by whichever thread takes the unit first.
+    let crc_taken: Vec<AtomicBool> = if crc {
+        units.iter().map(|_| AtomicBool::new(false)).collect()
+    } else {
+        Vec::new()
+    };
+    let crc_unit = |u: usize| {
+        if crc_taken[u].swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let (first, last) = units[u];
+        for (k, s) in segments[first..last].iter().enumerate() {
+            // SAFETY: the segment lies inside its request's source, valid for reads of
+            // `nbytes` bytes until the call returns (caller's contract).
+            let bytes = unsafe { std::slice::from_raw_parts(ptr(s), s.len as usize) };
+            crcs[first + k].store(crc32fast::hash(bytes), Ordering::Relaxed);
+        }
+    };
     let max_bufs = fileio::max_read_bufs();
-    let work = |u: usize, _: &mut ()| -> Result<u64> {
+    let write_unit = |u: usize| -> Result<u64> {
         let (first, last) = units[u];
         let segs = &segments[first..last];
-        let ptr = |s: &Segment| (reqs[s.req].src as *const u8).wrapping_add(s.start as usize);
-        if crc {
-            for (k, s) in segs.iter().enumerate() {
-                // SAFETY: the segment lies inside its request's source, valid for reads of
-                // `nbytes` bytes until the call returns (caller's contract).
-                let bytes = unsafe { std::slice::from_raw_parts(ptr(s), s.len as usize) };
-                crcs[first + k].store(crc32fast::hash(bytes), Ordering::Relaxed);
-            }
-        }
         // Runs of segments that touch in the file: one vectored write each.
         let mut k = 0;
         let mut bufs = Vec::new();
@@ -169,19 +188,53 @@ pub unsafe fn write_from_host(
             }
             debug_assert!(!bufs.iter().any(WriteBuf::is_empty));
             let written = if let [one] = &bufs[..] {
-                // SAFETY: a segment of a request's source (see above).
+                // SAFETY: a segment of a request's source (see `crc_unit`).
                 let bytes = unsafe { std::slice::from_raw_parts(one.base(), one.len()) };
                 fileio::write_all_at(file, bytes, at)
             } else {
-                // SAFETY: each buffer is a segment of a request's source (see above).
+                // SAFETY: each buffer is a segment of a request's source (see `crc_unit`).
                 unsafe { fileio::write_all_vectored_at(file, &bufs, at) }
             };
             written.map_err(|e| Error::io(path, e))?;
+            fileio::write_behind(file, at, end - at);
         }
         Ok(segs.iter().map(|s| s.len).sum())
     };
-    let threads = threads.unwrap_or_else(default_threads).max(1);
-    let outcome = run_scoped(threads, units.len(), work, &mut reporter)?;
+    let helpers = if crc && units.len() > 1 {
+        threads.unwrap_or_else(default_threads).max(1) - 1
+    } else {
+        0
+    };
+    let claims = Claims::new(units.len());
+    let outcome = std::thread::scope(|scope| {
+        for _ in 0..helpers {
+            scope.spawn(|| {
+                while let Some(u) = claims.claim() {
+                    crc_unit(u);
+                }
+            });
+        }
+        let mut write_all = || -> Result<Outcome> {
+            for u in 0..units.len() {
+                if crc && helpers == 0 {
+                    crc_unit(u); // while the unit's bytes are in the CPU's caches
+                }
+                if !reporter.add(write_unit(u)?) {
+                    return Ok(Outcome::Cancelled);
+                }
+            }
+            // Any CRCs the helpers have not reached yet (the helpers go on meanwhile).
+            if crc {
+                (0..units.len()).for_each(crc_unit);
+            }
+            Ok(Outcome::Done)
+        };
+        let r = write_all();
+        if !matches!(r, Ok(Outcome::Done)) {
+            claims.stop(); // the scope joins the helpers: they stop claiming first
+        }
+        r
+    })?;
     if outcome != Outcome::Done || !crc {
         return Ok((outcome, Vec::new()));
     }

@@ -10,7 +10,7 @@ use super::driver::{check_device_memory, context, cu, guarded, with_context};
 use super::staging::{Staging, Streams};
 use super::staging_budget;
 use crate::error::Result;
-use crate::transfer::pipeline::{default_threads, Reporter, Slabs};
+use crate::transfer::pipeline::{Reporter, Slabs};
 use crate::transfer::plan::written_extents;
 use crate::transfer::writeback::{run_writeback, total_bytes, Drain, WriteRequest};
 use crate::transfer::{CopyRequest, Extent, Outcome, ProgressFn};
@@ -22,7 +22,7 @@ pub struct CudaWriteOptions {
     pub device: usize,
     /// Pinned staging budget in bytes; `None`: `ZEROLOAD_STAGING_BYTES` or 256 MiB.
     pub budget: Option<u64>,
-    /// Writer threads; `None`: up to 8.
+    /// Writer threads; `None`: one.
     pub writers: Option<usize>,
 }
 
@@ -88,9 +88,11 @@ pub unsafe fn write_from_cuda(
             let slab_bytes = ring.slab_bytes;
             let slab_ptrs: Vec<usize> = ring.slabs.iter().map(|s| s.0 as usize).collect();
             let (stream, _) = staging.stage_for(opts.device, ctx, slab_ptrs.len())?;
+            // One writer by default: buffered writes into one file take turns on its
+            // inode lock (transfer/write.rs), so more would wait rather than write.
             let writers = opts
                 .writers
-                .unwrap_or_else(default_threads)
+                .unwrap_or(1)
                 .min(slab_ptrs.len().saturating_sub(1).max(1));
             // SAFETY: the slabs are pinned allocations of `slab_bytes` that only this call
             // uses (the staging resources are checked out); sources per our caller's
