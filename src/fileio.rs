@@ -566,45 +566,6 @@ pub fn write_all_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// Dirty page cache a writer leaves behind it: [`write_behind`] waits for the writeback of
-/// bytes further back than this before the writer goes on.
-pub const WRITE_BEHIND: u64 = 64 << 20;
-
-/// Called after writing `len` bytes at `offset` of `file`, in roughly file order: starts
-/// the writeback of those bytes to the disk now, and waits for the writeback of the bytes
-/// [`WRITE_BEHIND`] before them. So the disk writes while the writer fills the page cache
-/// (a final `fsync` then has at most `WRITE_BEHIND` bytes left to write, where a plain
-/// write-then-fsync does the two one after the other), and a large write leaves a bounded
-/// amount of dirty memory rather than filling the page cache until the kernel throttles
-/// it. Linux (`sync_file_range`); elsewhere nothing. Advisory: a failure here is ignored,
-/// since the `fsync` that makes the file durable reports any write error.
-pub fn write_behind(file: &File, offset: u64, len: u64) {
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let fd = file.as_raw_fd();
-        let sync = |from: u64, flags: libc::c_uint| {
-            // (The offset types differ between libc targets: let the call pick.)
-            if let (Ok(at), Ok(n)) = (from.try_into(), len.try_into()) {
-                // SAFETY: sync_file_range reads no memory of ours; any descriptor and
-                // range is acceptable to it (errors are returned, and ignored, see above).
-                unsafe { libc::sync_file_range(fd, at, n, flags) };
-            }
-        };
-        sync(offset, libc::SYNC_FILE_RANGE_WRITE);
-        if let Some(from) = offset.checked_sub(WRITE_BEHIND) {
-            sync(
-                from,
-                libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-            );
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (file, offset, len);
-}
-
 #[cfg(unix)]
 fn too_far(offset: u64) -> io::Error {
     io::Error::new(

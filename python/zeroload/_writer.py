@@ -3,8 +3,8 @@
 A caller lays out the whole file first (every byte's offset is known before anything is
 written), then :func:`write_file` creates the temporary file beside ``path``
 (:mod:`zeroload._atomic`), sizes it, and hands the byte ranges to the Rust core
-(``_core.write_host``: positional writes in file order with the disk's writeback started
-behind them, the GIL released, CRC-32s computed meanwhile on other threads), calls
+(``_core.write_host``: positional writes in file order, the GIL released, CRC-32s
+computed meanwhile on other threads), calls
 ``finish`` with those CRCs for the bytes that depend on them (a zip's data descriptors and
 central directory), writes those, fsyncs and renames over ``path``. Any failure leaves
 ``path`` untouched and removes the temporary file.

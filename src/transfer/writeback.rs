@@ -6,8 +6,8 @@
 //! request is split across loads, small ones share one). The calling thread queues each
 //! load's copies into a free slab on a [`Drain`] (a CUDA stream) and marks the slab; once
 //! the oldest mark has completed it hands that slab to a writer thread, which writes each
-//! part with a positional write (`fileio::write_all_at`, then `fileio::write_behind` so
-//! the disk writes meanwhile) and computes its CRC32, then gives the slab back. So the
+//! part with a positional write (`fileio::write_all_at`) and computes its CRC32, then
+//! gives the slab back. So the
 //! copy of the next load overlaps the write of the last, and host memory stays within the
 //! slabs whatever the size of the data. One writer is the default (buffered writes into
 //! one file take turns on its inode lock; see `transfer/write.rs`); more may be asked for. Progress counts bytes written, on the calling thread; it may cancel.
@@ -305,7 +305,6 @@ fn write_load(file: &File, what: &Path, base: usize, parts: &[Part]) -> Result<V
             let buf =
                 unsafe { std::slice::from_raw_parts((base + p.slab_off) as *const u8, p.len) };
             fileio::write_all_at(file, buf, p.file_offset).map_err(|e| Error::io(what, e))?;
-            fileio::write_behind(file, p.file_offset, p.len as u64);
             Ok(crc32fast::hash(buf))
         })
         .collect()
