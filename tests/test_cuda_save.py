@@ -373,3 +373,93 @@ def test_an_async_device_to_host_copy_poisons_its_buffer_until_it_ran(
     worker: list[Worker],
 ) -> None:
     run(worker, _case_dtoh_poisons_until_done)
+
+
+class _DeviceBytes:
+    """What `zeroload._save` reads of a contiguous CUDA uint8 tensor (its device, address
+    and size), over fake-driver memory: torch here has no CUDA to make a real one."""
+
+    def __init__(self, ptr: int, nbytes: int, device: int) -> None:
+        import torch
+
+        self.device = torch.device("cuda", device)
+        self._ptr, self._n = ptr, nbytes
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+    def numel(self) -> int:
+        return self._n
+
+    def element_size(self) -> int:
+        return 1
+
+
+def _case_save_glue_writes_cuda_ranges_among_host_ones(tmp: str) -> None:
+    """`zeroload.save`'s plan with host, CUDA (two devices) and empty ranges interleaved:
+    each device's ranges go through `_core.write_from_cuda` once, after synchronising that
+    device; every byte lands at its offset, and `finish` gets the CRCs in request order
+    (empty ranges 0), whatever path each range took. The file is replaced atomically."""
+    import torch
+
+    from zeroload import _save
+
+    fake = _fake()
+    rng = random.Random(7)
+    synced: list[int] = []
+    real_sync = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda device=None: synced.append(device)  # type: ignore[assignment]
+    try:
+        plan = _save._Plan()
+        plan.crc = True
+        expected: list[bytes] = []  # each request's bytes, in request order
+        buffers = []
+        at = 0
+        # (bytes, where: "host" or a device)
+        layout = [(10, "host"), (3 << 20, 0), (0, 1), (5, "host"), ((2 << 20) + 3, 1), (0, 0),
+                  (999, 0), (64, 1), (7, "host")]  # fmt: skip
+        for n, kind in layout:
+            data = rng.randbytes(n)
+            if n == 0:
+                plan.requests.append((-1, 0, 0, at))
+            elif kind == "host":
+                plan.add(data, n, at)
+            else:
+                assert isinstance(kind, int)
+                ptr = fake.alloc(n, kind)
+                fake.write(ptr, data, kind)
+                buffers.append((ptr, kind))
+                plan.requests.append((-2, len(plan.cuda), n, at))
+                plan.cuda.append((_DeviceBytes(ptr, n, kind), at))  # type: ignore[arg-type]
+            expected.append(data)
+            at += n + 3  # a gap, as a zip header leaves
+        plan.size = at
+        got_crcs: list[list[int]] = []
+
+        def finish(crcs: list[int]) -> tuple[list[Any], list[tuple[int, int, int, int]]]:
+            got_crcs.append(crcs)
+            return [b"END"], [(0, 0, 3, at)]
+
+        plan.finish = finish
+        path = Path(tmp) / "glue.pt"
+        path.write_bytes(b"old")
+        fake.bind(0)
+        with fake.watch():
+            plan.write(path, progress=False)
+        assert sorted(synced) == [0, 1], synced
+        out = path.read_bytes()
+        assert out[at:] == b"END"
+        for (_, _, n, offset), data in zip(plan.requests, expected):
+            assert out[offset : offset + n] == data
+        assert got_crcs == [[zlib.crc32(d) if d else 0 for d in expected]]
+        assert not [p for p in Path(tmp).iterdir() if p.name.endswith(".zeroload-tmp")]
+    finally:
+        torch.cuda.synchronize = real_sync  # type: ignore[assignment]
+        for ptr, device in buffers:
+            fake.free(ptr, device)
+
+
+def test_save_sends_cuda_tensor_bytes_through_the_reverse_path(
+    worker: list[Worker], tmp_path: Path
+) -> None:
+    run(worker, _case_save_glue_writes_cuda_ranges_among_host_ones, str(tmp_path))
