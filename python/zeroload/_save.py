@@ -8,6 +8,16 @@ straight from tensor memory to the file through ``zeroload._writer`` (parallel p
 writes in Rust, a temporary file renamed over ``path``). CUDA tensors go through
 :func:`_write_cuda` (device -> pinned staging -> file).
 
+The pickle (``data.pkl``) is written by :func:`_fast_pickle` for the usual checkpoint
+contents (dicts, OrderedDicts with their ``_metadata``, lists, tuples, None, bools, ints,
+floats, strings, ``torch.Size``, dtypes, devices, and dense CPU/CUDA tensors and
+Parameters): it emits the protocol 2 opcodes itself, reducing tensors as torch does and
+checking as it walks, several times faster than the C pickler calling back into Python
+for every object and tensor. Anything else (bytes, sets, a tensor with backward hooks,
+a subclass, a cycle through a tuple, ...) makes it give up, and the general path runs as
+it always has: :func:`_check` (which names what it refuses), then :class:`_Pickler`.
+Both give files that load to the same objects, sharing included.
+
 torch zip layout (as ``torch.save`` writes it; see torch/serialization.py ``_save`` and
 caffe2/serialize/inline_container.cc): records ``<stem>/data.pkl`` (pickle protocol 2,
 persistent ids ``('storage', <StorageType>, key, location, numel)``), ``.format_version``,
@@ -555,10 +565,10 @@ def _fast_pickle(obj: Any) -> _Pickled | None:
             ops = shapes[values] = _ints_tuple_op(tuple(values))
         return ops
 
-    def pid(t: torch.Tensor, dtype: torch.dtype, v3: bool, plain: bool) -> bytes:
+    def pid(t: torch.Tensor, dtype: torch.dtype, v3: bool, offset: int, plain: bool) -> bytes:
         """The persistent id of ``t``'s storage, ``('storage', <StorageType>, key,
-        location, numel)``, as :meth:`_Pickler.persistent_id` makes it (``plain``: no
-        conj/neg bit)."""
+        location, numel)``, as :meth:`_Pickler.persistent_id` makes it (``offset``: t's
+        storage offset; ``plain``: no conj/neg bit)."""
         storage = t.untyped_storage()
         view = torch.uint8 if v3 else dtype
         ptr = storage.data_ptr()
@@ -571,7 +581,7 @@ def _fast_pickle(obj: Any) -> _Pickled | None:
             storages.append(storage)
             nbytes.append(size)
             # The tensor itself is the writer's source when its bytes are the storage's.
-            whole = plain and t.storage_offset() == 0 and t.nbytes == size
+            whole = plain and offset == 0 and t.nbytes == size
             spans.append(t if whole and t.is_contiguous() else None)
         device = t.get_device()  # -1: the CPU
         location = locations.get(device)
@@ -592,11 +602,14 @@ def _fast_pickle(obj: Any) -> _Pickled | None:
         if not v3 and dtype not in _STORAGE_TYPES:
             raise _GiveUp
         metadata = _tensor_metadata(t)  # conj/neg bits
+        offset = int(t.storage_offset())
+        size, stride = t.size(), t.stride()
         parts = [
             const(_rebuild_v3 if v3 else _rebuild_v2, _global_op), _MARK,
-            pid(t, dtype, v3, not metadata), _int_op(int(t.storage_offset())), shape(t.size()),
-            shape(t.stride()), _BOOLS[requires_grad], const(collections.OrderedDict, _global_op),
-            _EMPTY_TUPLE, _REDUCE,
+            pid(t, dtype, v3, offset, not metadata), _int_op(offset),
+            shapes.get(size) or shape(size), shapes.get(stride) or shape(stride),
+            _BOOLS[requires_grad], const(collections.OrderedDict, _global_op), _EMPTY_TUPLE,
+            _REDUCE,
         ]  # fmt: skip
         if v3:
             parts.append(const(dtype, _global_op))
