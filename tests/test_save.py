@@ -500,3 +500,252 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path: Path) -> None:
     zeroload.save({"w": torch.ones(2)}, path)
     assert path.stat().st_mode & 0o777 == 0o640
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
+
+
+# ---------------------------------------------------------------------------------------
+# The fast pickle emitter: the same objects as torch's pickler, or it leaves them to it
+# ---------------------------------------------------------------------------------------
+
+
+def nested_values() -> dict:
+    shared = {"x": [1, 2]}
+    loop: list = ["a list holding itself"]
+    loop.append(loop)
+    ints = [0, 1, 255, 256, 65535, 65536, 2**31 - 1, 2**31, 2**63, 2**64 + 5, 3**300]
+    return {
+        "ints": ints + [-i for i in ints] + [-129, -(2**31), -(2**31) - 1, -(2**64)],
+        "floats": [0.0, -0.0, 1.5, -2.25e300, float("inf"), float("-inf"), float("nan")],
+        "strings": ["", "plain", "ünïcödé ✓ 🚀", "a\nb\x00c"],
+        "singletons": (None, True, False),
+        "tuples": ((), (1,), (1, 2), (1, 2, 3), (1, 2, 3, 4), ([],)),
+        "nested": [[[]], {"k": ({}, [{}])}, collections.OrderedDict(z=1, a=2)],
+        "keys": {1: "int", -2.5: "float", None: "none", False: "bool", "s": "str"},
+        "torch": [
+            torch.Size([]),
+            torch.Size([2, 3]),
+            torch.float16,
+            torch.bfloat16,
+            torch.device("cpu"),
+            torch.device("cuda", 1),
+        ],
+        "shared once": shared,
+        "shared twice": [shared, shared["x"]],
+        "loop": loop,
+        "long list": list(range(2500)),
+        "long dict": {f"k{i}": i for i in range(2500)},
+    }
+
+
+def parameters() -> dict:
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    return {
+        "param": p,
+        "again": p,  # one object under two keys
+        "frozen": torch.nn.Parameter(torch.randn(2), requires_grad=False),
+        "grad leaf": torch.ones(2, requires_grad=True),
+        "int param": torch.nn.Parameter(torch.arange(3), requires_grad=False),
+    }
+
+
+def every_dtype() -> dict:
+    out = {}
+    for dtype in ALL_DTYPES + TORCH_ONLY_DTYPES:
+        t = random_tensor((4, 3), dtype)
+        out[str(dtype)] = t
+        out[f"{dtype} view"] = t[1:, ::2]
+        out[f"{dtype} scalar"] = random_tensor((), dtype, seed=1)
+    return out
+
+
+def conj_neg() -> dict:
+    z, w = torch.randn(4, dtype=torch.complex64), torch.randn(4, dtype=torch.complex64)
+    return {"z": z, "conj": z.conj(), "neg": w.conj().imag, "conj copy": z.conj().clone()}
+
+
+def empties() -> dict:
+    base = torch.randn(6)
+    return {"empty": torch.empty(0), "no rows": torch.zeros(0, 3), "end": base[6:], "base": base}
+
+
+def module_state_dict() -> dict:
+    sd = TiedNet().state_dict()
+    assert hasattr(sd, "_metadata")
+    assert sd["wte.weight"].data_ptr() == sd["lm_head.weight"].data_ptr()
+    return sd
+
+
+def optimizer_checkpoint() -> dict:
+    """A model and its AdamW state after a step (tensors, ints, floats, tuples, lists)."""
+    torch.manual_seed(1)
+    model = TiedNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.8, 0.95))
+    model(torch.randint(0, 40, (4, 5))).sum().backward()
+    opt.step()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 1}
+
+
+#: name -> (a maker of the object, whether zeroload.load reads it back: it refuses
+#: conj/neg bits and rebuilds tensors only, not every object torch's pickle holds).
+PICKLE_CORPUS: dict[str, tuple[Callable[[], Any], bool]] = {
+    "module state_dict (_metadata, a tied weight)": (module_state_dict, True),
+    "AdamW checkpoint (state, param_groups)": (optimizer_checkpoint, True),
+    "views sharing a storage": (strided_views, True),
+    "parameters": (parameters, True),
+    "every dtype": (every_dtype, False),
+    "conj and neg views": (conj_neg, False),
+    "empty tensors": (empties, True),
+    "nested plain values": (nested_values, False),
+}
+
+
+def unpickle(pickled: Any) -> Any:
+    """``data.pkl`` unpickled as torch.load unpickles it, the storages taken from memory."""
+    import io
+    import pickle
+    import warnings
+
+    from zeroload import _save
+
+    dtypes = {storage_type: dtype for dtype, storage_type in _save._STORAGE_TYPES.items()}
+    dtypes[torch.UntypedStorage] = torch.uint8
+    loaded: dict[str, Any] = {}
+
+    class Unpickler(pickle.Unpickler):
+        def persistent_load(self, pid: Any) -> Any:
+            kind, storage_type, key, _location, numel = pid
+            assert kind == "storage"
+            if key not in loaded:
+                storage = pickled.storages[int(key)]
+                loaded[key] = torch.storage.TypedStorage(
+                    wrap_storage=storage, dtype=dtypes[storage_type], _internal=True
+                )
+                assert storage.nbytes() == numel * loaded[key].element_size()
+            return loaded[key]
+
+    with warnings.catch_warnings():  # TypedStorage's, which torch.load hides too
+        warnings.filterwarnings("ignore", "TypedStorage is deprecated")
+        return Unpickler(io.BytesIO(pickled.data)).load()
+
+
+def assert_same_graph(ours: Any, ref: Any) -> None:
+    """The same object graph: types, values (floats and tensors bitwise; tensors with
+    their dtype, size, stride, offset, requires_grad, conj/neg bits), and the same sharing:
+    containers and tensors met twice in one are met twice, at the same places, in the
+    other, and tensors share storages in one exactly where they do in the other."""
+    import struct
+
+    pairs: dict[int, tuple[Any, Any]] = {}  # id in ours -> (ours, ref)
+    back: dict[int, Any] = {}  # id in ref -> ours
+    storages: dict[int, int] = {}  # storage data_ptr in ours -> in ref
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+        if isinstance(a, (torch.Tensor, list, dict)) or (type(a) is tuple and a):
+            if id(a) in pairs or id(b) in back:
+                assert pairs.get(id(a), (None, None))[1] is b, f"{where}: shared differently"
+                assert back.get(id(b)) is a, f"{where}: shared differently"
+                return
+            pairs[id(a)], back[id(b)] = (a, b), a
+        if isinstance(a, torch.Tensor):
+            for attr in ("dtype", "shape", "requires_grad"):
+                assert getattr(a, attr) == getattr(b, attr), f"{where}.{attr}"
+            assert a.stride() == b.stride() and a.storage_offset() == b.storage_offset(), where
+            assert (a.is_conj(), a.is_neg()) == (b.is_conj(), b.is_neg()), where
+            sa, sb = a.untyped_storage(), b.untyped_storage()
+            assert bytes(sa) == bytes(sb), f"{where}: storage bytes"
+            if sa.nbytes():
+                assert storages.setdefault(sa.data_ptr(), sb.data_ptr()) == sb.data_ptr(), where
+        elif isinstance(a, dict):
+            assert list(a) == list(b), f"{where}: keys"
+            for k in a:
+                walk(a[k], b[k], f"{where}[{k!r}]")
+            for name in vars(a) if type(a) is collections.OrderedDict else ():
+                walk(vars(a)[name], vars(b)[name], f"{where}.{name}")
+        elif isinstance(a, (list, tuple)):
+            assert len(a) == len(b), f"{where}: length"
+            for i, (x, y) in enumerate(zip(a, b)):
+                walk(x, y, f"{where}[{i}]")
+        elif isinstance(a, float):
+            assert struct.pack("<d", a) == struct.pack("<d", b), f"{where}: {a} vs {b}"
+        else:
+            assert a == b, f"{where}: {a!r} vs {b!r}"
+
+    walk(ours, ref, "obj")
+    inverse = {v: k for k, v in storages.items()}
+    assert len(inverse) == len(storages), "storages shared in ref but not in ours"
+
+
+@pytest.mark.parametrize("name", list(PICKLE_CORPUS))
+def test_fast_pickle_unpickles_as_torchs_pickler(name: str, tmp_path: Path) -> None:
+    """The fast emitter takes the usual checkpoint contents, and what it writes unpickles
+    to what the general pickler's output unpickles to, storages numbered alike."""
+    from zeroload import _save
+
+    obj = PICKLE_CORPUS[name][0]()
+    fast = _save._fast_pickle(obj)
+    assert fast is not None, "the fast emitter gave up"
+    general = _save._pickle(obj, tmp_path / "ckpt.pt")
+    assert [s._cdata for s in fast.storages] == [s._cdata for s in general.storages]
+    assert fast.nbytes == general.nbytes
+    assert_same_graph(unpickle(fast), unpickle(general))
+    assert_same_graph(unpickle(fast), obj)
+
+
+@pytest.mark.parametrize("name", list(PICKLE_CORPUS))
+def test_fast_pickled_files_load_as_torch_saves(name: str, tmp_path: Path) -> None:
+    """zeroload.save's file loads, every way, to the object graph torch.save's file loads
+    to (zeroload.load: tensors, sharing and structure as torch.load has them)."""
+    make, zeroload_reads = PICKLE_CORPUS[name]
+    obj = make()
+    ours, ref = tmp_path / "ckpt.pt", tmp_path / "ref.pt"
+    zeroload.save(obj, ours)
+    torch.save(obj, ref)
+    expected = torch.load(ref, weights_only=True)
+    for how, load in load_all_ways(ours)[:2]:
+        try:
+            assert_same_graph(load(), expected)
+        except AssertionError as e:
+            raise AssertionError(f"{how}: {e}") from e
+    if zeroload_reads:
+        got = zeroload.load(ours)
+        assert_same(got, expected)
+        assert_sharing_same(got, expected)
+    assert_zip_like_torch(ours, ref)
+
+
+@torch.utils.hooks.unserializable_hook
+def _hook(grad: torch.Tensor) -> torch.Tensor:
+    return grad
+
+
+class Subclass(torch.Tensor):
+    pass
+
+
+def test_what_the_emitter_leaves_goes_to_torchs_pickler(tmp_path: Path) -> None:
+    """Anything but the usual contents (here a tensor with a backward hook, and values
+    torch.load rebuilds that the emitter does not write) makes the emitter give up; the
+    general path then saves it as before, as torch.save does."""
+    from zeroload import _save
+
+    hooked = torch.ones(3, requires_grad=True)
+    hooked.register_hook(_hook)
+    for odd in (hooked, {1, 2}, b"raw", 1 + 2j, collections.Counter(a=2)):
+        obj = {"w": torch.randn(2), "odd": odd}
+        assert _save._fast_pickle(obj) is None, odd
+        assert_saves_like_torch(obj, tmp_path, name=f"{type(odd).__name__}.pt")
+
+
+def test_refused_objects_are_refused_as_before(tmp_path: Path) -> None:
+    """The emitter gives up on what _check refuses, so the refusal and its message are
+    _check's (the subclass named, at its place in obj)."""
+    from zeroload import _save
+
+    obj = {"ok": torch.ones(2), "sub": [torch.ones(2).as_subclass(Subclass)]}
+    assert _save._fast_pickle(obj) is None
+    with pytest.raises(zeroload.CheckpointError, match=r"obj\['sub'\]\[0\].*Subclass"):
+        zeroload.save(obj, tmp_path / "x.pt")
+    mixed = torch.ones(4)  # one storage viewed as two dtypes: torch.save refuses it too
+    with pytest.raises(RuntimeError, match="different types"):
+        zeroload.save({"f": mixed, "i": mixed.view(torch.int32)}, tmp_path / "x.pt")
+    assert list(tmp_path.iterdir()) == []

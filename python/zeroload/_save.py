@@ -8,6 +8,16 @@ straight from tensor memory to the file through ``zeroload._writer`` (parallel p
 writes in Rust, a temporary file renamed over ``path``). CUDA tensors go through
 :func:`_write_cuda` (device -> pinned staging -> file).
 
+The pickle (``data.pkl``) is written by :func:`_fast_pickle` for the usual checkpoint
+contents (dicts, OrderedDicts with their ``_metadata``, lists, tuples, None, bools, ints,
+floats, strings, ``torch.Size``, dtypes, devices, and dense CPU/CUDA tensors and
+Parameters): it emits the protocol 2 opcodes itself, reducing tensors as torch does and
+checking as it walks, several times faster than the C pickler calling back into Python
+for every object and tensor. Anything else (bytes, sets, a tensor with backward hooks,
+a subclass, a cycle through a tuple, ...) makes it give up, and the general path runs as
+it always has: :func:`_check` (which names what it refuses), then :class:`_Pickler`.
+Both give files that load to the same objects, sharing included.
+
 torch zip layout (as ``torch.save`` writes it; see torch/serialization.py ``_save`` and
 caffe2/serialize/inline_container.cc): records ``<stem>/data.pkl`` (pickle protocol 2,
 persistent ids ``('storage', <StorageType>, key, location, numel)``), ``.format_version``,
@@ -28,7 +38,7 @@ import struct
 import sys
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Tuple
 
 import torch
 from torch.utils.dlpack import to_dlpack
@@ -122,19 +132,26 @@ class _Plan:
         self.cuda: List[Tuple[torch.Tensor, int]] = []
         self.crc = False
         self.finish: Callable[[List[int]], Tail] | None = None
-        self.fixed: List[Tuple[bytes, int]] = []  # (bytes, file offset): no CRC needed
+        # Bytes that need no CRC (zip headers), in one buffer: (offset in it, nbytes,
+        # file offset) each.
+        self.fixed = bytearray()
+        self.fixed_ranges: List[Tuple[int, int, int]] = []
 
     def add(self, source: Any, nbytes: int, file_offset: int) -> None:
         self.requests.append((len(self.sources), 0, nbytes, file_offset))
         self.sources.append(source)
 
+    def add_fixed(self, raw: bytes, file_offset: int) -> None:
+        self.fixed_ranges.append((len(self.fixed), len(raw), file_offset))
+        self.fixed += raw
+
     def add_tensor(self, t: torch.Tensor, file_offset: int) -> None:
         """Bytes of the contiguous tensor ``t`` at ``file_offset`` (CPU: zero-copy)."""
-        nbytes = t.numel() * t.element_size()
+        nbytes = t.nbytes
         if nbytes == 0:
             self.requests.append((-1, 0, 0, file_offset))  # keeps CRC order; skipped
             return
-        if t.device.type == "cuda":
+        if t.is_cuda:
             self.requests.append((-2, len(self.cuda), nbytes, file_offset))
             self.cuda.append((t, file_offset))
             return
@@ -147,9 +164,9 @@ class _Plan:
         data = [r for r in self.requests if r[0] >= 0]
         sources = list(self.sources)
         host = list(data)
-        for raw, at in self.fixed:
-            host.append((len(sources), 0, len(raw), at))
-            sources.append(raw)
+        if self.fixed_ranges:
+            host += [(len(sources), *r) for r in self.fixed_ranges]
+            sources.append(bytes(self.fixed))
         total = sum(r[2] for r in self.requests)
         bar = progress_bar(progress, total, f"Saving {path.name}")
         cuda = [r for r in self.requests if r[0] == -2]
@@ -415,6 +432,333 @@ class _Pickler(pickle.Pickler):
         return ("storage", storage_type, known[0], known[1], numel)
 
 
+# ---------------------------------------------------------------------------------------
+# The fast pickle emitter
+# ---------------------------------------------------------------------------------------
+
+
+class _GiveUp(Exception):
+    """Raised inside :func:`_fast_pickle` for what it leaves to the general pickler."""
+
+
+class _Pickled(NamedTuple):
+    """A pickled object: ``data.pkl``, and its storages in key order, each with a tensor
+    whose own bytes are exactly the storage's (contiguous, from its start, to its end;
+    handed to the writer as is) or ``None`` (written through a byte view of the storage)."""
+
+    data: bytes
+    storages: List[torch.UntypedStorage]
+    nbytes: List[int]
+    spans: List[torch.Tensor | None]
+
+
+# Protocol 2 opcodes (see pickletools): one byte each, or with their argument bytes.
+_MARK, _STOP, _TUPLE, _EMPTY_TUPLE, _REDUCE, _BUILD = b"(", b".", b"t", b")", b"R", b"b"
+_EMPTY_LIST, _APPEND, _APPENDS = b"]", b"a", b"e"
+_EMPTY_DICT, _SETITEM, _SETITEMS = b"}", b"s", b"u"
+_NONE, _BINPERSID = b"N", b"Q"
+_BOOLS = {True: b"\x88", False: b"\x89"}
+_TUPLES = {1: b"\x85", 2: b"\x86", 3: b"\x87"}  # TUPLE1..3 (no MARK needed)
+_BININT1 = [b"K" + bytes((i,)) for i in range(256)]
+_BINPUT = [b"q" + bytes((i,)) for i in range(256)]
+_BINGET = [b"h" + bytes((i,)) for i in range(256)]
+_BATCH = 1000  # items per APPENDS/SETITEMS, as pickle batches them
+_pack_float = struct.Struct(">d").pack
+
+
+def _binput(i: int) -> bytes:
+    return _BINPUT[i] if i < 256 else b"r" + i.to_bytes(4, "little")
+
+
+def _binget(i: int) -> bytes:
+    return _BINGET[i] if i < 256 else b"j" + i.to_bytes(4, "little")
+
+
+def _int_op(v: int) -> bytes:
+    """``v`` as pickle protocol 2 writes it (BININT1/BININT2/BININT, else LONG1/LONG4)."""
+    if 0 <= v < 256:
+        return _BININT1[v]
+    if 0 <= v < 65536:
+        return b"M" + v.to_bytes(2, "little")
+    if -0x80000000 <= v < 0x80000000:
+        return b"J" + v.to_bytes(4, "little", signed=True)
+    # pickle's encode_long: little-endian two's complement, as short as it goes.
+    n = (v.bit_length() >> 3) + 1
+    raw = v.to_bytes(n, "little", signed=True)
+    if v < 0 and n > 1 and raw[-1] == 0xFF and raw[-2] & 0x80:
+        raw = raw[:-1]
+    if len(raw) < 256:
+        return b"\x8a" + bytes((len(raw),)) + raw
+    return b"\x8b" + len(raw).to_bytes(4, "little") + raw
+
+
+def _str_op(s: str) -> bytes:
+    raw = s.encode("utf-8", "surrogatepass")
+    return b"X" + len(raw).to_bytes(4, "little") + raw
+
+
+def _global_op(obj: Any) -> bytes:
+    """The GLOBAL opcode pickle writes for ``obj`` (a class, function or dtype)."""
+    raw = pickle.dumps(obj, protocol=2)
+    end = raw.index(b"\n", raw.index(b"\n", 3) + 1) + 1
+    assert raw[2:3] == b"c", raw
+    return raw[2:end]
+
+
+def _ints_tuple_op(values: Tuple[int, ...]) -> bytes:
+    """A tuple of ints, unmemoized (a size or stride: never shared)."""
+    ops = b"".join(map(_int_op, values))
+    if not values:
+        return _EMPTY_TUPLE
+    return ops + _TUPLES[len(values)] if len(values) <= 3 else _MARK + ops + _TUPLE
+
+
+_SCALAR_KEYS = (int, float, bool, type(None))  # dict keys besides str the emitter writes
+
+
+def _fast_pickle(obj: Any) -> _Pickled | None:
+    """``obj`` pickled as :class:`_Pickler` would (what unpickles is the same: types,
+    values, which objects are shared), or ``None`` when ``obj`` holds anything but the
+    usual checkpoint contents; then :func:`_pickle` decides (refuses or pickles it).
+
+    It writes the opcodes itself, where the C pickler would call back into Python for
+    every object (``persistent_id``) and every tensor (its reduction, a ``TypedStorage``
+    per tensor). What it accepts is a subset of what :func:`_check` accepts, so it checks
+    as it goes: plain values, containers of the exact types ``torch.load(weights_only=
+    True)`` rebuilds, and dense CPU/CUDA tensors and Parameters that torch reduces to
+    ``_rebuild_tensor_v2``/``_v3``/``_rebuild_parameter`` (no hooks, no Python attributes,
+    leaves if they require grad). Containers, tensors and globals are memoized, so shared
+    objects stay shared after loading; storages are numbered by first use, as torch does.
+    """
+    out = bytearray(b"\x80\x02")  # PROTO 2
+    memo: Dict[int, int] = {}  # id of a container or tensor in obj -> memo index
+    consts: Dict[Any, int] = {}  # a global or a constant string -> memo index
+    building: set = set()  # ids of tuples being written: a cycle through one gives up
+    storages: List[torch.UntypedStorage] = []
+    nbytes: List[int] = []
+    spans: List[torch.Tensor | None] = []
+    keys: Dict[int, int] = {}  # storage _cdata -> key
+    views: Dict[int, torch.dtype] = {}  # data pointer -> the dtype its storage is viewed as
+    locations: Dict[int, str] = {}  # t.get_device() -> torch's location tag
+    shapes: Dict[Tuple[int, ...], bytes] = {}  # size or stride -> its ops
+    next_memo = 0
+
+    def put(key: int) -> bytes:
+        nonlocal next_memo
+        memo[key] = next_memo
+        next_memo += 1
+        return _binput(next_memo - 1)
+
+    def const(value: Any, op: Callable[[Any], bytes]) -> bytes:
+        """A global or string written once, then fetched from the memo."""
+        nonlocal next_memo
+        at = consts.get(value)
+        if at is not None:
+            return _binget(at)
+        consts[value] = next_memo
+        next_memo += 1
+        return op(value) + _binput(next_memo - 1)
+
+    def shape(values: Tuple[int, ...]) -> bytes:
+        ops = shapes.get(values)
+        if ops is None:
+            ops = shapes[values] = _ints_tuple_op(tuple(values))
+        return ops
+
+    def pid(t: torch.Tensor, dtype: torch.dtype, v3: bool, offset: int, plain: bool) -> bytes:
+        """The persistent id of ``t``'s storage, ``('storage', <StorageType>, key,
+        location, numel)``, as :meth:`_Pickler.persistent_id` makes it (``offset``: t's
+        storage offset; ``plain``: no conj/neg bit)."""
+        storage = t.untyped_storage()
+        view = torch.uint8 if v3 else dtype
+        ptr = storage.data_ptr()
+        if ptr and views.setdefault(ptr, view) is not view:
+            raise _GiveUp  # the general pickler raises its error for this
+        key = keys.get(storage._cdata)
+        if key is None:
+            key = keys[storage._cdata] = len(storages)
+            size = storage.nbytes()
+            storages.append(storage)
+            nbytes.append(size)
+            # The tensor itself is the writer's source when its bytes are the storage's.
+            whole = plain and offset == 0 and t.nbytes == size
+            spans.append(t if whole and t.is_contiguous() else None)
+        device = t.get_device()  # -1: the CPU
+        location = locations.get(device)
+        if location is None:
+            location = locations[device] = torch.serialization.location_tag(storage)
+        numel = nbytes[key] if v3 else nbytes[key] // dtype.itemsize
+        return b"".join((
+            _MARK, const("storage", _str_op),
+            const(torch.UntypedStorage if v3 else _STORAGE_TYPES[dtype], _global_op),
+            _str_op(str(key)), const(location, _str_op), _int_op(numel), _TUPLE, _BINPERSID,
+        ))  # fmt: skip
+
+    def tensor_args(t: torch.Tensor, requires_grad: bool) -> bytes:
+        """``_rebuild_tensor_v2``/``_v3`` and its arguments, as :func:`_reduce_tensor`
+        gives them, up to REDUCE."""
+        dtype = t.dtype
+        v3 = dtype in _V3_DTYPES
+        if not v3 and dtype not in _STORAGE_TYPES:
+            raise _GiveUp
+        metadata = _tensor_metadata(t)  # conj/neg bits
+        offset = int(t.storage_offset())
+        size, stride = t.size(), t.stride()
+        parts = [
+            const(_rebuild_v3 if v3 else _rebuild_v2, _global_op), _MARK,
+            pid(t, dtype, v3, offset, not metadata), _int_op(offset),
+            shapes.get(size) or shape(size), shapes.get(stride) or shape(stride),
+            _BOOLS[requires_grad], const(collections.OrderedDict, _global_op), _EMPTY_TUPLE,
+            _REDUCE,
+        ]  # fmt: skip
+        if v3:
+            parts.append(const(dtype, _global_op))
+        if metadata:
+            parts.append(_flat_dict_op(metadata))
+        parts += (_TUPLE, _REDUCE)
+        return b"".join(parts)
+
+    def tensor(t: torch.Tensor, cls: type) -> None:
+        if (
+            t.layout is not torch.strided
+            or t.is_quantized
+            or t.is_nested
+            or not (t.is_cpu or t.is_cuda)
+            or t._backward_hooks
+            or t.__dict__
+        ):
+            raise _GiveUp
+        requires_grad = t.requires_grad
+        if requires_grad and t.grad_fn is not None:
+            raise _GiveUp
+        if cls is torch.Tensor:
+            out.extend(tensor_args(t, requires_grad))
+        else:  # Parameter.__reduce_ex__: its .data (a plain tensor), requires_grad, hooks
+            out.extend(const(torch._utils._rebuild_parameter, _global_op))
+            out.extend(tensor_args(t, False))
+            out.extend(_BOOLS[requires_grad])
+            out.extend(const(collections.OrderedDict, _global_op))
+            out.extend(b")R\x87R")  # EMPTY_TUPLE REDUCE TUPLE3 REDUCE
+        out.extend(put(id(t)))
+
+    def items(pairs: Any, n: int) -> None:
+        """Dict items, batched as pickle batches them (SETITEM for a lone one)."""
+        if n == 1:
+            for k, v in pairs:
+                key(k)
+                emit(v)
+            out.extend(_SETITEM)
+            return
+        count = 0
+        for k, v in pairs:
+            if not count:
+                out.extend(_MARK)
+            key(k)
+            emit(v)
+            count += 1
+            if count == _BATCH:
+                out.extend(_SETITEMS)
+                count = 0
+        if count:
+            out.extend(_SETITEMS)
+
+    def key(k: Any) -> None:
+        if type(k) is str:
+            out.extend(_str_op(k))
+        elif type(k) in _SCALAR_KEYS:
+            emit(k)
+        else:
+            raise _GiveUp
+
+    def emit(x: Any) -> None:
+        cls = type(x)
+        if cls is torch.Tensor or cls is torch.nn.Parameter:
+            at = memo.get(id(x))
+            if at is not None:
+                out.extend(_binget(at))
+            else:
+                tensor(x, cls)
+        elif cls is str:
+            out.extend(_str_op(x))
+        elif cls is int:
+            out.extend(_int_op(x))
+        elif cls is float:
+            out.extend(b"G" + _pack_float(x))
+        elif x is None:
+            out.extend(_NONE)
+        elif cls is bool:
+            out.extend(_BOOLS[x])
+        elif cls is dict or cls is collections.OrderedDict or cls is list:
+            at = memo.get(id(x))
+            if at is not None:
+                out.extend(_binget(at))
+            elif cls is list:
+                out.extend(_EMPTY_LIST + put(id(x)))
+                for start in range(0, len(x), _BATCH):
+                    batch = x[start : start + _BATCH]
+                    out.extend(_MARK if len(batch) > 1 else b"")
+                    for v in batch:
+                        emit(v)
+                    out.extend(_APPENDS if len(batch) > 1 else _APPEND)
+            elif cls is dict:
+                out.extend(_EMPTY_DICT + put(id(x)))
+                if x:
+                    items(iter(x.items()), len(x))
+            else:  # OrderedDict's reduction: OrderedDict(), its items, its __dict__
+                out.extend(const(cls, _global_op) + _EMPTY_TUPLE + _REDUCE + put(id(x)))
+                if x:
+                    items(iter(x.items()), len(x))
+                if vars(x):
+                    emit(vars(x))
+                    out.extend(_BUILD)
+        elif cls is tuple:
+            if not x:
+                out.extend(_EMPTY_TUPLE)
+                return
+            at = memo.get(id(x))
+            if at is not None:
+                out.extend(_binget(at))
+                return
+            if id(x) in building:
+                raise _GiveUp  # a cycle through a tuple: pickle's POP_MARK dance
+            building.add(id(x))
+            out.extend(_MARK if len(x) > 3 else b"")
+            for v in x:
+                emit(v)
+            building.discard(id(x))
+            out.extend((_TUPLES[len(x)] if len(x) <= 3 else _TUPLE) + put(id(x)))
+        elif cls is torch.Size:
+            out.extend(const(cls, _global_op) + _ints_tuple_op(tuple(x)) + b"\x85R")
+        elif cls is torch.dtype:
+            out.extend(const(x, _global_op))
+        elif cls is torch.device:
+            out.extend(const(cls, _global_op))
+            args = x.__reduce__()[1]  # ("cpu",) or ("cuda", 0)
+            out.extend(b"".join(_int_op(a) if type(a) is int else _str_op(a) for a in args))
+            out.extend(_TUPLES[len(args)] + _REDUCE)
+        else:
+            raise _GiveUp
+
+    try:
+        emit(obj)
+    except (_GiveUp, RecursionError):
+        return None
+    out.extend(_STOP)
+    return _Pickled(bytes(out), storages, nbytes, spans)
+
+
+_rebuild_v2 = torch._utils._rebuild_tensor_v2
+_rebuild_v3 = torch._utils._rebuild_tensor_v3
+#: What torch._utils.get_tensor_metadata returns (conj/neg bits), without its type check.
+_tensor_metadata: Callable[[torch.Tensor], Dict[str, bool]] = torch._C._get_tensor_metadata  # type: ignore[attr-defined]
+
+
+def _flat_dict_op(d: Dict[str, bool]) -> bytes:
+    """A tensor's metadata dict (``{"conj": True}``), unmemoized: it is made afresh."""
+    ops = b"".join(_str_op(k) + _BOOLS[v] for k, v in d.items())
+    return _EMPTY_DICT + (_MARK + ops + _SETITEMS if len(d) > 1 else ops + _SETITEM)
+
+
 def _storage_alignment() -> int:
     try:
         return int(torch.serialization._get_storage_alignment())
@@ -422,10 +766,23 @@ def _storage_alignment() -> int:
         return 64
 
 
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
+_DESCRIPTOR = struct.Struct("<IIII")
+_DESCRIPTOR64 = struct.Struct("<IIQQ")
+_CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
+#: The ``FB`` extra field padding a record's data to its alignment, by padding length
+#: (up to torch's default alignment; longer pads are made as needed).
+_PADDING = [b"FB" + pad.to_bytes(2, "little") + b"Z" * pad for pad in range(64)]
+
+
 def _local_header(name: bytes, cursor: int, size: int, align: int) -> Tuple[bytes, bool]:
     """A local file header for a stored entry whose data follows it, padded (``FB`` extra
     field) so the data starts on an ``align`` boundary, as torch's writer pads."""
     start = cursor + 30 + len(name) + 4
+    if size < _ZIP64_AT and cursor < _ZIP64_AT:  # the common case, in one pack
+        pad = -start % align
+        head = _LOCAL_HEADER.pack(0x04034B50, 0, 0x0808, 0, 0, 0, 0, 0, 0, len(name), 4 + pad)
+        return head + name + (_PADDING[pad] if pad < len(_PADDING) else _padding(pad)), False
     fields: List[int] = []
     if size >= _ZIP64_AT:
         fields += [size, size]
@@ -436,15 +793,21 @@ def _local_header(name: bytes, cursor: int, size: int, align: int) -> Tuple[byte
         z64 = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
         start += len(z64)
     pad = -start % align
-    extra = z64 + b"FB" + struct.pack("<H", pad) + b"Z" * pad
+    extra = z64 + _padding(pad)
     sizes = _U32 if size >= _ZIP64_AT else 0
-    head = struct.pack(
-        "<IHHHHHIIIHH", 0x04034B50, 0, 0x0808, 0, 0, 0, 0, sizes, sizes, len(name), len(extra)
+    head = _LOCAL_HEADER.pack(
+        0x04034B50, 0, 0x0808, 0, 0, 0, 0, sizes, sizes, len(name), len(extra)
     )
     return head + name + extra, bool(z64)
 
 
-def _plan_torch(obj: Any, path: Path) -> _Plan:
+def _padding(pad: int) -> bytes:
+    return b"FB" + struct.pack("<H", pad) + b"Z" * pad
+
+
+def _pickle(obj: Any, path: Path) -> _Pickled:
+    """The general path, for what :func:`_fast_pickle` leaves: :func:`_check`, then
+    torch's pickling (:class:`_Pickler`)."""
     _check(path, obj, "obj", set())
     buf = io.BytesIO()
     pickler = _Pickler(buf)
@@ -453,36 +816,52 @@ def _plan_torch(obj: Any, path: Path) -> _Plan:
     for s in storages:
         if s.device.type not in ("cpu", "cuda"):
             raise _refuse(path, "a storage", f"it is on {s.device}, which has no bytes to write")
+    nbytes = [s.nbytes() for s in storages]
+    return _Pickled(buf.getvalue(), storages, nbytes, [None] * len(storages))
+
+
+def _plan_torch(obj: Any, path: Path) -> _Plan:
+    pickled = _fast_pickle(obj)
+    if pickled is None:
+        pickled = _pickle(obj, path)
 
     prefix = (path.name.split(".")[0] or "archive") + "/"
     align = _storage_alignment()
     small = [
-        ("data.pkl", buf.getvalue()),
+        ("data.pkl", pickled.data),
         (".format_version", b"1"),
         (".storage_alignment", str(align).encode()),
         ("byteorder", sys.byteorder.encode()),
     ]
     tail = [("version", b"3\n"), (".data/serialization_id", _serialization_id())]
-    records: List[Tuple[str, Any, int]] = [(n, b, len(b)) for n, b in small]
-    records += [(f"data/{i}", s, s.nbytes()) for i, s in enumerate(storages)]
-    records += [(n, b, len(b)) for n, b in tail]
 
     plan = _Plan()
     plan.crc = True
-    entries: List[Tuple[bytes, int, int, bool]] = []  # name, data offset, size, zip64
+    entries: List[Tuple[bytes, int, int, bool]] = []  # name, header offset, size, zip64
     cursor = 0
-    for name, payload, size in records:
+
+    def place(name: str, size: int) -> int:
+        """Lays out the header of record ``name`` at the cursor; returns where its
+        ``size`` bytes of data go."""
+        nonlocal cursor
         full = (prefix + name).encode()
         head, z64 = _local_header(full, cursor, size, align)
-        plan.fixed.append((head, cursor))
-        data_at = cursor + len(head)
+        plan.add_fixed(head, cursor)
         entries.append((full, cursor, size, z64))
-        if isinstance(payload, bytes):
-            plan.add(payload, size, data_at)
-        else:
-            t = torch.empty(0, dtype=torch.uint8, device=payload.device)
-            plan.add_tensor(t.set_(payload, 0, (size,), (1,)), data_at)
-        cursor = data_at + size + (24 if z64 else 16)
+        data_at = cursor + len(head)
+        cursor = data_at + size + (24 if z64 else 16)  # then its data descriptor
+        return data_at
+
+    for name, raw in small:
+        plan.add(raw, len(raw), place(name, len(raw)))
+    for i, (storage, size, span) in enumerate(zip(*pickled[1:])):
+        at = place(f"data/{i}", size)
+        if span is None:  # the storage's bytes, through a byte view of it
+            span = torch.empty(0, dtype=torch.uint8, device=storage.device)
+            span.set_(storage, 0, (size,), (1,))
+        plan.add_tensor(span, at)
+    for name, raw in tail:
+        plan.add(raw, len(raw), place(name, len(raw)))
     data_ends = [r[3] + r[2] for r in plan.requests]
     cd_offset = cursor
 
@@ -492,7 +871,7 @@ def _plan_torch(obj: Any, path: Path) -> _Plan:
         reqs: List[Request] = []
         central = bytearray()
         for (name, at, size, z64), crc, end in zip(entries, crcs, data_ends):
-            desc = struct.pack("<IIQQ" if z64 else "<IIII", 0x08074B50, crc, size, size)
+            desc = (_DESCRIPTOR64 if z64 else _DESCRIPTOR).pack(0x08074B50, crc, size, size)
             reqs.append((0, len(out), len(desc), end))
             out += desc
             fields: List[int] = []
@@ -503,11 +882,12 @@ def _plan_torch(obj: Any, path: Path) -> _Plan:
             extra = b""
             if fields:
                 extra = struct.pack(f"<HH{len(fields)}Q", 1, 8 * len(fields), *fields)
-            central += struct.pack(
-                "<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 45 if fields else 0, 0x0808, 0, 0, 0, crc,
+            central += _CENTRAL_HEADER.pack(
+                0x02014B50, 0, 45 if fields else 0, 0x0808, 0, 0, 0, crc,
                 _fit(size), _fit(size), len(name), len(extra), 0, 0, 0, 0, _fit(at),
             )  # fmt: skip
-            central += name + extra
+            central += name
+            central += extra
         n = len(entries)
         eocd64_at = cd_offset + len(central)
         central += struct.pack(
