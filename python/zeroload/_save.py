@@ -4,8 +4,8 @@ The format follows the suffix, as loading does: ``.safetensors`` -> a safetensor
 anything else -> a ``torch.save`` zip. The whole file is laid out in memory first (the
 pickle, zip headers, offsets), the object is checked to be loadable with
 ``torch.load(weights_only=True)`` before a byte is written, and then tensor bytes go
-straight from tensor memory to the file through ``zeroload._writer`` (parallel positional
-writes in Rust, a temporary file renamed over ``path``). CUDA tensors go through
+straight from tensor memory to the file through ``zeroload._writer`` (positional writes in
+Rust, CRCs on other threads, a temporary file renamed over ``path``). CUDA tensors go through
 :func:`_write_cuda` (device -> pinned staging -> file).
 
 The pickle (``data.pkl``) is written by :func:`_fast_pickle` for the usual checkpoint
